@@ -1,0 +1,34 @@
+# make test / make demo: each creates or updates .venv on a fresh machine (torch pinned first: see shared OFFLINE.md)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install -c constraints.txt
+
+.PHONY: venv test test-fast demo lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(PIP) -q -e '.[llama-index,langchain,dev]'
+	$(PIP) -q -r requirements-extra.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: venv
+	$(BIN)/python -m gist_memory.demo
+
+lint: venv
+	$(BIN)/ruff check gist_memory tests integrations examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,156 @@
+"""`GistConfig`: everything that decides how a passage becomes a gist state.
+
+Two models with different configs write different states, so the config is part of every cache key
+(`GistConfig.fingerprint`). Saved as `gist_config.json` next to the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Optional, Union
+
+CONFIG_NAME = "gist_config.json"
+
+COMPRESSORS = ("gist", "pool", "pool+anchors")
+POSITION_MODES = ("gapped", "packed")
+ANCHOR_POLICIES = ("none", "entities", "capitalized")
+SPLITTERS = ("sentencizer", "senter")
+
+AnchorFn = Callable[[str], list[tuple[int, int]]]
+"""A custom anchor policy: sentence text -> character spans (start, end) whose tokens keep raw K/V."""
+
+
+@dataclass
+class GistConfig:
+    """How texts are split, how many gist/anchor rows each sentence keeps, and how states are placed.
+
+    Args:
+        gists_per_sentence: The paper's N_g: gist tokens after every sentence (used when `target_ratio` is None).
+        target_ratio: If set, the number of kept rows (gists + anchors) of each sentence is chosen from its
+            length so the whole text lands near `raw tokens / kept rows = target_ratio`.
+        max_sentence_tokens: A sentence longer than this is cut into pieces, each with its own gists.
+        anchors: Which raw tokens of a sentence keep their own K/V beside the gists: `none` (the paper),
+            `entities` (numbers, dates, codes and capitalised names; spaCy NER spans too when the splitter
+            pipeline has an `ner` component), `capitalized` (capitalised words and numbers), or a callable
+            `text -> [(start, end), ...]` (not serialisable; such a config cannot be saved).
+        max_anchor_fraction: With `target_ratio`, at most this share of a sentence's budget goes to anchors.
+        max_anchors_per_sentence: With fixed `gists_per_sentence`, the cap on anchors per sentence.
+        compressor: `gist` (learned gist tokens), `pool` (training-free mean pooling of each sentence's K/V
+            in chunks) or `pool+anchors` (anchors kept raw, the rest pooled).
+        pool_chunk: Tokens per pooled row for `pool`/`pool+anchors` when `target_ratio` is None.
+        gist_token_template: Gist token strings are `template.format(i)` for slot i of a sentence.
+        num_gist_tokens: How many distinct gist tokens the vocabulary gets (slot i >= num uses the last one).
+        splitter: `sentencizer` (rule-based, `spacy.blank`) or `senter` (a trained pipeline, see `spacy_model`).
+        spacy_model: Name or path of a spaCy pipeline for `senter` (and NER anchors).
+        language: spaCy language code for `spacy.blank`.
+        position_mode: `gapped` keeps each kept row at its position in the interleaved text (the paper);
+            `packed` renumbers kept rows consecutively when states are spliced.
+    """
+
+    gists_per_sentence: int = field(default=4, metadata={"help": "N_g gist tokens after each sentence"})
+    target_ratio: Optional[float] = field(default=None, metadata={"help": "raw tokens per kept row"})
+    max_sentence_tokens: int = field(default=64, metadata={"help": "cut longer sentences into pieces"})
+    anchors: Union[str, AnchorFn] = field(default="none", metadata={"help": "anchor policy"})
+    max_anchor_fraction: float = field(default=0.5, metadata={"help": "share of budget for anchors"})
+    max_anchors_per_sentence: int = field(default=8, metadata={"help": "anchor cap with fixed N_g"})
+    compressor: str = field(default="gist", metadata={"help": "gist | pool | pool+anchors"})
+    pool_chunk: int = field(default=4, metadata={"help": "tokens per pooled row"})
+    gist_token_template: str = field(default="<gist_{}>", metadata={"help": "gist token strings"})
+    num_gist_tokens: int = field(default=8, metadata={"help": "distinct gist tokens"})
+    splitter: str = field(default="sentencizer", metadata={"help": "sentencizer | senter"})
+    spacy_model: Optional[str] = field(default=None, metadata={"help": "spaCy pipeline for senter/NER"})
+    language: str = field(default="en", metadata={"help": "spaCy language for the blank pipeline"})
+    position_mode: str = field(default="gapped", metadata={"help": "gapped | packed"})
+
+    def __post_init__(self) -> None:
+        if self.target_ratio is not None:
+            self.target_ratio = float(self.target_ratio)
+            if not self.target_ratio >= 1.0:
+                raise ValueError(f"target_ratio must be >= 1.0, got {self.target_ratio}")
+        if int(self.gists_per_sentence) < 1:
+            raise ValueError(f"gists_per_sentence must be >= 1, got {self.gists_per_sentence}")
+        if int(self.max_sentence_tokens) < 2:
+            raise ValueError(f"max_sentence_tokens must be >= 2, got {self.max_sentence_tokens}")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+        if isinstance(self.anchors, str) and self.anchors not in ANCHOR_POLICIES:
+            raise ValueError(f"anchors must be one of {ANCHOR_POLICIES} or a callable, got {self.anchors!r}")
+        if not isinstance(self.anchors, str) and not callable(self.anchors):
+            raise ValueError("anchors must be a policy name or a callable text -> [(start, end), ...]")
+        if self.splitter not in SPLITTERS:
+            raise ValueError(f"splitter must be one of {SPLITTERS}, got {self.splitter!r}")
+        if self.splitter == "senter" and not self.spacy_model:
+            raise ValueError("splitter='senter' needs spacy_model (a spaCy pipeline name or path)")
+        if not 0.0 <= self.max_anchor_fraction <= 1.0:
+            raise ValueError(f"max_anchor_fraction must be in [0, 1], got {self.max_anchor_fraction}")
+        if self.pool_chunk < 1 or self.num_gist_tokens < 1 or self.max_anchors_per_sentence < 0:
+            raise ValueError("pool_chunk and num_gist_tokens must be >= 1, max_anchors_per_sentence >= 0")
+        if "{}" not in self.gist_token_template:
+            raise ValueError("gist_token_template must contain '{}' for the slot index")
+        if self.compressor == "pool+anchors" and self.anchors == "none":
+            self.anchors = "capitalized"
+        # enough distinct gist tokens for the largest per-sentence count this config can ask for
+        needed = self.gists_per_sentence
+        if self.target_ratio is not None:
+            needed = -(-self.max_sentence_tokens // max(1, int(self.target_ratio)))
+        self.num_gist_tokens = max(int(self.num_gist_tokens), int(needed))
+
+    # ---- derived -------------------------------------------------------------------------------------
+    @property
+    def gist_tokens(self) -> list[str]:
+        """The gist token strings added to the tokenizer."""
+        return [self.gist_token_template.format(i) for i in range(self.num_gist_tokens)]
+
+    @property
+    def uses_gist_tokens(self) -> bool:
+        """True for the learned compressor (the only one that inserts gist tokens)."""
+        return self.compressor == "gist"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A json-safe dict; raises if the anchor policy is a callable."""
+        if callable(self.anchors):
+            raise ValueError("a GistConfig with a callable anchor policy cannot be serialised")
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GistConfig":
+        """Build from a dict; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GistConfig keys: {unknown}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings that change what a state holds (callable policies by qualified name)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if callable(d["anchors"]):
+            fn = d["anchors"]
+            d["anchors"] = f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write `gist_config.json` into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "GistConfig":
+        """Read `gist_config.json` from `directory`."""
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid json: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} does not hold a json object")
+        return cls.from_dict(d)

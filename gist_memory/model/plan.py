@@ -1,0 +1,103 @@
+"""Planning a text's compression: token ids, sentence pieces, and how many gist/anchor/pooled rows each piece keeps.
+
+No model code here: the budget rules are pure arithmetic on piece lengths and anchor priorities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gist_memory.config import GistConfig
+from gist_memory.text.split import SentenceSplitter, anchor_char_spans, anchor_token_mask, token_pieces
+
+
+@dataclass
+class Plan:
+    """How one normalised text is compressed.
+
+    Attributes:
+        text: The normalised text.
+        ids: (N,) raw token ids.
+        pieces: Token spans of the sentence pieces.
+        char_spans: Character spans of the pieces (for attribution).
+        anchors: (N,) bool, tokens kept raw.
+        n_other: Per piece, the gist tokens (`gist`) or pooled rows (`pool*`) it keeps.
+    """
+
+    text: str
+    ids: np.ndarray
+    pieces: list[tuple[int, int]]
+    char_spans: list[tuple[int, int]]
+    anchors: np.ndarray
+    n_other: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        """Raw tokens."""
+        return int(len(self.ids))
+
+    @property
+    def num_kept(self) -> int:
+        """Rows this plan keeps (anchors + gists/pooled rows)."""
+        return int(self.anchors.sum()) + int(sum(self.n_other))
+
+
+def piece_budgets(lengths: list[int], ratio: float) -> list[int]:
+    """Kept rows per piece so that sum(lengths) / sum(budgets) lands near `ratio` (error diffusion, >= 1 each)."""
+    out, carry = [], 0.0
+    for n in lengths:
+        ideal = n / ratio + carry
+        b = max(1, int(math.floor(ideal + 0.5)))
+        carry = ideal - b
+        out.append(b)
+    return out
+
+
+def make_plan(text: str, tokenizer, config: GistConfig, splitter: SentenceSplitter) -> Plan:  # noqa: ANN001
+    """Tokenise, split into pieces and allocate rows for one normalised, non-empty text."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    if len(ids) == 0:
+        raise ValueError("text produced no tokens")
+    sents = splitter.split(text)
+    ratio = config.target_ratio
+    min_tokens = int(math.ceil(ratio)) if ratio else 1
+    pieces = token_pieces(offsets, sents, config.max_sentence_tokens, min_tokens=min_tokens)
+    char_spans = [(int(offsets[s, 0]), int(offsets[e - 1, 1])) for s, e in pieces]
+
+    use_anchors = config.compressor != "pool" and config.anchors != "none"
+    prio = np.full(len(ids), -1, dtype=np.int64)
+    if use_anchors:
+        spans = anchor_char_spans(text, sents, config.anchors, splitter)
+        prio = anchor_token_mask(offsets, spans, len(text))
+
+    lengths = [e - s for s, e in pieces]
+    budgets = piece_budgets(lengths, ratio) if ratio else None
+    anchors = np.zeros(len(ids), dtype=bool)
+    n_other: list[int] = []
+    for i, (s, e) in enumerate(pieces):
+        n = e - s
+        cand = np.flatnonzero(prio[s:e] >= 0)
+        if budgets is None:
+            a = min(len(cand), config.max_anchors_per_sentence)
+        elif config.compressor == "gist":
+            a = min(len(cand), int(budgets[i] * config.max_anchor_fraction), budgets[i] - 1)
+        else:  # pool+anchors: pooled rows only need to exist while non-anchor tokens remain
+            a = min(len(cand), budgets[i] - 1 if len(cand) < n else budgets[i])
+        a = max(0, a)
+        if a:
+            order = np.lexsort((cand, prio[s:e][cand]))[:a]  # by priority, then position
+            anchors[s + cand[order]] = True
+        rest = n - a
+        if config.compressor == "gist":
+            other = config.gists_per_sentence if budgets is None else max(1, budgets[i] - a)
+        elif budgets is None:
+            other = int(math.ceil(rest / config.pool_chunk))
+        else:
+            other = min(rest, max(1 if rest else 0, budgets[i] - a))
+        n_other.append(int(other))
+    return Plan(text=text, ids=ids, pieces=pieces, char_spans=char_spans, anchors=anchors, n_other=n_other)

@@ -1,0 +1,283 @@
+"""A gist state: per-layer K/V of the rows a passage keeps (gists, anchors or pooled rows).
+
+Layout of the tensors (nanoGPT-style shape comments):
+    keys    (L, H, T, D)   post-RoPE keys, rotated at `positions`
+    values  (L, H, T, Dv)
+    positions (T,) int64   position of each kept row inside its segment (segment starts at 0)
+    kinds     (T,) uint8   KIND_GIST / KIND_ANCHOR / KIND_POOL
+
+A state is valid only for the model that wrote it: `model_fingerprint` names base model, adapter, gist config
+and dtype, and `GistModel` refuses a state whose fingerprint is not its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+KIND_GIST = 0
+KIND_ANCHOR = 1
+KIND_POOL = 2
+
+FORMAT = "gist-memory/state"
+FORMAT_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StateFormatError(ValueError):
+    """A file or buffer is not a valid gist state (foreign, truncated or corrupted)."""
+
+
+def text_hash(text: str) -> str:
+    """sha256 of the text as compressed (the caller normalises first)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class GistState:
+    """The compact memory of one passage.
+
+    Attributes:
+        keys: (L, H, T, D) post-RoPE keys of the kept rows.
+        values: (L, H, T, Dv) values of the kept rows.
+        positions: (T,) position of each kept row within the segment.
+        kinds: (T,) row kinds (0 gist, 1 anchor, 2 pooled).
+        span: Length of the segment in position space (interleaved tokens incl. gists); a gapped splice
+            places the next segment `span` positions later.
+        num_tokens: Raw tokens of the passage (no gists): the text this state stands for.
+        sentence_spans: Character spans of the sentence pieces that were compressed.
+        text_hash: sha256 of the normalised text.
+        model_fingerprint: Identity of the model + adapter + config + dtype that wrote the state.
+        text: The normalised text (kept for attribution; may be empty).
+        meta: Free json-safe extras.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    kinds: torch.Tensor
+    span: int
+    num_tokens: int
+    sentence_spans: list[tuple[int, int]]
+    text_hash: str
+    model_fingerprint: str
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.keys.dim() != 4 or self.values.dim() != 4:
+            raise StateFormatError(f"keys/values must be (L, H, T, D); got {tuple(self.keys.shape)}")
+        L, H, T, _ = self.keys.shape
+        if self.values.shape[:3] != (L, H, T):
+            raise StateFormatError(f"values {tuple(self.values.shape)} do not match keys {tuple(self.keys.shape)}")
+        if self.positions.shape != (T,) or self.kinds.shape != (T,):
+            raise StateFormatError(f"positions/kinds must have shape ({T},)")
+
+    # ---- sizes ---------------------------------------------------------------------------------------
+    @property
+    def num_kept(self) -> int:
+        """Kept rows of every kind: the positions a reader attends to for this passage."""
+        return int(self.keys.shape[2])
+
+    @property
+    def num_gists(self) -> int:
+        """Kept rows (gists, anchors and pooled rows): what `compression_ratio` divides by."""
+        return self.num_kept
+
+    @property
+    def num_anchors(self) -> int:
+        """Kept rows that are raw anchor tokens."""
+        return int((self.kinds == KIND_ANCHOR).sum())
+
+    @property
+    def compression_ratio(self) -> float:
+        """Raw tokens / kept rows."""
+        return self.num_tokens / max(1, self.num_kept)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the model that wrote it."""
+        return int(self.keys.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K/V tensors."""
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the K/V tensors."""
+        return self.keys.dtype
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "GistState":
+        """A copy with K/V moved/cast (positions and kinds stay int tensors)."""
+        return GistState(
+            keys=self.keys.to(device=device, dtype=dtype),
+            values=self.values.to(device=device, dtype=dtype),
+            positions=self.positions.to(device=device),
+            kinds=self.kinds.to(device=device),
+            span=self.span,
+            num_tokens=self.num_tokens,
+            sentence_spans=list(self.sentence_spans),
+            text_hash=self.text_hash,
+            model_fingerprint=self.model_fingerprint,
+            text=self.text,
+            meta=dict(self.meta),
+        )
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return (
+            f"GistState(num_tokens={self.num_tokens}, kept={self.num_kept} (anchors {self.num_anchors}), "
+            f"ratio={self.compression_ratio:.2f}, layers={self.num_layers}, dtype={self.dtype}, "
+            f"model={self.model_fingerprint[:12]})"
+        )
+
+    # ---- serialisation -------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "keys": self.keys.detach().contiguous().cpu(),
+            "values": self.values.detach().contiguous().cpu(),
+            "positions": self.positions.detach().to(torch.int64).contiguous().cpu(),
+            "kinds": self.kinds.detach().to(torch.uint8).contiguous().cpu(),
+        }
+
+    @staticmethod
+    def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def _metadata(self, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+        header = {
+            "span": self.span,
+            "num_tokens": self.num_tokens,
+            "sentence_spans": [list(s) for s in self.sentence_spans],
+            "text_hash": self.text_hash,
+            "model_fingerprint": self.model_fingerprint,
+            "text": self.text,
+            "meta": self.meta,
+        }
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "header": json.dumps(header, ensure_ascii=False),
+            "checksum": self._checksum(tensors),
+        }
+
+    def to_bytes(self) -> bytes:
+        """The state as a safetensors buffer (tensors + json header + sha256 checksum)."""
+        from safetensors.torch import save
+
+        tensors = self._tensors()
+        return save(tensors, metadata=self._metadata(tensors))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write atomically: a temporary file in the same folder, fsync, then rename."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        data = self.to_bytes()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, verify: bool = True) -> "GistState":
+        """Parse a safetensors buffer written by `to_bytes`; raises `StateFormatError` on anything else."""
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+            meta = _read_metadata(data)
+        except StateFormatError:
+            raise
+        except Exception as e:  # safetensors raises several types for garbage
+            raise StateFormatError(f"not a safetensors gist state: {e}") from e
+        return cls._build(tensors, meta, verify=verify, where="buffer")
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], *, verify: bool = True, device: str = "cpu") -> "GistState":
+        """Read a state file (memory-mapped); raises `StateFormatError` if foreign, truncated or corrupted."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no gist state file at {path}")
+        try:
+            with safe_open(path, framework="pt", device=device) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise StateFormatError(f"{path} is not a readable safetensors file: {e}") from e
+        return cls._build(tensors, meta, verify=verify, where=path)
+
+    @classmethod
+    def _build(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, verify: bool, where: str) -> "GistState":
+        if meta.get("format") != FORMAT:
+            raise StateFormatError(f"{where} is not a gist-memory state (format={meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise StateFormatError(f"{where}: unsupported state format version {meta.get('format_version')!r}")
+        missing = {"keys", "values", "positions", "kinds"} - set(tensors)
+        if missing:
+            raise StateFormatError(f"{where}: missing tensors {sorted(missing)}")
+        if verify and cls._checksum(tensors) != meta.get("checksum"):
+            raise StateFormatError(f"{where}: checksum mismatch (corrupted state)")
+        try:
+            h = json.loads(meta["header"])
+            return cls(
+                keys=tensors["keys"],
+                values=tensors["values"],
+                positions=tensors["positions"],
+                kinds=tensors["kinds"],
+                span=int(h["span"]),
+                num_tokens=int(h["num_tokens"]),
+                sentence_spans=[(int(a), int(b)) for a, b in h["sentence_spans"]],
+                text_hash=str(h["text_hash"]),
+                model_fingerprint=str(h["model_fingerprint"]),
+                text=str(h.get("text", "")),
+                meta=dict(h.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+            raise StateFormatError(f"{where}: bad state header: {e}") from e
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors buffer (8-byte little-endian header length, then json)."""
+    if len(data) < 8:
+        raise StateFormatError("buffer too short for safetensors")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise StateFormatError("bad safetensors header length")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except json.JSONDecodeError as e:
+        raise StateFormatError(f"bad safetensors header: {e}") from e
+    return dict(header.get("__metadata__", {}) or {})
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """`float32` / `bfloat16` / `float16` -> torch dtype, with a clear error for anything else."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
