@@ -1,0 +1,1 @@
+"""Evaluation: retention QA, metrics, the benchmark harness and its baselines."""
