@@ -48,6 +48,9 @@ class GistConfig:
         language: spaCy language code for `spacy.blank`.
         position_mode: `gapped` keeps each kept row at its position in the interleaved text (the paper);
             `packed` renumbers kept rows consecutively when states are spliced.
+        window_tokens: A text longer than this is compressed as consecutive windows: sentences see the kept
+            rows of their own window only (as if each window were its own passage), so compression cost stays
+            linear in length; positions continue across windows and the result is still one state.
     """
 
     gists_per_sentence: int = field(default=4, metadata={"help": "N_g gist tokens after each sentence"})
@@ -64,6 +67,7 @@ class GistConfig:
     spacy_model: Optional[str] = field(default=None, metadata={"help": "spaCy pipeline for senter/NER"})
     language: str = field(default="en", metadata={"help": "spaCy language for the blank pipeline"})
     position_mode: str = field(default="gapped", metadata={"help": "gapped | packed"})
+    window_tokens: int = field(default=4096, metadata={"help": "raw tokens per visibility window"})
 
     def __post_init__(self) -> None:
         if self.target_ratio is not None:
@@ -88,6 +92,8 @@ class GistConfig:
             raise ValueError("splitter='senter' needs spacy_model (a spaCy pipeline name or path)")
         if not 0.0 <= self.max_anchor_fraction <= 1.0:
             raise ValueError(f"max_anchor_fraction must be in [0, 1], got {self.max_anchor_fraction}")
+        if int(self.window_tokens) < int(self.max_sentence_tokens):
+            raise ValueError("window_tokens must be >= max_sentence_tokens")
         if self.pool_chunk < 1 or self.num_gist_tokens < 1 or self.max_anchors_per_sentence < 0:
             raise ValueError("pool_chunk and num_gist_tokens must be >= 1, max_anchors_per_sentence >= 0")
         if "{}" not in self.gist_token_template:

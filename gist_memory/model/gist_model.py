@@ -401,16 +401,22 @@ class GistModel:
             anchors=plan.anchors[s0:s1].tolist(),
         )
 
-    def _chunks(self, plan: Plan) -> list[tuple[int, int]]:
-        """Piece ranges whose interleaved length stays within `chunk_tokens`."""
-        out, lo, cur = [], 0, 0
+    def _chunks(self, plan: Plan) -> list[tuple[int, int, bool]]:
+        """Piece ranges `(lo, hi, starts_window)`: interleaved length within `chunk_tokens`, and a new
+        visibility window every `config.window_tokens` raw tokens."""
+        out: list[tuple[int, int, bool]] = []
+        lo, cur, raw, new_window = 0, 0, 0, True
         for i, (s, e) in enumerate(plan.pieces):
             n = (e - s) + plan.n_other[i]
-            if cur and cur + n > self.chunk_tokens:
-                out.append((lo, i))
-                lo, cur = i, 0
+            if raw and raw + (e - s) > self.config.window_tokens:
+                out.append((lo, i, new_window))
+                lo, cur, raw, new_window = i, 0, 0, True
+            elif cur and cur + n > self.chunk_tokens:
+                out.append((lo, i, new_window))
+                lo, cur, new_window = i, 0, False
             cur += n
-        out.append((lo, len(plan.pieces)))
+            raw += e - s
+        out.append((lo, len(plan.pieces), new_window))
         return out
 
     def _decoder(self):  # noqa: ANN202
@@ -451,12 +457,16 @@ class GistModel:
 
     def _run_chunked(self, plan: Plan):  # noqa: ANN202
         dev = self.device
-        ks: list[torch.Tensor] = []
-        vs: list[torch.Tensor] = []
         pos_all, kinds_all = [], []
         offset = 0
         past: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
-        for lo, hi in self._chunks(plan):
+        kept_k: list[torch.Tensor] = []
+        kept_v: list[torch.Tensor] = []
+        for lo, hi, new_window in self._chunks(plan):
+            if new_window and past is not None:
+                kept_k.append(torch.stack([k[0] for k, _ in past]))
+                kept_v.append(torch.stack([v[0] for _, v in past]))
+                past = None
             seg = self._segment(plan, lo, hi)
             lay = build_layout([[seg]], self.gist_token_ids, self._pad_id(), device=dev)
             allowed = lay.allowed()  # (1, Tc, Tc)
@@ -482,10 +492,9 @@ class GistModel:
             kinds_all.append(torch.where(lay.kind[0, sel] == KIND_GIST_TOKEN, KIND_GIST, KIND_ANCHOR))
             offset += int(lay.lengths[0])
         assert past is not None
-        keys = torch.stack([k[0] for k, _ in past])
-        values = torch.stack([v[0] for _, v in past])
-        del ks, vs
-        return keys, values, torch.cat(pos_all), torch.cat(kinds_all), offset
+        kept_k.append(torch.stack([k[0] for k, _ in past]))
+        kept_v.append(torch.stack([v[0] for _, v in past]))
+        return torch.cat(kept_k, 2), torch.cat(kept_v, 2), torch.cat(pos_all), torch.cat(kinds_all), offset
 
     def _compress_pool(self, plans: list[Plan], batch_size: int):  # noqa: ANN202
         """Training-free: causal forward (windows of `chunk_tokens`), anchors kept raw, the rest mean-pooled."""
