@@ -204,6 +204,32 @@ def test_corrupted_state_is_recomputed_not_served(tmp_path, model, emb):
     assert mem.store.stats["corrupt"] == 1 and mem.store.get(hit.state_key) is not None  # rewritten
 
 
+def test_disk_full_during_add_leaves_memory_as_it_was(tmp_path, model, emb, monkeypatch):
+    import errno
+
+    import gist_memory.store.store as store_mod
+
+    mem = _mem(model, emb, tmp_path / "mem")
+    mem.add_texts(TEXTS[:2], show_progress=False)
+    keys_before, n_before = set(mem.store.keys()), len(mem)
+    real, calls = store_mod._write_bytes, {"n": 0}
+
+    def full_disk(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second compression batch fails half-way
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(store_mod, "_write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        mem.add_texts(TEXTS[2:] + ["one more text here", "and another one"], batch_size=2, show_progress=False)
+    assert set(mem.store.keys()) == keys_before and len(mem) == n_before  # first batch's states taken back
+    assert {h.text for h in mem.search("Eiffel Tower", k=5)} == set(TEXTS[:2])
+    monkeypatch.setattr(store_mod, "_write_bytes", real)
+    mem.add_texts(TEXTS[2:], show_progress=False)
+    assert len(mem) == 5
+
+
 # ---- index kinds ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_index_kinds(tmp_path, model, kind, monkeypatch):

@@ -522,39 +522,48 @@ class GistMemory:
                 key = self.store.key_for(th, fp)
                 if key not in need and not self.store.contains(key):
                     need[key] = norm
-            self._compress_and_put(need, batch_size, show_progress)
-            # 2) vectors for new or changed texts (metadata-only changes keep theirs)
-            embed_ids = [pid for pid in changed if pid not in existing or existing[pid][1] != items[pid][3]]
-            vecs = self._embed([items[pid][0] for pid in embed_ids]) if embed_ids else None
-            emb = {pid: vecs[j].tobytes() for j, pid in enumerate(embed_ids)} if vecs is not None else {}
-            # 3) one transaction: rows + change log
-            freed: list[str] = []
-            with self._write():
-                now = self._rows_by_id(changed)
-                for pid in changed:
-                    text, _, md, th = items[pid]
-                    key = self.store.key_for(th, fp)
-                    cur = now.get(pid)
-                    if cur is not None and cur[1] == th:
-                        if cur[2] != md:
-                            self._db.execute("UPDATE docs SET metadata = ? WHERE row = ?", (md, cur[0]))
-                        continue
-                    if pid not in emb:  # changed by another process meanwhile: embed now
-                        emb[pid] = self._embedder.encode([text])[0].tobytes()
-                    if cur is not None:
-                        self._db.execute("DELETE FROM docs WHERE row = ?", (cur[0],))
-                        self._db.execute("INSERT INTO log(op, row) VALUES (?, ?)", (_OP_DEL, cur[0]))
-                        freed.append(cur[3])
-                    r = self._db.execute(
-                        "INSERT INTO docs(id, text, metadata, text_hash, state_key, embedding) VALUES (?,?,?,?,?,?)",
-                        (pid, text, md, th, key, emb[pid]),
-                    ).lastrowid
-                    self._db.execute("INSERT INTO log(op, row) VALUES (?, ?)", (_OP_ADD, r))
+            written: list[str] = []
+            try:
+                self._compress_and_put(need, batch_size, show_progress, written)
+                # 2) vectors for new or changed texts (metadata-only changes keep theirs)
+                embed_ids = [pid for pid in changed if pid not in existing or existing[pid][1] != items[pid][3]]
+                vecs = self._embed([items[pid][0] for pid in embed_ids]) if embed_ids else None
+                emb = {pid: vecs[j].tobytes() for j, pid in enumerate(embed_ids)} if vecs is not None else {}
+                # 3) one transaction: rows + change log
+                freed: list[str] = []
+                with self._write():
+                    now = self._rows_by_id(changed)
+                    for pid in changed:
+                        text, _, md, th = items[pid]
+                        key = self.store.key_for(th, fp)
+                        cur = now.get(pid)
+                        if cur is not None and cur[1] == th:
+                            if cur[2] != md:
+                                self._db.execute("UPDATE docs SET metadata = ? WHERE row = ?", (md, cur[0]))
+                            continue
+                        if pid not in emb:  # changed by another process meanwhile: embed now
+                            emb[pid] = self._embedder.encode([text])[0].tobytes()
+                        if cur is not None:
+                            self._db.execute("DELETE FROM docs WHERE row = ?", (cur[0],))
+                            self._db.execute("INSERT INTO log(op, row) VALUES (?, ?)", (_OP_DEL, cur[0]))
+                            freed.append(cur[3])
+                        r = self._db.execute(
+                            "INSERT INTO docs(id, text, metadata, text_hash, state_key, embedding) VALUES (?,?,?,?,?,?)",
+                            (pid, text, md, th, key, emb[pid]),
+                        ).lastrowid
+                        self._db.execute("INSERT INTO log(op, row) VALUES (?, ?)", (_OP_ADD, r))
+            except BaseException:
+                # nothing was committed: take back the states this call wrote, so the store is as it was
+                try:
+                    self._drop_unreferenced(written)
+                except (OSError, sqlite3.Error) as e:  # best effort: leftovers are orphans that gc removes
+                    logger.warning("GistMemory: could not take back states after a failed add: %s", e)
+                raise
             self._drop_unreferenced(freed)
             self._sync_index()
         return out_ids
 
-    def _compress_and_put(self, need: dict[str, str], batch_size: int, show_progress: bool) -> None:
+    def _compress_and_put(self, need: dict[str, str], batch_size: int, show_progress: bool, written: list[str]) -> None:
         if not need:
             return
         from tqdm.auto import tqdm
@@ -568,6 +577,7 @@ class GistMemory:
                 if len(states) != len(chunk):
                     raise ValueError(f"model.compress returned {len(states)} states for {len(chunk)} texts")
                 got = self.store.batched_put(states)
+                written += got
                 if got != chunk:
                     raise ValueError(
                         "model.compress returned states whose text hash / fingerprint do not match the texts "
