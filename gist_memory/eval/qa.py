@@ -801,8 +801,14 @@ def build_assets(out_dir: Union[str, Path] = ASSETS_DIR, n_qa: int = 150, n_wiki
     py: list[dict] = []
     try:
         for d in iter_python_docs():
-            if is_heldout(d.doc_id, 0.05, 0) and "Tutorial" not in d.doc_id:
-                for p in chunk_paragraphs(d.paragraphs, min_words=60):
+            if not is_heldout(d.doc_id, 0.05, 0):
+                continue
+            for p in chunk_paragraphs(d.paragraphs, min_words=60):
+                paras = p.split("\n")
+                readable = p.count("‘") <= 3 and all(
+                    len(x.split()) >= 15 and x.rstrip().endswith((".", "?", "!")) for x in paras
+                )
+                if readable and not re.match(r"^[\w.]+(\(.*?\))?: ", p):  # not an API entry
                     py.append({"text": p, "source": "python-docs", "doc_id": d.doc_id, "title": d.title})
     except SourceMissing:
         print("note: python3.11-doc is not installed (apt-get install -y python3.11-doc): no Python passages")

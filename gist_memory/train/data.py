@@ -461,7 +461,7 @@ def _info_paragraphs(body: str) -> list[str]:
         text = _INFO_FOOTREF.sub("", "\n".join(lines))
         text = re.sub(r"‘\s*(?:Return value: [^’]*|Part of the Stable ABI[^’]*)’", " ", text)
         text = re.sub(r"^\s*[*-]\s+", "", text)  # bullet marker
-        text = clean_text(text)
+        text = re.sub(r"\(\s+", "(", clean_text(text))
         if not is_prose(text):
             continue
         if pending_def:
