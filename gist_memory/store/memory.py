@@ -690,7 +690,7 @@ class GistMemory:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         with self._lock:
-            if len(self) == 0:
+            if self._db.execute("SELECT 1 FROM docs LIMIT 1").fetchone() is None:
                 return []
             q = self._embed([query], query=True)
             self._sync_index()
