@@ -547,8 +547,9 @@ def swap_entity(text: str, entity: str, kind: str, substitute: str) -> Optional[
     """Replaces every occurrence of `entity` in `text` with `substitute` (a person's surname alone too).
 
     Returns:
-        The new text, or None when the entity also occurs inside longer tokens (e.g. `1990` in `1990s`) or, for a
-        person or multi-word name, a part of it would remain, so that a clean swap is impossible.
+        The new text, or None when a clean swap is impossible: the entity also occurs inside longer tokens
+        (`1990` in `1990s`) or in another case (`Python` in `python-dev`), or, for a person or multi-word name, a
+        part of it would remain.
     """
     pat = _bounded(entity)
     if len(pat.findall(text)) != text.count(entity):
@@ -559,12 +560,19 @@ def swap_entity(text: str, entity: str, kind: str, substitute: str) -> Optional[
         if text.count(last) != len(_bounded(last).findall(text)):
             return None
         new = _bounded(last).sub(sub_last, new)
-    if entity in new:
+    if _remains(entity, new):
         return None
     if kind in ("person", "name") and len(entity.split()) > 1:
-        if any(len(w) >= 4 and _bounded(w).search(new) for w in entity.split()):
+        if any(len(w) >= 4 and _remains(w, new) for w in entity.split()):
             return None
     return new
+
+
+def _remains(entity: str, text: str) -> bool:
+    """Whether `entity` still occurs in `text`: digits as a whole number, words in any case, even inside tokens."""
+    if entity[0].isdigit():
+        return re.search(r"(?<![\d,.])" + re.escape(entity) + r"(?!\d|[.,]\d)", text) is not None
+    return entity.casefold() in text.casefold()
 
 
 ENTITY_TYPES: tuple[str, ...] = ("year", "number", "name", "person", "acronym")
