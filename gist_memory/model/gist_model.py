@@ -167,9 +167,9 @@ class GistModel:
         if self.has_lora:
             from peft import get_peft_model_state_dict
 
-            sd = get_peft_model_state_dict(self.model)
+            sd = get_peft_model_state_dict(self.model, save_embedding_layers=False)
             for k, v in sd.items():
-                if "trainable_tokens" in k or "token_adapter" in k:
+                if "trainable_tokens" in k or "token_adapter" in k or "lora_" not in k:
                     continue  # gist rows are saved above
                 tensors[f"lora.{k}"] = v.detach().float().cpu().contiguous()
             lora_cfg = self.model.peft_config["default"].to_dict()

@@ -1,0 +1,394 @@
+"""Training a gist model: the same compress -> splice -> continue path as inference, with gradients.
+
+Objectives (weights in `TrainConfig`):
+    qa:      RAG-shaped: passages compressed as independent segments, then a question whose answer is read
+             from their states only (planted facts, confusable distractors, entity-swapped cloze).
+    recon:   fine-grained autoencoding: "repeat the text" answered from one passage's state alone.
+    distill: KL(teacher || student) on the answer tokens, the teacher being the same base model (adapter off)
+             reading the full text.
+    lm:      the paper's LM loss: next-token prediction on the passage's text tokens under the sentence mask.
+Stages: `gist` (gist embeddings only), `lora` (gist embeddings + LoRA), `full` (all weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gist_memory.config import GistConfig
+from gist_memory.eval.qa import QAItem, build_qa, question_prompt
+from gist_memory.layout import KIND_TEXT, build_layout
+
+RECON_PROMPT = "Repeat the text above word for word."
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as `train_config.json` so `--resume` can check it."""
+
+    out_dir: str
+    base: Optional[str] = None
+    gist: dict = field(default_factory=lambda: {"target_ratio": 4.0, "anchors": "capitalized", "max_sentence_tokens": 48})
+    ratios: Sequence[float] = (2.0, 4.0, 8.0)
+    curriculum: bool = True
+    corpus: Optional[str] = None
+    steps: int = 400
+    batch_items: int = 4
+    grad_accum: int = 1
+    lr_lora: float = 1e-3
+    lr_gist: float = 5e-3
+    warmup: int = 20
+    stage: str = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    w_qa: float = 1.0
+    w_recon: float = 0.5
+    w_distill: float = 0.0
+    w_lm: float = 0.0
+    recon_tokens: int = 96
+    kinds: Sequence[str] = ("planted_single", "planted_distractors", "cloze_swap")
+    pool_items: int = 3000
+    bf16: bool = True
+    eval_items: int = 60
+    eval_every: int = 100
+    save_every: int = 50
+    log_every: int = 5
+    seed: int = 0
+    device: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("gist", "lora", "full"):
+            raise ValueError(f"stage must be gist, lora or full; got {self.stage!r}")
+        if self.steps < 1 or self.batch_items < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_items and grad_accum must be >= 1")
+        if min(self.w_qa, self.w_recon, self.w_distill, self.w_lm) < 0 or (
+            self.w_qa + self.w_recon + self.w_distill + self.w_lm
+        ) <= 0:
+            raise ValueError("objective weights must be >= 0 and not all zero")
+        GistConfig(**self.gist)  # validate early
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it resumes."""
+        d = asdict(self)
+        for k in ("out_dir", "steps", "eval_every", "save_every", "log_every", "eval_items", "device"):
+            d.pop(k)
+        d["ratios"] = list(d["ratios"])
+        d["kinds"] = list(d["kinds"])
+        return d
+
+
+def train_texts(corpus: Optional[str], max_texts: int = 20000) -> list[str]:
+    """Training passages: `corpus/train.jsonl` if given, else the Wikipedia leads outside the held-out split."""
+    from gist_memory.train.data import chunk_paragraphs, is_heldout, iter_wiki, load_corpus
+
+    if corpus:
+        recs = load_corpus(corpus, "train")
+        texts = [r["text"] for r in recs if str(r.get("text", "")).strip()]
+    else:
+        texts = []
+        for d in iter_wiki():
+            if is_heldout(d.doc_id, 0.05, 0):
+                continue
+            texts.extend(chunk_paragraphs(d.paragraphs))
+    if not texts:
+        raise ValueError(f"no training text in {corpus or 'the Wikipedia leads'}")
+    return texts[:max_texts]
+
+
+class Trainer:
+    """Runs a `TrainConfig`: builds the model (or resumes), samples items, optimises, evaluates, checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, model=None, items: Optional[list[QAItem]] = None,  # noqa: ANN001
+                 eval_items: Optional[list[QAItem]] = None):
+        from gist_memory.model import GistModel
+
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        gcfg = GistConfig(**{**cfg.gist, "target_ratio": cfg.gist.get("target_ratio") or max(cfg.ratios)})
+        # size the gist vocabulary for the smallest ratio the run will use
+        gcfg.num_gist_tokens = max(gcfg.num_gist_tokens, -(-gcfg.max_sentence_tokens // int(min(cfg.ratios))))
+        self.model = model or GistModel.from_base(cfg.base, gcfg, device=cfg.device, dtype="float32")
+        self.gist_config = self.model.config
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._setup_params()
+        self.items = items
+        self.eval_set = eval_items
+        self._resume_if_any()
+
+    # ---- parameters --------------------------------------------------------------------------------
+    def _setup_params(self) -> None:
+        m = self.model
+        lm = m._base_lm()
+        if self.cfg.stage == "lora" and not m.has_lora:
+            from peft import LoraConfig, get_peft_model
+
+            names = {n.split(".")[-1] for n, _ in lm.named_modules()}
+            targets = [t for t in LORA_TARGETS if t in names]
+            m.model = get_peft_model(lm, LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
+                                                    lora_dropout=0.0, target_modules=targets))
+        lm = m._base_lm()
+        for p in m.model.parameters():
+            p.requires_grad_(self.cfg.stage == "full" or p.requires_grad and self.cfg.stage == "lora")
+        emb = lm.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        if self.cfg.stage != "full" and m.gist_token_ids:
+            mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+            mask[m.gist_token_ids] = 1.0
+            emb.register_hook(lambda g: g * mask)  # only the gist rows learn
+        gist_params = [emb]
+        other = [p for p in m.model.parameters() if p.requires_grad and p is not emb]
+        groups = [{"params": gist_params, "lr": self.cfg.lr_gist, "weight_decay": 0.0}]
+        if other:
+            groups.append({"params": other, "lr": self.cfg.lr_lora, "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.99))
+        self.base_lrs = [g["lr"] for g in groups]
+
+    def _lr_scale(self, step: int) -> float:
+        if step < self.cfg.warmup:
+            return (step + 1) / self.cfg.warmup
+        prog = (step - self.cfg.warmup) / max(1, self.cfg.steps - self.cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    # ---- data --------------------------------------------------------------------------------------
+    def _ensure_items(self) -> None:
+        if self.items is None:
+            texts = train_texts(self.cfg.corpus)
+            self.items = build_qa(texts, n=self.cfg.pool_items, kinds=self.cfg.kinds, seed=self.cfg.seed + 1)
+        if self.eval_set is None:
+            from gist_memory.eval.qa import load_qa
+
+            dev = Path(__file__).resolve().parent.parent / "assets" / "qa_dev.jsonl"
+            self.eval_set = load_qa(dev)[: self.cfg.eval_items] if dev.is_file() else []
+
+    def _ratio(self, step: int) -> float:
+        rs = sorted(self.cfg.ratios)
+        if not self.cfg.curriculum:
+            return random.choice(rs)
+        upto = 1 + int(len(rs) * 1.5 * step / max(1, self.cfg.steps))
+        return random.choice(rs[: min(len(rs), upto)])
+
+    # ---- losses ------------------------------------------------------------------------------------
+    def _continuation_logits(self, prompt: str, states, target: list[int]):  # noqa: ANN001, ANN202
+        layers, start, head = self.model.prepare(prompt, states)
+        ids = torch.as_tensor([head + target], device=self.model.device)
+        logits, _ = self.model._forward(ids, layers, start)
+        return logits[0, len(head) - 1 : len(head) - 1 + len(target)]  # predicts target[t]
+
+    def _ce(self, prompt: str, states, target: list[int]) -> torch.Tensor:  # noqa: ANN001
+        logits = self._continuation_logits(prompt, states, target)
+        return F.cross_entropy(logits.float(), torch.as_tensor(target, device=logits.device))
+
+    def _distill(self, item: QAItem, states, target: list[int]) -> torch.Tensor:  # noqa: ANN001
+        full = "\n\n".join(item.passages) + "\n\n" + question_prompt(item)
+        with torch.no_grad():
+            ctx = self.model.model.disable_adapter() if self.model.has_lora else _null()
+            with ctx:
+                t_logits = self._continuation_logits(full, None, target).float()
+        s_logits = self._continuation_logits(question_prompt(item), states, target).float()
+        return F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                        reduction="batchmean")
+
+    def _lm_loss(self, texts: list[str]) -> torch.Tensor:
+        m = self.model
+        segs = [m._segment(m.plan(t)) for t in texts]
+        lay = build_layout([[s] for s in segs], m.gist_token_ids, m._pad_id(), device=m.device)
+        out = m.model(input_ids=lay.input_ids, attention_mask=lay.attention_mask(m._mask_dtype()),
+                      position_ids=lay.position_ids)
+        logits = out.logits[:, :-1]
+        tgt = lay.input_ids[:, 1:]
+        # predict the next text token from a text token of the same piece
+        ok = (lay.kind[:, :-1] == KIND_TEXT) & (lay.kind[:, 1:] == KIND_TEXT) & (lay.piece[:, :-1] == lay.piece[:, 1:])
+        return F.cross_entropy(logits[ok].float(), tgt[ok])
+
+    def losses(self, items: Sequence[QAItem]) -> dict[str, torch.Tensor]:
+        """Loss terms for one micro-batch of items (each a dict entry, averaged over items)."""
+        m, c = self.model, self.cfg
+        passages = [p for it in items for p in it.passages]
+        states = m.compress_with_grad(passages, batch_size=len(passages))
+        out: dict[str, list[torch.Tensor]] = {"qa": [], "recon": [], "distill": [], "lm": []}
+        i = 0
+        for it in items:
+            st = states[i : i + len(it.passages)]
+            i += len(it.passages)
+            target = m._ids(" " + it.answer)
+            if c.w_qa:
+                out["qa"].append(self._ce(question_prompt(it), st, target))
+            if c.w_distill:
+                out["distill"].append(self._distill(it, st, target))
+            if c.w_recon:
+                a = it.answer_passage
+                rec = m._ids(it.passages[a])[: c.recon_tokens]
+                out["recon"].append(self._ce(RECON_PROMPT, [st[a]], rec))
+        if c.w_lm:
+            out["lm"].append(self._lm_loss(passages))
+        return {k: torch.stack(v).mean() for k, v in out.items() if v}
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def train(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Run until `cfg.steps`; returns the log history (also in `out_dir/log.jsonl`)."""
+        self._ensure_items()
+        assert self.items is not None
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(json.dumps(asdict(c), indent=2, default=list))
+        rng = random.Random(c.seed + 7)
+        order = list(range(len(self.items)))
+        rng.shuffle(order)
+        self.model.model.train()
+        t_start, tokens = time.perf_counter(), 0
+        bar = _bar(c.steps, self.step, progress)
+        if self.eval_set and self.step == 0:
+            self.evaluate(0)  # the untrained starting point of the learning curve
+        while self.step < c.steps:
+            ratio = self._ratio(self.step)
+            self.model.config.target_ratio = ratio
+            scale = self._lr_scale(self.step)
+            for g, lr in zip(self.opt.param_groups, self.base_lrs):
+                g["lr"] = lr * scale
+            self.opt.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            for _ in range(c.grad_accum):
+                idx = [order[(self.step * c.batch_items * c.grad_accum + j) % len(order)] for j in range(c.batch_items)]
+                batch = [self.items[j] for j in idx]
+                with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                    terms = self.losses(batch)
+                    loss = (c.w_qa * terms.get("qa", 0) + c.w_recon * terms.get("recon", 0)
+                            + c.w_distill * terms.get("distill", 0) + c.w_lm * terms.get("lm", 0))
+                (loss / c.grad_accum).backward()
+                for k, v in terms.items():
+                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / c.grad_accum
+                tokens += sum(len(self.model._ids(p)) for it in batch for p in it.passages)
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+            self.opt.step()
+            self.step += 1
+            elapsed = time.perf_counter() - t_start
+            rec = {"step": self.step, "ratio": ratio, "lr_scale": round(scale, 4), **{k: round(v, 4) for k, v in logs.items()},
+                   "tokens": tokens, "tok_per_s": round(tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 1)}
+            self._log(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()} | {"tok/s": rec["tok_per_s"]})
+            if self.step % c.save_every == 0 or self.step == c.steps:
+                self.save_checkpoint()
+            if self.eval_set and (self.step % c.eval_every == 0 or self.step == c.steps):
+                self.evaluate(tokens)
+        if bar is not None:
+            bar.close()
+        self.model.model.eval()
+        self.model.invalidate_fingerprint()
+        return self.history
+
+    def evaluate(self, tokens: int = 0) -> dict[str, Any]:
+        """Held-out retention (gist states vs full text vs none) at the config's ratio; logged."""
+        from gist_memory.eval.retention import evaluate_retention
+
+        assert self.eval_set is not None
+        m = self.model
+        keep = m.config.target_ratio
+        res_by_ratio = {}
+        m.model.eval()
+        try:
+            for r in (4.0, 8.0):
+                m.config.target_ratio = r
+                m.invalidate_fingerprint()
+                with torch.no_grad():
+                    res = evaluate_retention(m, self.eval_set, methods=("gist",), calibrate=False)
+                res_by_ratio[str(r)] = {"acc": round(res.accuracy["gist"], 4), "ratio": round(res.ratio, 2),
+                                        "by_kind": res.by_kind}
+        finally:
+            m.config.target_ratio = keep
+            m.invalidate_fingerprint()
+            m.model.train()
+        rec = {"step": self.step, "tokens": tokens, "eval": res_by_ratio}
+        self._log(rec)
+        return rec
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write `out_dir/checkpoint` atomically (model + optimiser + step); the previous one survives a crash."""
+        import shutil
+
+        tmp = self.out / ".checkpoint-tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        keep = self.model.config.target_ratio
+        self.model.config.target_ratio = self.cfg.gist.get("target_ratio") or keep
+        try:
+            self.model.save_pretrained(tmp)
+        finally:
+            self.model.config.target_ratio = keep
+        torch.save({"opt": self.opt.state_dict(), "step": self.step}, tmp / "trainer_state.pt")
+        (tmp / "recipe.json").write_text(json.dumps(self.cfg.recipe(), sort_keys=True, indent=2))
+        final = self.out / "checkpoint"
+        old = self.out / ".checkpoint-old"
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+        return final
+
+    def _resume_if_any(self) -> None:
+        ck = self.out / "checkpoint"
+        if not (ck / "recipe.json").is_file():
+            return
+        saved = json.loads((ck / "recipe.json").read_text())
+        now = json.loads(json.dumps(self.cfg.recipe(), sort_keys=True))
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ValueError(f"{ck} was written by a run with a different recipe (differs in {diff}); "
+                             "use a new out_dir or the same settings")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(ck / "gist_adapter.safetensors"))
+        lm = self.model._base_lm()
+        with torch.no_grad():
+            if "gist_embeddings" in tensors:
+                lm.get_input_embeddings().weight[self.model.gist_token_ids] = tensors["gist_embeddings"].to(
+                    lm.get_input_embeddings().weight.dtype)
+            if self.model.has_lora:
+                from peft import set_peft_model_state_dict
+
+                sd = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+                set_peft_model_state_dict(self.model.model, sd)
+        st = torch.load(ck / "trainer_state.pt", weights_only=True)  # our own file, tensors only
+        self.opt.load_state_dict(st["opt"])
+        self.step = int(st["step"])
+        self.model.invalidate_fingerprint()
+
+
+class _null:
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def _bar(total: int, initial: int, enabled: bool):  # noqa: ANN202
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
