@@ -129,6 +129,7 @@ class GistModel:
         dtype: Any = None,
         merge: bool = True,
         trust_remote_code: bool = False,
+        config_overrides: Optional[dict[str, Any]] = None,
     ) -> "GistModel":
         """Load a saved gist model (gist_config.json + adapter + base reference); None = the shipped default.
 
@@ -137,6 +138,8 @@ class GistModel:
             device / dtype: As in `from_base`.
             merge: Merge a LoRA adapter into the base weights (fast inference); False keeps it trainable.
             trust_remote_code: Off unless asked for.
+            config_overrides: GistConfig fields to change, e.g. `{"target_ratio": 8}` (an adapter trained over
+                several ratios serves each of them). The number of gist tokens cannot change.
         """
         if path is None:
             path = default_model_dir()
@@ -148,6 +151,14 @@ class GistModel:
             raise ValueError(f"{path} is not a saved gist model ({ADAPTER_META} missing)")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         config = GistConfig.from_pretrained(path)
+        if config_overrides:
+            d = {**config.to_dict(), **config_overrides}
+            config = GistConfig.from_dict(d)
+            if config.num_gist_tokens != len(meta.get("gist_token_ids", [])) and meta.get("gist_token_ids"):
+                raise ValueError(
+                    f"config_overrides need {config.num_gist_tokens} gist tokens; the adapter has "
+                    f"{len(meta['gist_token_ids'])} (choose a larger target_ratio or fewer gists per sentence)"
+                )
         base = meta.get("base", BUNDLED)
         gm = cls.from_base(base, config, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         gm._load_adapter(path, meta, merge=merge)
