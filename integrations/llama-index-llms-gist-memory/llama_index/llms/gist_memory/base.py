@@ -1,0 +1,329 @@
+"""`GistLLM`: a LlamaIndex LLM over a `GistModel` that reads known passages from their gist states.
+
+Stock LlamaIndex hands an LLM text only. `GistLLM` looks at the prompt (or chat messages) it is given, finds every
+span that is a known passage (registered in its `GistRegistry` by a `GistCompressedRetriever`, by `register`, or
+by a `GistMemory`), cuts it out and splices the passage's gist state into the model's KV cache instead. Everything
+else is read as ordinary tokens. Query engines, chat engines, postprocessors and source attribution stay as they
+are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from llama_index.llms.gist_memory.registry import GistRegistry
+
+logger = logging.getLogger(__name__)
+
+GEN_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+_SYSTEM_ROLES = {MessageRole.SYSTEM, MessageRole.DEVELOPER}
+_END = object()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: Any) -> threading.Lock:
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
+
+
+class _Plan:
+    """What one call reads: the system prompt, the remaining prompt text and the spliced states."""
+
+    def __init__(self, prompt: str, system_prompt: Optional[str], keys: list[str], states: list[Any]) -> None:
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.keys = keys
+        self.states = states
+
+
+class GistLLM(CustomLLM):
+    """A LlamaIndex LLM that answers with a `GistModel`, reading known passages from their gist states.
+
+    Each response carries `additional_kwargs["gist"]` (also kept as `last_gist_usage`): `raw_tokens` (tokens of
+    the passages the states stood for), `positions_read` (cache rows + prompt tokens the model attended over),
+    `prompt_tokens`, `kept_rows`, `passages`, `state_keys`, `context` (`gist`: states were spliced; `none`: no
+    known passage, plain generation), `ttft_s` and `total_s`.
+
+    Args:
+        model: The `GistModel`.
+        registry: The `GistRegistry` of known passages (default: the model's shared one, which
+            `GistCompressedRetriever.from_defaults(model=...)` registers into).
+        max_new_tokens: Tokens to generate at most.
+        splice: False reads every passage as text (the full-text twin of the same pipeline, for comparison).
+        generate_kwargs: Defaults for `GistModel.generate` (`do_sample`, `temperature`, `top_p`, `stop`, ...).
+        context_window: Window LlamaIndex packs prompts into (default: the base model's).
+
+    Example:
+        >>> llm = GistLLM(model=model, max_new_tokens=128)
+        >>> engine = RetrieverQueryEngine.from_args(GistCompressedRetriever.from_defaults(retriever=r, model=model),
+        ...                                         llm=llm)
+    """
+
+    model: Any = Field(exclude=True, description="The GistModel that answers.")
+    registry: Any = Field(default=None, exclude=True, description="Known passages and their states.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate at most.")
+    splice: bool = Field(default=True, description="Replace known passages by their gist states.")
+    generate_kwargs: dict = Field(default_factory=dict, description="Defaults for GistModel.generate.")
+    context_window: Optional[int] = Field(default=None, description="Context window (default: the model's).")
+
+    _last_usage: dict = PrivateAttr(default_factory=dict)
+
+    def __init__(self, model: Any, registry: Optional[GistRegistry] = None, **kwargs: Any) -> None:
+        if not hasattr(model, "generate") or not hasattr(model, "stream"):
+            raise ValueError("GistLLM needs a GistModel (an object with generate/stream)")
+        bad = set(kwargs.get("generate_kwargs") or {}) - set(GEN_KWARGS)
+        if bad:
+            raise ValueError(f"unsupported generate_kwargs {sorted(bad)}; supported: {list(GEN_KWARGS)}")
+        super().__init__(model=model, registry=registry if registry is not None else GistRegistry.for_model(model), **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "GistLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """Chat model metadata; the window is the base model's `max_position_embeddings` unless given."""
+        window = self.context_window
+        if window is None:
+            cfg = getattr(getattr(self.model, "model", None), "config", None)
+            window = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        return LLMMetadata(
+            context_window=window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=str(getattr(self.model, "name", "gist-model")),
+        )
+
+    @property
+    def last_gist_usage(self) -> dict:
+        """The `gist` usage dict of the last finished completion."""
+        return dict(self._last_usage)
+
+    def register(self, obj: Any, compress: bool = False) -> list[str]:
+        """Make passages known: an index (its docstore), nodes, documents or texts (see `GistRegistry.register`)."""
+        return self.registry.register(obj, compress=compress)
+
+    # ---- planning -------------------------------------------------------------------------------------
+    def _splice(self, text: str) -> tuple[str, list[str]]:
+        if not self.splice:
+            return text, []
+        sp = self.registry.splice(text)
+        return (sp.text if sp.keys else text), sp.keys
+
+    def _plan_prompt(self, prompt: str, system_prompt: Optional[str]) -> _Plan:
+        rest, keys = self._splice(prompt)
+        return _Plan(rest, system_prompt, keys, self.registry.states(keys) if keys else [])
+
+    def _plan_messages(self, messages: Sequence[ChatMessage]) -> _Plan:
+        sys_parts, turns, keys = [], [], []
+        for m in messages:
+            content = m.content or ""
+            rest, k = self._splice(content)
+            keys += k
+            if m.role in _SYSTEM_ROLES:
+                if rest.strip():
+                    sys_parts.append(rest)
+            else:
+                turns.append((m.role, rest))
+        if len(turns) == 1 and turns[0][0] == MessageRole.USER:
+            prompt = turns[0][1]
+        else:  # history flattened into the one user turn the model takes (see docs: core API gap)
+            prompt = "\n".join(f"{role.value}: {text}" for role, text in turns)
+        system = "\n\n".join(sys_parts) or None
+        return _Plan(prompt, system, keys, self.registry.states(keys) if keys else [])
+
+    def _gen_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
+        for k, v in kwargs.items():
+            if k in GEN_KWARGS:
+                out[k] = v
+            elif k != "formatted":
+                logger.debug("GistLLM ignores the argument %r", k)
+        return out
+
+    def _usage(self, plan: _Plan) -> dict[str, Any]:
+        u = dict(getattr(self.model, "last_usage", {}) or {})
+        u.update(
+            passages=len(plan.states),
+            state_keys=list(plan.keys),
+            context="gist" if plan.states else ("text" if not self.splice else "none"),
+            spliced=bool(plan.states),
+        )
+        u.setdefault("raw_tokens", int(sum(s.num_tokens for s in plan.states)))
+        if not plan.states:
+            u["note"] = (
+                "splicing disabled: passages read as text" if not self.splice
+                else "no known passage in the prompt: plain generation"
+            )
+        self._last_usage = u
+        return u
+
+    # ---- generation -----------------------------------------------------------------------------------
+    def _run(self, plan: _Plan, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        with _model_lock(self.model):
+            text = self.model.generate(
+                plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt, **self._gen_kwargs(kwargs)
+            )
+            return text, self._usage(plan)
+
+    def _run_stream(self, plan: _Plan, kwargs: dict[str, Any]) -> Iterator[tuple[str, Optional[dict]]]:
+        """(delta, None) per piece, then ("", usage) once the model is done."""
+        gen = self.model.stream(
+            plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt, **self._gen_kwargs(kwargs)
+        )
+        for piece in gen:
+            yield piece, None
+        yield "", self._usage(plan)
+
+    def _complete_plan(self, prompt: str, formatted: bool) -> _Plan:
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        return self._plan_prompt(prompt, None if formatted else self.system_prompt)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Complete `prompt`, reading its known passages from their gist states."""
+        text, usage = self._run(self._complete_plan(prompt, formatted), kwargs)
+        return CompletionResponse(text=text, additional_kwargs={"gist": usage})
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Like `complete`, yielding responses as text arrives; the last one (empty delta) carries the usage."""
+        plan = self._complete_plan(prompt, formatted)
+
+        def gen() -> CompletionResponseGen:
+            acc = ""
+            for delta, usage in self._run_stream(plan, kwargs):
+                acc += delta
+                extra = {"gist": usage} if usage is not None else {}
+                yield CompletionResponse(text=acc, delta=delta, additional_kwargs=extra)
+
+        return gen()
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer a conversation; known passages in any message (system included) are read from their states."""
+        text, usage = self._run(self._plan_messages(messages), kwargs)
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs={"gist": usage}
+        )
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Like `chat`, streaming; the last response (empty delta) carries the usage."""
+        plan = self._plan_messages(messages)
+
+        def gen() -> ChatResponseGen:
+            acc = ""
+            for delta, usage in self._run_stream(plan, kwargs):
+                acc += delta
+                yield ChatResponse(
+                    message=ChatMessage(role=MessageRole.ASSISTANT, content=acc),
+                    delta=delta,
+                    additional_kwargs={"gist": usage} if usage is not None else {},
+                )
+
+        return gen()
+
+    # ---- async: the model runs in a worker thread, the event loop stays free -------------------------------
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        plan = await asyncio.to_thread(self._complete_plan, prompt, formatted)
+        text, usage = await asyncio.to_thread(self._run, plan, kwargs)
+        return CompletionResponse(text=text, additional_kwargs={"gist": usage})
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        plan = await asyncio.to_thread(self._complete_plan, prompt, formatted)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            acc = ""
+            async for delta, usage in _athread(self._run_stream(plan, kwargs)):
+                acc += delta
+                extra = {"gist": usage} if usage is not None else {}
+                yield CompletionResponse(text=acc, delta=delta, additional_kwargs=extra)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        plan = await asyncio.to_thread(self._plan_messages, messages)
+        text, usage = await asyncio.to_thread(self._run, plan, kwargs)
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs={"gist": usage}
+        )
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        plan = await asyncio.to_thread(self._plan_messages, messages)
+
+        async def gen() -> ChatResponseAsyncGen:
+            acc = ""
+            async for delta, usage in _athread(self._run_stream(plan, kwargs)):
+                acc += delta
+                yield ChatResponse(
+                    message=ChatMessage(role=MessageRole.ASSISTANT, content=acc),
+                    delta=delta,
+                    additional_kwargs={"gist": usage} if usage is not None else {},
+                )
+
+        return gen()
+
+    # ---- the direct route (no text matching) -----------------------------------------------------------
+    def complete_with_states(
+        self, prompt: str, states: Sequence[Any], system_prompt: Optional[str] = None, **kwargs: Any
+    ) -> CompletionResponse:
+        """Complete `prompt` reading exactly `states` (used by `GistSynthesizer`); no passage matching."""
+        plan = _Plan(prompt, system_prompt or self.system_prompt, [], list(states))
+        text, usage = self._run(plan, kwargs)
+        return CompletionResponse(text=text, additional_kwargs={"gist": usage})
+
+    def stream_complete_with_states(
+        self, prompt: str, states: Sequence[Any], system_prompt: Optional[str] = None, **kwargs: Any
+    ) -> CompletionResponseGen:
+        """Streaming `complete_with_states`; the last response (empty delta) carries the usage."""
+        plan = _Plan(prompt, system_prompt or self.system_prompt, [], list(states))
+
+        def gen() -> CompletionResponseGen:
+            acc = ""
+            for delta, usage in self._run_stream(plan, kwargs):
+                acc += delta
+                extra = {"gist": usage} if usage is not None else {}
+                yield CompletionResponse(text=acc, delta=delta, additional_kwargs=extra)
+
+        return gen()
+
+
+async def _athread(it: Iterator[Any]):  # noqa: ANN202 - async generator
+    """Drive a blocking iterator from a worker thread, one item at a time."""
+    while True:
+        item = await asyncio.to_thread(next, it, _END)
+        if item is _END:
+            return
+        yield item
