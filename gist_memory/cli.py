@@ -133,7 +133,14 @@ def quiet_libraries() -> None:
 
 def progress_bar(transient: bool = True):  # noqa: ANN201 - rich Progress
     """A rich progress bar on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=transient)
@@ -796,7 +803,7 @@ def train(
             if name in given:
                 gist[key] = ctx.params[name]
         kw["gist"] = gist
-        from gist_memory.train.trainer import Trainer, TrainConfig
+        from gist_memory.train.trainer import TrainConfig, Trainer
 
         known = set(TrainConfig.__dataclass_fields__)
         unknown = sorted(set(kw) - known)

@@ -70,7 +70,7 @@ class Usage:
     kv_bytes: int
 
     @classmethod
-    def from_last_usage(cls, u: dict[str, Any], per_position: int) -> "Usage":
+    def from_last_usage(cls, u: dict[str, Any], per_position: int) -> Usage:
         """From `GistModel.last_usage`."""
         pos = int(u.get("positions_read", 0))
         return cls(
