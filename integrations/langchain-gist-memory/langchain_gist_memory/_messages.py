@@ -1,0 +1,168 @@
+"""Messages -> text: what each message says, and how a conversation splits into turns.
+
+A turn is a human message and everything after it up to the next human message (AI replies, tool calls, tool
+results). Messages before the first human message form a turn of their own. System messages are not part of any
+turn: they become the model's system prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+GIST_MEMORY_KEY = "gist_memory"
+"""`additional_kwargs` key of a message that stands for compressed turns (written by `GistMemoryMiddleware`)."""
+
+_MEDIA_BLOCKS = {"image", "image_url", "audio", "input_audio", "video", "file", "document", "media"}
+_SKIPPED_BLOCKS = {"tool_call", "tool_call_chunk", "tool_use", "reasoning", "thinking", "server_tool_call",
+                   "server_tool_result", "non_standard", "invalid_tool_call"}
+
+
+def message_text(msg: BaseMessage, index: int = 0) -> str:
+    """The text of a message (text blocks joined); media blocks are refused.
+
+    Raises:
+        ValueError: The message holds an image/audio/file block, or content of an unknown shape.
+    """
+    content = msg.content
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"message {index} has content of type {type(content).__name__}; expected str or list")
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        if not isinstance(block, dict):
+            raise ValueError(f"message {index} has a content block of type {type(block).__name__}")
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(str(block.get("text", "")))
+        elif kind in _MEDIA_BLOCKS:
+            raise ValueError(
+                f"message {index} holds a {kind!r} block; ChatGist reads text only (a local text model cannot "
+                f"see images, audio or files)"
+            )
+        elif kind in _SKIPPED_BLOCKS:
+            continue
+        else:
+            raise ValueError(f"message {index} holds a content block of unknown type {kind!r}")
+    return "".join(parts)
+
+
+def role_of(msg: BaseMessage, index: int = 0) -> str:
+    """`system`, `user`, `assistant`, `tool` or a ChatMessage's own role.
+
+    Raises:
+        ValueError: A message type ChatGist cannot place in a conversation.
+    """
+    if not isinstance(msg, BaseMessage):
+        raise ValueError(f"message {index} is a {type(msg).__name__}, not a langchain BaseMessage")
+    if isinstance(msg, SystemMessage):
+        return "system"
+    if isinstance(msg, HumanMessage):
+        return "user"
+    if isinstance(msg, AIMessage):
+        return "assistant"
+    if isinstance(msg, (ToolMessage, FunctionMessage)):
+        return "tool"
+    if isinstance(msg, ChatMessage):
+        role = (msg.role or "").strip().lower()
+        if not role:
+            raise ValueError(f"message {index} is a ChatMessage without a role")
+        return {"human": "user", "ai": "assistant", "developer": "system"}.get(role, role)
+    raise ValueError(
+        f"message {index} has type {msg.type!r} ({type(msg).__name__}), which ChatGist cannot place in a "
+        f"conversation; use system, human, ai, tool or chat messages"
+    )
+
+
+def render_line(msg: BaseMessage, role: str, text: str) -> str:
+    """One message as a line of a rendered conversation (empty string for a message that says nothing)."""
+    text = text.strip()
+    if role == "assistant":
+        calls = getattr(msg, "tool_calls", None) or []
+        rendered = [f"[calls {c.get('name')}({json.dumps(c.get('args', {}), ensure_ascii=False, sort_keys=True)})]"
+                    for c in calls]
+        body = " ".join(([text] if text else []) + rendered)
+        return f"Assistant: {body}" if body else ""
+    if not text:
+        return ""
+    if role == "user":
+        name = getattr(msg, "name", None)
+        return f"User ({name}): {text}" if name else f"User: {text}"
+    if role == "tool":
+        name = getattr(msg, "name", None)
+        return f"Tool ({name}): {text}" if name else f"Tool: {text}"
+    return f"{role.capitalize()}: {text}"
+
+
+@dataclass
+class Turn:
+    """Consecutive non-system messages opened by a human message (or the messages before the first one)."""
+
+    lines: list[str] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    gist: Optional[dict[str, Any]] = None  # a middleware marker: {"keys": [...], "texts": [...]}
+
+    @property
+    def text(self) -> str:
+        return "\n".join(x for x in self.lines if x)
+
+    @property
+    def empty(self) -> bool:
+        return not self.text and not self.gist
+
+
+@dataclass
+class Conversation:
+    """Messages split into a system prompt, turns and the texts cut out of them."""
+
+    system: list[str]
+    turns: list[Turn]
+    only_human_text: Optional[str]  # the last human message's text when it is the whole conversation
+
+
+def split_conversation(messages: Sequence[BaseMessage], texts: Sequence[str]) -> Conversation:
+    """Group messages into turns. `texts[i]` is message i's text (known passages already cut out)."""
+    system: list[str] = []
+    turns: list[Turn] = []
+    cur: Optional[Turn] = None
+    n_non_system = 0
+    for i, (msg, text) in enumerate(zip(messages, texts)):
+        role = role_of(msg, i)
+        marker = (msg.additional_kwargs or {}).get(GIST_MEMORY_KEY) if hasattr(msg, "additional_kwargs") else None
+        if marker:
+            if not isinstance(marker, dict) or not isinstance(marker.get("texts"), list):
+                raise ValueError(f"message {i} has a malformed {GIST_MEMORY_KEY!r} marker")
+            turns.append(Turn(gist=marker, message_ids=[msg.id] if msg.id else []))
+            cur = None
+            continue
+        if role == "system":
+            if text.strip():
+                system.append(text.strip())
+            continue
+        n_non_system += 1
+        if role == "user" or cur is None:
+            cur = Turn()
+            turns.append(cur)
+        cur.lines.append(render_line(msg, role, text))
+        if msg.id:
+            cur.message_ids.append(str(msg.id))
+    only = None
+    if n_non_system == 1 and turns and not turns[-1].gist and isinstance(messages[-1], HumanMessage):
+        only = texts[-1].strip()
+    return Conversation(system=system, turns=[t for t in turns if not t.empty], only_human_text=only)
