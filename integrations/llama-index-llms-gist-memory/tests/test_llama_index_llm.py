@@ -8,7 +8,6 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.llms import LLM
 from llama_index.core.prompts import PromptTemplate
-
 from llama_index.llms.gist_memory import METADATA_KEY, GistLLM, GistRegistry
 
 QA = "Context information is below.\n---------------------\n{ctx}\n---------------------\nQuery: {q}\nAnswer: "
@@ -26,7 +25,7 @@ def test_registry_finds_known_passages_in_order(registry, passages):
     assert sp.keys == [keys[1], keys[0]]  # order of appearance; passages[2] is unknown
     assert passages[0] not in sp.text and passages[1] not in sp.text
     assert passages[2] in sp.text and "Query: Who became curator?" in sp.text
-    for (s, e), k in zip(sp.spans, sp.keys):
+    for (s, e), k in zip(sp.spans, sp.keys, strict=True):
         assert sp.prompt[s:e] == registry.text(k)
 
 

@@ -30,7 +30,6 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-
 from llama_index.llms.gist_memory.registry import GistRegistry
 
 logger = logging.getLogger(__name__)

@@ -159,7 +159,7 @@ class GistRegistry:
         base = [getattr(n, "node", n) for n in items]
         keys = self.add_texts([node_llm_text(b) for b in base], compress=compress)
         out = []
-        for item, b, key in zip(items, base, keys):
+        for item, b, key in zip(items, base, keys, strict=True):
             marked = mark_node(b, key)
             if hasattr(item, "node"):
                 out.append(item.model_copy(update={"node": marked}))
@@ -288,7 +288,7 @@ class GistRegistry:
                 todo = list(missing)
                 fresh = self.model.compress([self._texts[k] for k in todo])
                 self.stats["compressed"] += len(todo)
-                for key, st in zip(todo, fresh):
+                for key, st in zip(todo, fresh, strict=True):
                     self._check(key, st)
                     self._put(key, st)
                     if self.store is not None:
