@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(PIP) -q -e '.[llama-index,langchain,dev]'
+	$(PIP) -q -e integrations/llama-index-retrievers-gist-memory -e integrations/llama-index-llms-gist-memory
 	$(PIP) -q -r requirements-extra.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
