@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) -q -e integrations/llama-index-retrievers-gist-memory -e integrations/llama-index-llms-gist-memory
 	$(PIP) -q -r requirements-extra.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	@# the web app's browser test drives Debian's Chromium (never `playwright install`); root on apt systems only
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt) for the browser test"; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "note: could not install chromium; the browser test will be skipped"; fi
 	touch $(STAMP)
 
 test: venv
