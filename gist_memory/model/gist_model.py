@@ -164,8 +164,13 @@ class GistModel:
         gm._load_adapter(path, meta, merge=merge)
         return gm
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write gist_config.json, the adapter (gist embeddings + LoRA, safetensors) and the base reference."""
+    def save_pretrained(self, directory: Union[str, os.PathLike], adapter_dtype: Any = torch.float32) -> None:
+        """Write gist_config.json, the adapter (gist embeddings + LoRA, safetensors) and the base reference.
+
+        Args:
+            directory: Output folder.
+            adapter_dtype: Storage dtype of the LoRA matrices (bf16 halves the file; gist rows stay fp32).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -182,7 +187,7 @@ class GistModel:
             for k, v in sd.items():
                 if "trainable_tokens" in k or "token_adapter" in k or "lora_" not in k:
                     continue  # gist rows are saved above
-                tensors[f"lora.{k}"] = v.detach().float().cpu().contiguous()
+                tensors[f"lora.{k}"] = v.detach().to(adapter_dtype).cpu().contiguous()
             lora_cfg = self.model.peft_config["default"].to_dict()
             lora_cfg = json.loads(json.dumps(lora_cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
         meta = {
@@ -221,7 +226,8 @@ class GistModel:
             cfg.pop("trainable_token_indices", None)
             lcfg = LoraConfig(**cfg)
             self.model = get_peft_model(self.model, lcfg)
-            sd = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+            wdtype = self.dtype
+            sd = {k[len("lora."):]: v.to(wdtype) for k, v in tensors.items() if k.startswith("lora.")}
             res = set_peft_model_state_dict(self.model, sd)
             unexpected = getattr(res, "unexpected_keys", [])
             if unexpected:
