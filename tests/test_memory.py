@@ -119,6 +119,16 @@ def test_filters(model, emb):
     assert mem.search("x", k=5, filter={"lang": "fr"}) == []
     assert mem.search("x", k=5, filter={"year": []}) == []
     assert mem.ids(filter={"tag": "odd"}) == [ids[1], ids[3]]
+    # list-valued fields match by element, None matches null, a metadata update moves the passage
+    mem.add_texts(["tagged passage"], ids=["t"], metadatas=[{"tags": ["red", "blue"], "owner": None}])
+    assert [h.id for h in mem.search("x", k=5, filter={"tags": "blue"})] == ["t"]
+    assert [h.id for h in mem.search("x", k=5, filter={"owner": None})] == ["t"]
+    assert mem.search("x", k=5, filter={"tags": "green"}) == []
+    mem.add_texts(["tagged passage"], ids=["t"], metadatas=[{"tags": ["green"]}])
+    assert [h.id for h in mem.search("x", k=5, filter={"tags": ["green", "nope"]})] == ["t"]
+    assert mem.search("x", k=5, filter={"tags": "blue"}) == []
+    mem.delete("t")
+    assert mem.search("x", k=5, filter={"tags": "green"}) == []
     with pytest.raises(ValueError, match="filter"):
         mem.search("x", filter={"tag": {"$ne": 1}})
     with pytest.raises(ValueError, match="filter"):

@@ -99,7 +99,7 @@ class VectorIndex:
     def _trained_ivfpq(self, sample: np.ndarray):  # noqa: ANN202
         faiss = _faiss()
         n = sample.shape[0]
-        nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
+        nlist = int(min(65536, max(16, 2 * math.sqrt(n))))
         m = next(m for m in (self.dim // 8, self.dim // 4, self.dim // 2, self.dim, 1) if m and self.dim % m == 0)
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -153,6 +153,20 @@ class VectorIndex:
         if self.kind == "ivfpq" and not self.trained and self.ntotal >= self.ivf_min_points:
             return True
         return self.kind == "hnsw" and self.dead > max(16, self.ntotal // 4)
+
+    @property
+    def vectors_are_approximate(self) -> bool:
+        """True when the index keeps compressed (PQ) codes rather than the vectors."""
+        return self.kind == "ivfpq" and self.trained
+
+    def vectors(self, ids: np.ndarray) -> Optional[np.ndarray]:
+        """The stored unit vectors of `ids` (n, dim), or None if the index cannot give them exactly."""
+        if self.vectors_are_approximate or not len(ids):
+            return None if len(ids) else np.zeros((0, self.dim), np.float32)
+        try:
+            return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        except RuntimeError:  # an id not (yet) in the index: the caller reads the docstore instead
+            return None
 
     # ---- search -----------------------------------------------------------------------------------------
     def _searcher(self):  # noqa: ANN202

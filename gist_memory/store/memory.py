@@ -59,6 +59,28 @@ CREATE TABLE IF NOT EXISTS docs (
 );
 CREATE INDEX IF NOT EXISTS docs_state_key ON docs(state_key);
 CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, row INTEGER NOT NULL);
+-- metadata filter index: one (key, scalar value, row) per top-level key (per element for lists), kept by triggers
+CREATE TABLE IF NOT EXISTS docmeta (key TEXT NOT NULL, value, row INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS docmeta_kv ON docmeta(key, value);
+CREATE INDEX IF NOT EXISTS docmeta_row ON docmeta(row);
+CREATE TRIGGER IF NOT EXISTS docs_meta_insert AFTER INSERT ON docs BEGIN
+    INSERT INTO docmeta(key, value, row)
+        SELECT j.key, j.value, NEW.row FROM json_each(NEW.metadata) AS j WHERE j.type NOT IN ('object', 'array')
+        UNION ALL
+        SELECT j.key, e.value, NEW.row FROM json_each(NEW.metadata) AS j, json_each(j.value) AS e
+            WHERE j.type = 'array' AND e.type NOT IN ('object', 'array');
+END;
+CREATE TRIGGER IF NOT EXISTS docs_meta_delete AFTER DELETE ON docs BEGIN
+    DELETE FROM docmeta WHERE row = OLD.row;
+END;
+CREATE TRIGGER IF NOT EXISTS docs_meta_update AFTER UPDATE OF metadata ON docs BEGIN
+    DELETE FROM docmeta WHERE row = OLD.row;
+    INSERT INTO docmeta(key, value, row)
+        SELECT j.key, j.value, NEW.row FROM json_each(NEW.metadata) AS j WHERE j.type NOT IN ('object', 'array')
+        UNION ALL
+        SELECT j.key, e.value, NEW.row FROM json_each(NEW.metadata) AS j, json_each(j.value) AS e
+            WHERE j.type = 'array' AND e.type NOT IN ('object', 'array');
+END;
 """
 
 
@@ -241,10 +263,8 @@ class GistMemory:
         self._db.execute("PRAGMA busy_timeout=60000")
         self._embedder = _Embedder(embedder)
         try:
+            self._db.executescript(_SCHEMA)  # idempotent; runs outside the transaction below
             with self._write():
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
                 meta = self._meta()
                 self._check_meta(meta, index, storage_dtype)
                 new = {
@@ -649,31 +669,39 @@ class GistMemory:
         return hits[0] if hits else None
 
     @staticmethod
-    def _filter_sql(filter: Optional[dict[str, Any]]) -> tuple[str, list[Any]]:
-        if not filter:
-            return "", []
+    def _filter_rows_sql(filter: dict[str, Any]) -> tuple[str, list[Any]]:
+        """SQL selecting the rows whose metadata matches `filter` (via the indexed `docmeta` table)."""
         if not isinstance(filter, dict):
             raise ValueError(f"filter must be a dict of metadata key -> value(s), got {type(filter).__name__}")
-        clauses, params = [], []
+        parts, params = [], []
         for k, v in filter.items():
-            if not isinstance(k, str) or '"' in k or not k:
-                raise ValueError(f"filter key {k!r} must be a non-empty str without double quotes")
-            path = f'$."{k}"'
-            if isinstance(v, (list, tuple, set, frozenset)):
-                vals = list(v)
-                if not vals:
-                    return " WHERE 0", []
-                for x in vals:
-                    if isinstance(x, (dict, list)):
-                        raise ValueError(f"filter[{k!r}] values must be scalars")
-                clauses.append(f"json_extract(metadata, ?) IN ({','.join('?' * len(vals))})")
-                params += [path, *vals]
-            elif isinstance(v, (dict,)):
-                raise ValueError(f"filter[{k!r}] must be a scalar or a list of scalars (membership)")
-            else:
-                clauses.append("json_extract(metadata, ?) IS ?")
-                params += [path, v]
-        return " WHERE " + " AND ".join(clauses), params
+            if not isinstance(k, str) or not k:
+                raise ValueError(f"filter key {k!r} must be a non-empty str")
+            vals = list(v) if isinstance(v, (list, tuple, set, frozenset)) else [v]
+            for x in vals:
+                if not (x is None or isinstance(x, (str, int, float, bool))):
+                    raise ValueError(
+                        f"filter[{k!r}] must be a scalar or a list of scalars (membership), got {type(x).__name__}"
+                    )
+            if not vals:
+                return "SELECT row FROM docmeta WHERE 0", []
+            non_null = [x for x in vals if x is not None]
+            cond = []
+            if non_null:
+                cond.append(f"value IN ({','.join('?' * len(non_null))})")
+            if len(non_null) < len(vals):
+                cond.append("value IS NULL")
+            parts.append(f"SELECT row FROM docmeta WHERE key = ? AND ({' OR '.join(cond)})")
+            params += [k, *non_null]
+        return " INTERSECT ".join(parts), params
+
+    def _filter_sql(self, filter: Optional[dict[str, Any]]) -> tuple[str, list[Any]]:
+        if not filter:
+            if filter is not None and not isinstance(filter, dict):
+                raise ValueError(f"filter must be a dict, got {type(filter).__name__}")
+            return "", []
+        sql, params = self._filter_rows_sql(filter)
+        return f" WHERE row IN ({sql})", params
 
     def search(self, query: str, k: int = 4, filter: Optional[dict[str, Any]] = None) -> list[Hit]:
         """The `k` passages most similar to `query` (cosine of normalised embeddings), best first.
@@ -681,8 +709,8 @@ class GistMemory:
         Args:
             query: The query text.
             k: How many hits at most.
-            filter: Metadata constraints, all must hold: `{"key": value}` (equality) or `{"key": [v1, v2]}`
-                (membership).
+            filter: Metadata constraints on top-level keys, all must hold: `{"key": value}` (equal, or contained
+                in a list-valued field) or `{"key": [v1, v2]}` (any of them).
         """
         self._check_open()
         if not isinstance(query, str):
@@ -696,9 +724,11 @@ class GistMemory:
             self._sync_index()
             assert self._index is not None
             scores: dict[int, float] = {}
+            if filter is not None and not isinstance(filter, dict):
+                raise ValueError(f"filter must be a dict of metadata key -> value(s), got {type(filter).__name__}")
             if filter:
-                where, params = self._filter_sql(filter)
-                allowed = [r[0] for r in self._db.execute(f"SELECT row FROM docs{where}", params)]
+                sql, params = self._filter_rows_sql(filter)
+                allowed = sorted({r[0] for r in self._db.execute(sql, params)})
                 if not allowed:
                     return []
                 if len(allowed) <= _EXACT_FILTER_MAX:  # few candidates: exact scores from stored vectors
@@ -713,29 +743,47 @@ class GistMemory:
             return self._hits_for_rows(rows, scores, keep_order=True)
 
     def _exact_scores(self, q: np.ndarray, rows: list[int], k: int) -> dict[int, float]:
+        """Exact cosine of `q` with `rows`: vectors from the index when it holds them raw, else from SQLite."""
+        assert self._index is not None
         best: dict[int, float] = {}
-        for chunk in _chunks(rows, 5000):
-            got = self._db.execute(
-                f"SELECT row, embedding FROM docs WHERE row IN ({','.join('?' * len(chunk))})", chunk
-            ).fetchall()
-            if not got:
-                continue
-            mat = np.stack([np.frombuffer(b, np.float32) for _, b in got])
+        for chunk in _chunks(rows, 8192):
+            ids = np.asarray(chunk, dtype=np.int64)
+            mat = self._index.vectors(ids)
+            if mat is None:
+                got = self._stored_vectors(list(chunk))
+                ids = np.asarray(list(got), dtype=np.int64)
+                if not len(ids):
+                    continue
+                mat = np.stack(list(got.values()))
             s = mat @ q
-            for (r, _), v in zip(got, s, strict=True):
-                best[int(r)] = float(v)
-            if len(best) > 4 * k:
-                best = dict(sorted(best.items(), key=lambda kv: -kv[1])[:k])
+            top = np.argsort(-s)[:k]
+            best.update({int(ids[t]): float(s[t]) for t in top})
         return best
+
+    def _stored_vectors(self, rows: list[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for chunk in _chunks(rows):
+            q = f"SELECT row, embedding FROM docs WHERE row IN ({','.join('?' * len(chunk))})"
+            for r, b in self._db.execute(q, chunk):
+                out[int(r)] = np.frombuffer(b, np.float32)
+        return out
 
     def _ann_scores(self, q: np.ndarray, k: int, allowed: Optional[set[int]]) -> dict[int, float]:
         assert self._index is not None
+        compressed = self._index.vectors_are_approximate
         fetch = k + self._index.dead if allowed is None else max(4 * k, 64)
+        if compressed:
+            fetch = max(fetch, 8 * k, 32)  # PQ scores are approximate: re-rank a wider shortlist exactly
         while True:
             s, ids = self._index.search(q, fetch)
             found = {int(i): float(v) for v, i in zip(s[0], ids[0], strict=True) if i >= 0}
-            live = self._live_rows(list(found))
-            found = {r: v for r, v in found.items() if r in live and (allowed is None or r in allowed)}
+            if compressed:
+                found = {r: float(v @ q[0]) for r, v in self._stored_vectors(list(found)).items()}
+            else:
+                live = self._live_rows(list(found))
+                found = {r: v for r, v in found.items() if r in live}
+            if allowed is not None:
+                found = {r: v for r, v in found.items() if r in allowed}
             if len(found) >= k or fetch >= self._index.ntotal:
                 return found
             fetch = min(self._index.ntotal, fetch * 4)
