@@ -755,13 +755,12 @@ def train(
 
     Unset options take the TrainConfig defaults (see `--dry-run`).
     """
-    from click.core import ParameterSource
-
     with user_errors():
         cfg_file = out_dir / "train_config.json"
         ck = out_dir / "checkpoint"
+        # typer may vendor its own click: compare parameter sources by name
         given = {name for name in ctx.params
-                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+                 if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
         kw: dict[str, Any] = {}
         if resume:
             if not (ck / "recipe.json").is_file():

@@ -1,0 +1,293 @@
+"""The `gist-memory` command on the tiny model: every command's help, the ingest -> ask -> info flow, chat with
+compressed history, eval, train (+ resume), bench/data delegation, serve wiring, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from gist_memory import cli
+
+COMMANDS = ["ingest", "ask", "chat", "serve", "train", "eval", "info", "data", "data build"]
+
+DOC_A = (
+    "Maren Voss became the chief curator of the Bergen archive in 1912. The archive code QX-4471 marks the "
+    "oldest maps. Nobody opened them until the flood of 1954 forced a move to a dry cellar."
+)
+DOC_B = (
+    "# Prythwaite\n\nThe Prythwaite weather station sits at an altitude of 4,301 metres. It was built in 1931 "
+    "and records wind speeds every ten minutes.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run(runner: CliRunner, *args: str, input: str | None = None):  # noqa: A002
+    return runner.invoke(cli.app, [str(a) for a in args], input=input)
+
+
+def assert_one_line_error(res, *needles: str) -> None:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) >= 1 and lines[-1].startswith("error: "), res.stderr
+    err_lines = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(err_lines) == 1
+    for n in needles:
+        assert n in err_lines[0], err_lines[0]
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("docs")
+    (d / "a.txt").write_text(DOC_A, encoding="utf-8")
+    (d / "b.md").write_text(DOC_B, encoding="utf-8")
+    (d / "blob.txt").write_bytes(b"\x00\x01binary\x00" * 10)
+    (d / "image.png").write_bytes(b"\x89PNG....")
+    return d
+
+
+@pytest.fixture(scope="module")
+def store(runner, docs, tiny_base_dir, tmp_path_factory):
+    """A memory with the two documents, built through `gist-memory ingest`."""
+    path = tmp_path_factory.mktemp("stores") / "mem"
+    res = run(runner, "ingest", docs, "--store", path, "--base", tiny_base_dir, "--max-passage-tokens", "32", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["files_read"] == 2 and summary["passages_added"] >= 2 and summary["passages_present"] == 0
+    skipped = {p.split("/")[-1]: why for p, why in summary["files_skipped"]}
+    assert "binary" in skipped["blob.txt"] and "unsupported" in skipped["image.png"]
+    assert summary["compression_ratio"] > 1.5
+    return path
+
+
+def test_help_everywhere(runner):
+    res = run(runner, "--help")
+    assert res.exit_code == 0 and "ingest" in res.stdout and "serve" in res.stdout
+    for cmd in COMMANDS:
+        res = run(runner, *cmd.split(), "--help")
+        assert res.exit_code == 0, (cmd, res.output)
+        assert "Usage" in res.stdout
+    for cmd in ("ingest", "ask", "chat", "serve", "eval"):
+        text = run(runner, cmd, "--help").stdout
+        assert "--device" in text and "--dtype" in text and "--model" in text and "--base" in text, cmd
+
+
+def test_ingest_is_resumable_and_reports(runner, store, docs, tiny_base_dir):
+    res = run(runner, "ingest", docs / "a.txt", docs / "b.md", "--store", store, "--base", tiny_base_dir,
+              "--max-passage-tokens", "32", "--json")
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.stdout)
+    assert again["passages_added"] == 0 and again["passages_present"] >= 2
+    res = run(runner, "ingest", docs / "a.txt", "--store", store, "--base", tiny_base_dir, "--max-passage-tokens", "32")
+    assert res.exit_code == 0 and "already present" in res.stdout and "store:" in res.stdout
+    assert "training-free" not in res.stderr and "pool+anchors" in res.stderr  # says which model it used
+
+
+def test_ask_prints_answer_sources_and_costs(runner, store, tiny_base_dir):
+    res = run(runner, "ask", "Who became the chief curator in 1912?", "--store", store, "--base", tiny_base_dir,
+              "-k", "2", "--max-new-tokens", "4", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert isinstance(d["answer"], str) and 1 <= len(d["sources"]) <= 2
+    assert d["ratio"] > 1 and d["gist"]["positions"] > 0 and d["gist"]["kv_bytes"] > 0 and d["full"] is None
+    res = run(runner, "ask", "Where does the weather station sit?", "--store", store, "--base", tiny_base_dir,
+              "-k", "2", "--max-new-tokens", "4", "--compare")
+    assert res.exit_code == 0, res.output
+    for needle in ("sources", "positions read", "time to first token", "KV memory", "compression ratio"):
+        assert needle in res.stdout
+    res = run(runner, "ask", "Where?", "--store", store, "--base", tiny_base_dir, "-k", "3", "--max-new-tokens", "3",
+              "--compare", "--json")
+    d = json.loads(res.stdout)
+    assert d["full"]["positions"] > d["gist"]["positions"]  # the states stand for more tokens than they keep
+    assert d["full"]["kv_bytes"] > d["gist"]["kv_bytes"]
+
+
+def test_info(runner, store):
+    res = run(runner, "info", "--store", store, "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["packages"]["torch"] and d["store"]["passages"] >= 2 and d["store"]["states_bytes"] > 0
+    assert d["model"]["kind"] in ("shipped", "training-free")
+    assert "folders" in d["cache"]
+    res = run(runner, "info", "--store", store)
+    assert res.exit_code == 0 and "passages" in res.stdout and "cache:" in res.stdout and "model:" in res.stdout
+
+
+def test_one_line_errors(runner, store, tmp_path, tiny_base_dir):
+    assert_one_line_error(run(runner, "ask", "q", "--store", tmp_path / "nope"), "no gist memory at")
+    assert_one_line_error(run(runner, "info", "--store", tmp_path / "nope"), "no gist memory at")
+    assert_one_line_error(run(runner, "ingest", tmp_path / "missing.txt", "--store", tmp_path / "s"), "no such file")
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(run(runner, "ask", "q", "--store", f), "is a file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    assert_one_line_error(run(runner, "ingest", f, "--store", tmp_path / "full"), "not a gist memory")
+    assert_one_line_error(run(runner, "ask", "q", "--store", store, "--model", tmp_path / "nomodel"), "no gist model")
+    assert_one_line_error(run(runner, "ask", "q", "--store", store, "--model", tmp_path, "--base", "x"), "not both")
+    assert_one_line_error(run(runner, "ask", "q", "--store", store, "--base", tiny_base_dir, "--dtype", "int3"),
+                          "--dtype")
+    assert_one_line_error(run(runner, "ask", "q", "--store", store, "--base", tmp_path / "nobase"), "does not exist")
+    # a memory written by another model (here: another ratio, so another fingerprint) is refused
+    assert_one_line_error(run(runner, "ask", "q", "--store", store, "--base", tiny_base_dir, "--ratio", "2"),
+                          "was written by model")
+    assert_one_line_error(run(runner, "ask", "   ", "--store", store), "empty")
+    assert_one_line_error(run(runner, "ingest", f, "--store", tmp_path / "s2", "--base", tiny_base_dir,
+                              "--compressor", "zip"), "compressor")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.bin").write_bytes(b"\x00" * 10)
+    assert_one_line_error(run(runner, "ingest", bad / "x.bin", "--store", tmp_path / "s3", "--base", tiny_base_dir),
+                          "nothing to ingest", "binary")
+    assert_one_line_error(run(runner, "eval", "--qa", tmp_path / "none.jsonl"), "no QA file")
+
+
+def test_chat_compresses_old_turns(runner, store, tiny_base_dir):
+    lines = "Hello there\nWhat is the archive code?\nAnd the curator?\n/stats\n/reset\n/stats\n/exit\n"
+    res = run(runner, "chat", "--base", tiny_base_dir, "--store", store, "--keep-raw", "1", "--max-new-tokens", "3",
+              "-k", "1", input=lines)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("bot>") == 3
+    assert "2 old turns as gist states" in res.stdout  # 3 exchanges, 1 kept raw
+    assert "no compressed turns yet, 0 recent turns raw" in res.stdout  # after /reset
+    assert "positions" in res.stderr
+    # without a store, and ended by EOF
+    res = run(runner, "chat", "--base", tiny_base_dir, "--max-new-tokens", "2", input="hi\n")
+    assert res.exit_code == 0 and res.stdout.count("bot>") == 1
+
+
+def test_compressed_history_unit(tiny_base_dir):
+    gm, _ = cli.load_model(base=tiny_base_dir)
+    h = cli.CompressedHistory(gm, keep_raw=2)
+    assert h.prompt("first") == "first"
+    for i in range(4):
+        h.add(f"question {i}", f"answer {i}")
+    assert len(h.states) == 2 and [u for u, _ in h.raw] == ["question 2", "question 3"]
+    assert h.states[0].text.startswith("User: question 0")
+    p = h.prompt("next")
+    assert p.startswith("User: question 2\nAssistant: answer 2\n") and p.endswith("User: next")
+    with pytest.raises(ValueError):
+        cli.CompressedHistory(gm, keep_raw=-1)
+
+
+def test_eval_table(runner, tiny_base_dir):
+    res = run(runner, "eval", "--base", tiny_base_dir, "-n", "2", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["n"] == 2 and set(d["accuracy"]) == {"gist", "full", "none", "trunc"} and d["ratio"] > 1
+    res = run(runner, "eval", "--base", tiny_base_dir, "-n", "1", "--methods", "gist,none")
+    assert res.exit_code == 0 and "retention QA" in res.stdout and "compression ratio" in res.stdout
+    assert_one_line_error(run(runner, "eval", "--methods", "gist,magic"), "--methods")
+
+
+@pytest.fixture()
+def tiny_corpus(tmp_path):
+    base = (
+        "The town of {n} lies on the river Alde and has a population of about {p} people. Its market hall was "
+        "built in 18{y} by the merchant Tomas Ekdahl, and the harbour was deepened in 19{y} after a long dispute "
+        "with the county council about the cost of dredging and the rights of the fishermen who used it."
+    )
+    d = tmp_path / "corpus"
+    d.mkdir()
+    recs = [{"text": base.format(n=f"Velm{i}", p=1000 + 37 * i, y=10 + i), "source": "test", "doc_id": f"d{i}"}
+            for i in range(12)]
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n", encoding="utf-8")
+    return d
+
+
+def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    common = ["--base", tiny_base_dir, "--corpus", tiny_corpus, "--batch-items", "1", "--pool-items", "6",
+              "--eval-items", "0", "--kinds", "planted_single", "--ratios", "4", "--recon-tokens", "8",
+              "--lora-r", "2", "--lora-alpha", "4", "--dtype", "float32", "--device", "cpu", "--save-every", "1"]
+    res = run(runner, "train", out, *common, "--steps", "2", "--target-ratio", "4", "--dry-run")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert cfg["steps"] == 2 and cfg["ratios"] == [4.0] and cfg["bf16"] is False and cfg["gist"]["target_ratio"] == 4
+    assert cfg["base"] == str(tiny_base_dir) and cfg["kinds"] == ["planted_single"]
+    res = run(runner, "train", out, *common, "--steps", "2")
+    assert res.exit_code == 0, res.output
+    assert (out / "checkpoint" / "gist_adapter.json").is_file() and "--model" in res.stdout
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "ratio" in r] == [1, 2]
+    # a second run into the same folder must be explicit
+    assert_one_line_error(run(runner, "train", out, *common, "--steps", "3"), "--resume")
+    assert_one_line_error(run(runner, "train", tmp_path / "fresh", "--resume"), "nothing to resume")
+    # resume: saved settings come back, --steps extends the run
+    res = run(runner, "train", out, "--resume", "--steps", "3", "--dry-run")
+    assert json.loads(res.stdout)["corpus"] == str(tiny_corpus)
+    res = run(runner, "train", out, "--resume", "--steps", "3")
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.stderr and "step 2/3" in res.stderr
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "ratio" in r] == [1, 2, 3]
+    # a changed recipe is refused by the trainer, in one line
+    assert_one_line_error(run(runner, "train", out, "--resume", "--steps", "4", "--lora-r", "8"), "different recipe")
+    # the checkpoint is a gist model the other commands load
+    res = run(runner, "eval", "--model", out / "checkpoint", "-n", "1", "--methods", "gist", "--json")
+    assert res.exit_code == 0, res.output
+    assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")
+    assert_one_line_error(run(runner, "train", tmp_path / "x", "--ratios", "a,b", "--dry-run"), "--ratios")
+
+
+def test_bench_delegates(runner, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gist_memory.eval.bench", None)  # as if the module were absent
+    assert_one_line_error(run(runner, "bench", "--quick"), "not installed")
+    seen = {}
+    fake = types.ModuleType("gist_memory.eval.bench")
+    fake.__spec__ = __import__("importlib.machinery").machinery.ModuleSpec("gist_memory.eval.bench", None)
+
+    def main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake.main = main
+    monkeypatch.setitem(sys.modules, "gist_memory.eval.bench", fake)
+    res = run(runner, "bench", "--quick", "--ratios", "2,4", "--help")
+    assert res.exit_code == 0, res.output
+    assert seen["argv"] == ["--quick", "--ratios", "2,4", "--help"]
+
+    def failing(argv):
+        raise SystemExit(2)
+
+    fake.main = failing
+    assert run(runner, "bench", "--bogus").exit_code == 2
+
+
+def test_data_build(runner, tmp_path):
+    src = tmp_path / "texts"
+    src.mkdir()
+    words = " ".join(f"word{i}" for i in range(60))
+    for i in range(4):
+        (src / f"doc{i}.md").write_text(f"# Doc {i}\n\nThis is document number {i}. {words} end{i}.\n\n"
+                                        f"A second paragraph of document {i} follows here. {words} fin{i}.\n")
+    out = tmp_path / "corpus"
+    res = run(runner, "data", "build", out, "--sources", f"dir:{src}", "--heldout-fraction", "0.25")
+    assert res.exit_code == 0, res.output
+    assert (out / "train.jsonl").is_file() and "wrote" in res.stdout
+    res = run(runner, "data", "build", tmp_path / "c2", "--sources", "nosuchsource")
+    assert res.exit_code == 1
+
+
+def test_serve_wires_the_web_app(runner, monkeypatch, tiny_base_dir, tmp_path):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    res = run(runner, "serve", "--base", tiny_base_dir, "--port", "8123", "--max-upload-kb", "64", "-k", "2")
+    assert res.exit_code == 0, res.output
+    svc = seen["app"].state.gist
+    assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    assert svc.max_upload_bytes == 64 * 1024 and svc.k == 2 and "pool+anchors" in svc.model_description
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert_one_line_error(run(runner, "serve", "--store", f), "is a file")
+    assert_one_line_error(run(runner, "serve", "--app-dir", tmp_path), "source repository")
