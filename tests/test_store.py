@@ -307,3 +307,14 @@ def test_two_writer_processes_lose_nothing(tmp_path):
     assert set(store.keys()) == expected  # 90 distinct entries, none lost, none extra
     assert all(s is not None for s in store.batched_get(sorted(expected), model.fingerprint))  # all checksums ok
     assert store.stats["corrupt"] == 0 and _tmp_files(str(root)) == []
+
+
+def test_numpy_casts_match_torch_bit_for_bit():
+    x = torch.randn(300, 64) * torch.logspace(-42, 38, 64)
+    x[0, :6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 65520.0, 1e-45])
+    for dt in (torch.bfloat16, torch.float16):
+        ours, ref = store_mod.cast(x, dt), x.to(dt)
+        assert ours.dtype == dt and torch.equal(ours.view(torch.int16), ref.view(torch.int16))
+        assert torch.equal(store_mod.cast(ref, torch.float32), ref.float())
+    x[0, 0] = float("nan")
+    assert torch.isnan(store_mod.cast(x, torch.bfloat16)[0, 0].float())

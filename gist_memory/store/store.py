@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from filelock import FileLock
 
@@ -79,6 +80,35 @@ def key_for(text_hash: str, model_fingerprint: str, storage_dtype: str = "float3
 
 
 # ---- int8: symmetric scales ---------------------------------------------------------------------------------
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` on CPU, bit-identical to torch (round to nearest even), computed in numpy.
+
+    torch runs element-wise casts on its intra-op thread pool; on a machine whose cores are busy those threads
+    spin and a 100 KB cast can take 20 ms instead of 20 us. numpy casts on the calling thread.
+    """
+    t = t.detach().cpu()
+    if t.dtype == dtype:
+        return t
+    src, a = t.dtype, t.contiguous()
+    if src == torch.bfloat16:
+        f32 = (a.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return torch.from_numpy(f32) if dtype == torch.float32 else cast(torch.from_numpy(f32), dtype)
+    if src == torch.float16:
+        f32 = a.numpy().astype(np.float32)
+        return torch.from_numpy(f32) if dtype == torch.float32 else cast(torch.from_numpy(f32), dtype)
+    if src == torch.float32:
+        x = a.numpy()
+        if dtype == torch.float16:
+            with np.errstate(over="ignore"):  # out of range -> inf, as torch does
+                return torch.from_numpy(x.astype(np.float16))
+        if dtype == torch.bfloat16:
+            u = x.view(np.uint32)
+            r = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)  # round to nearest even
+            r[np.isnan(x)] = 0x7FC0
+            return torch.from_numpy(r.view(np.int16)).view(torch.bfloat16)
+    return t.to(dtype)
+
+
 def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantisation with one float32 scale per slice, reducing over `dim`.
 
@@ -90,16 +120,20 @@ def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     Returns:
         (q int8 of x's shape, scale float32 with `dim` kept as size 1); x ~= q * scale.
     """
-    xf = x.detach().float()
-    amax = xf.abs().amax(dim=dim, keepdim=True) if xf.numel() else torch.zeros_like(xf.sum(dim=dim, keepdim=True))
-    scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    xf = cast(x, torch.float32).numpy()
+    if xf.shape[dim] == 0:
+        amax = np.zeros(xf.shape[:dim] + (1,) + xf.shape[dim + 1 :], np.float32)
+    else:
+        amax = np.abs(xf).max(axis=dim, keepdims=True)
+    scale = np.maximum(amax / np.float32(127.0), np.finfo(np.float32).tiny).astype(np.float32)
+    q = np.clip(np.rint(xf / scale), -127, 127).astype(np.int8)
+    return torch.from_numpy(q), torch.from_numpy(scale)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize_int8`, cast to `dtype`."""
-    return (q.float() * scale).to(dtype)
+    x = q.contiguous().numpy().astype(np.float32) * scale.contiguous().numpy()
+    return cast(torch.from_numpy(x), dtype)
 
 
 # ---- entry (de)serialisation --------------------------------------------------------------------------------
@@ -136,7 +170,7 @@ def encode_entry(state: GistState, storage_dtype: str, key: str) -> bytes:
         )
     else:
         dt = _FLOAT_DTYPES[storage_dtype]
-        tensors.update(keys=keys.to(dt).contiguous(), values=values.to(dt).contiguous())
+        tensors.update(keys=cast(keys, dt).contiguous(), values=cast(values, dt).contiguous())
     header = {
         "span": state.span,
         "num_tokens": state.num_tokens,
@@ -175,8 +209,8 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: Optiona
             keys = dequantize_int8(tensors["keys"], tensors["keys_scale"], state_dtype)
             values = dequantize_int8(tensors["values"], tensors["values_scale"], state_dtype)
         else:
-            keys = tensors["keys"].to(state_dtype)
-            values = tensors["values"].to(state_dtype)
+            keys = cast(tensors["keys"], state_dtype)
+            values = cast(tensors["values"], state_dtype)
         return GistState(
             keys=keys,
             values=values,
