@@ -63,6 +63,7 @@ class TrainConfig:
     eval_items: int = 60
     eval_every: int = 100
     save_every: int = 50
+    snapshot_every: int = 0
     log_every: int = 5
     seed: int = 0
     device: Optional[str] = None
@@ -81,7 +82,8 @@ class TrainConfig:
     def recipe(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         d = asdict(self)
-        for k in ("out_dir", "steps", "eval_every", "save_every", "log_every", "eval_items", "device"):
+        for k in ("out_dir", "steps", "eval_every", "save_every", "snapshot_every", "log_every", "eval_items",
+                  "device"):
             d.pop(k)
         d["ratios"] = list(d["ratios"])
         d["kinds"] = list(d["kinds"])
@@ -251,7 +253,7 @@ class Trainer:
         self.model.model.train()
         t_start, tokens = time.perf_counter(), 0
         bar = _bar(c.steps, self.step, progress)
-        if self.eval_set and self.step == 0:
+        if self.eval_set and self.step == 0 and c.eval_every <= c.steps:
             self.evaluate(0)  # the untrained starting point of the learning curve
         while self.step < c.steps:
             ratio = self._ratio(self.step)
@@ -283,7 +285,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()} | {"tok/s": rec["tok_per_s"]})
             if self.step % c.save_every == 0 or self.step == c.steps:
-                self.save_checkpoint()
+                ck = self.save_checkpoint()
+                if c.snapshot_every and (self.step % c.snapshot_every == 0 or self.step == c.steps):
+                    self._snapshot(ck, tokens)
             if self.eval_set and (self.step % c.eval_every == 0 or self.step == c.steps):
                 self.evaluate(tokens)
         if bar is not None:
@@ -348,6 +352,17 @@ class Trainer:
         if old.exists():
             shutil.rmtree(old)
         return final
+
+    def _snapshot(self, ck: Path, tokens: int) -> Path:
+        """Keep a copy of the adapter at this step (`out_dir/snapshots/step-N`) for learning curves."""
+        import shutil
+
+        snap = self.out / "snapshots" / f"step-{self.step:05d}"
+        snap.mkdir(parents=True, exist_ok=True)
+        for name in ("gist_adapter.safetensors", "gist_adapter.json", "gist_config.json"):
+            shutil.copy2(ck / name, snap / name)
+        (snap / "progress.json").write_text(json.dumps({"step": self.step, "tokens": tokens}))
+        return snap
 
     def _resume_if_any(self) -> None:
         ck = self.out / "checkpoint"
