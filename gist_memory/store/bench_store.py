@@ -313,11 +313,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", default="flat,hnsw,ivfpq")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch and faiss threads (0: their defaults); 1 helps on a busy CPU"
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import faiss
     import torch
 
-    print(f"# gist-memory store benchmark ({os.cpu_count()} CPU cores, torch {torch.__version__})\n")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"# gist-memory store benchmark ({os.cpu_count()} CPU cores, load average {load}; torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, faiss {faiss.__version__} with "
+        f"{faiss.omp_get_max_threads()} threads)\n"
+    )
     if not args.skip_model:
         model = load_model(args.model)
         print("## States on disk\n")
