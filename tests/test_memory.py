@@ -153,6 +153,8 @@ def test_bad_input_is_a_clear_error(model, emb):
         GistMemory(model, embedder=emb, index="annoy")
     with pytest.raises(ValueError, match="embedder"):
         GistMemory(model, embedder=42)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        GistMemory(model, embedder=emb, storage_dtype="fp8")
     assert len(mem) == 0 and mem.search("anything") == []
 
 

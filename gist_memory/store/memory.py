@@ -30,7 +30,7 @@ import numpy as np
 
 from gist_memory.state.gist_state import GistState, text_hash
 from gist_memory.store.index import INDEX_KINDS, VectorIndex, normalize_rows
-from gist_memory.store.store import DEFAULT_MAX_BYTES_IN_RAM, GistStore
+from gist_memory.store.store import DEFAULT_MAX_BYTES_IN_RAM, STORAGE_DTYPES, GistStore
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,8 @@ class GistMemory:
                 raise ValueError(f"model has no {attr!r}; GistMemory needs a GistModel-like object")
         if index is not None and index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {list(INDEX_KINDS)}, got {index!r}")
+        if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unsupported storage_dtype {storage_dtype!r}; choose one of {list(STORAGE_DTYPES)}")
         unknown = set(index_options) - {"hnsw_m", "ef_search", "ivf_min_points", "nprobe"}
         if unknown:
             raise ValueError(f"unknown GistMemory options: {sorted(unknown)}")
