@@ -7,7 +7,8 @@ with the package is used; while none ships, the training-free `pool+anchors` com
 SmolLM2-135M-Instruct (the command says which).
 
 Mistakes a user can fix (a wrong path, a store written by another model, a bad option value) end the command with
-exit status 1 and one line on stderr. `GIST_MEMORY_DEBUG=1` shows the traceback instead.
+exit status 1 and one line on stderr. `GIST_MEMORY_DEBUG=1` shows the traceback instead. `GIST_MEMORY_THREADS`
+(a number or `auto`) sets torch's CPU threads.
 """
 
 from __future__ import annotations
@@ -147,6 +148,36 @@ def progress_bar(transient: bool = True):  # noqa: ANN201 - rich Progress
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
+def set_threads(spec: Optional[str] = None) -> Optional[int]:
+    """Set torch's CPU threads from `spec` (a number or `auto`; default `$GIST_MEMORY_THREADS`); returns the count.
+
+    `auto` uses the cores other processes leave idle (1-minute load average), at least 1: on a busy machine,
+    OpenMP threads that wait for a descheduled sibling stall every operation, and one thread is much faster.
+    Nothing is changed when neither is set, or when OMP_NUM_THREADS is set.
+    """
+    spec = spec if spec is not None else os.environ.get("GIST_MEMORY_THREADS")
+    if not spec or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    if spec == "auto":
+        n = os.cpu_count() or 1
+        try:
+            idle = n - os.getloadavg()[0]
+        except OSError:
+            idle = n
+        want = max(1, min(torch.get_num_threads(), int(idle)))
+    else:
+        try:
+            want = int(spec)
+        except ValueError:
+            raise UserError(f"threads must be a number or 'auto', got {spec!r}") from None
+        if want < 1:
+            raise UserError(f"threads must be >= 1, got {want}")
+    torch.set_num_threads(want)
+    return want
+
+
 _MODEL_CACHE: dict[tuple, tuple[Any, str]] = {}
 
 
@@ -174,6 +205,7 @@ def load_model(
     if model is not None and not Path(model).is_dir():
         raise UserError(f"no gist model folder at {model}")
     key = (model, base, compressor, ratio, anchors, device, dtype)
+    set_threads()
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     quiet_libraries()

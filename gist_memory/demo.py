@@ -145,6 +145,7 @@ def compare(
     full_new_tokens: Optional[int] = None,
     on_token: Optional[Callable[[str], None]] = None,
     filter: Optional[dict[str, Any]] = None,
+    repeats: int = 1,
 ) -> Comparison:
     """Answer `question` from the states of the `k` best passages, then (optionally) from the same passages as text.
 
@@ -158,6 +159,8 @@ def compare(
             its time to first token and memory without decoding a whole answer.
         on_token: Called with each piece of the gist-state answer as it is decoded.
         filter: Metadata filter for the search.
+        repeats: Time to first token is the median of this many runs of each twin (the extra runs decode one
+            token), which steadies the numbers on a busy machine.
     """
     hits = memory.search(question, k=k, filter=filter)
     states = memory.states_for(hits) if hits else []
@@ -170,13 +173,25 @@ def compare(
     gist = Usage.from_last_usage(model.last_usage, per_pos)
     raw = int(model.last_usage.get("raw_tokens", sum(s.num_tokens for s in states)))
     kept = int(model.last_usage.get("kept_rows", sum(s.num_kept for s in states)))
+    gist.ttft_s = _median_ttft(model, question, states, repeats, gist.ttft_s)
     out = Comparison(question, "".join(pieces).strip(), hits, raw, kept, gist)
     n_full = max_new_tokens if full_new_tokens is None else full_new_tokens
     if n_full > 0 and hits:
-        text = model.generate(full_text_prompt(question, [h.text for h in hits]), max_new_tokens=n_full)
+        prompt = full_text_prompt(question, [h.text for h in hits])
+        text = model.generate(prompt, max_new_tokens=n_full)
         out.full = Usage.from_last_usage(model.last_usage, per_pos)
+        out.full.ttft_s = _median_ttft(model, prompt, None, repeats, out.full.ttft_s)
         out.full_answer = text.strip() if n_full == max_new_tokens else ""
     return out
+
+
+def _median_ttft(model: Any, prompt: str, states: Any, repeats: int, first: float) -> float:
+    times = [first]
+    for _ in range(max(0, repeats - 1)):
+        model.generate(prompt, states=states, max_new_tokens=1)
+        times.append(float(model.last_usage.get("ttft_s") or 0.0))
+    times.sort()
+    return times[len(times) // 2]
 
 
 def human_bytes(n: float) -> str:
@@ -241,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-k", type=int, default=3, help="passages read per question")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 48; quick: 8)")
     ap.add_argument("--questions", type=int, default=None, help="how many of the demo questions to ask")
+    ap.add_argument("--threads", default=os.environ.get("GIST_MEMORY_THREADS", "auto"),
+                    help="torch CPU threads, a number or 'auto' (default: the cores other processes leave idle)")
     return ap
 
 
@@ -251,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from gist_memory.cli import UserError, load_model, quiet_libraries
+    from gist_memory.cli import UserError, load_model, quiet_libraries, set_threads
 
     quiet_libraries()
     out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 100)
@@ -265,11 +282,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             records = [r for r in records if r["id"] in want] + [r for r in records if r["id"] not in want][:6]
         out.print(f"[bold]gist-memory demo[/bold]: {len(records)} passages of the shipped sample corpus "
                   f"(Wikipedia CC BY-SA 4.0, Python docs PSF; see {SAMPLE_CORPUS.parent.name}/ATTRIBUTION.md)")
+        threads = set_threads(args.threads)
         t0 = time.perf_counter()
         model, desc = load_model(args.model, args.base, args.compressor, args.ratio, None, args.device, args.dtype)
         out.print(f"model: {desc}  [dim]({time.perf_counter() - t0:.1f} s)[/dim]")
-        out.print(f"KV cache: {human_bytes(kv_bytes_per_position(model))} per position ({model.dtype})".replace(
-            "torch.", ""))
+        import torch
+
+        out.print(f"KV cache: {human_bytes(kv_bytes_per_position(model))} per position "
+                  f"({str(model.dtype).replace('torch.', '')}); torch threads {torch.get_num_threads()}"
+                  + (f" (auto, load average {os.getloadavg()[0]:.1f})" if args.threads == "auto" and threads else ""))
         from gist_memory.model.base import cache_dir
         from gist_memory.store import GistMemory
 
@@ -291,9 +312,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # one untimed answer, so the first question's timings do not include one-off warm-up costs
         model.generate("Hello", states=mem.states_for(mem.search("Hello", k=1)), max_new_tokens=1)
         model.generate("Hello", max_new_tokens=1)
+        out.print(f"{len(questions)} questions, {args.k} passages each; time to first token: median of 3 runs; "
+                  "* marks the passage that holds the answer")
         rows = []
         for i, (q, expected) in enumerate(questions, 1):
-            c = compare(model, mem, q, k=args.k, max_new_tokens=max_new)
+            c = compare(model, mem, q, k=args.k, max_new_tokens=max_new, repeats=3)
             rows.append(c)
             _print_comparison(out, Table, i, c, expected)
         _print_summary(out, Table, rows)
@@ -313,7 +336,7 @@ def _print_comparison(out: Any, Table: Any, i: int, c: Comparison, expected: str
     out.print()
     out.print(f"[bold]Q{i}. {escape(c.question)}[/bold]")
     out.print(f"  answer (gist states): {escape(_one_line(c.answer))}")
-    if c.full_answer:
+    if c.full is not None:
         out.print(f"  answer (full text):   {escape(_one_line(c.full_answer))}")
     srcs = []
     for h in c.sources:
