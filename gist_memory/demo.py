@@ -271,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from gist_memory.cli import UserError, load_model, quiet_libraries, set_threads
 
     quiet_libraries()
-    out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 100)
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100)
     max_new = args.max_new_tokens or (8 if args.quick else 48)
     questions = QUESTIONS[: args.questions or (2 if args.quick else len(QUESTIONS))]
     t_start = time.perf_counter()
