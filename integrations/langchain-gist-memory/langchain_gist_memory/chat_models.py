@@ -37,16 +37,20 @@ _CALL_KWARGS = {
     "state_store",
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-def _model_lock(model: Any) -> threading.RLock:
-    """One lock per GistModel: generation reads `model.last_usage`, which is per model, not per call."""
+def _model_lock(model: Any) -> threading.Lock:
+    """One lock per GistModel: generation reads `model.last_usage`, which is per model, not per call.
+
+    A plain Lock, not an RLock: LangChain's async streaming advances a sync generator from whichever executor
+    thread is free, so the thread that releases it may not be the one that took it.
+    """
     with _LOCKS_GUARD:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
+            lock = _MODEL_LOCKS[model] = threading.Lock()
         return lock
 
 
@@ -110,6 +114,7 @@ class ChatGist(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _cache: StateCache = PrivateAttr(default_factory=StateCache)
+    _pieces_cache: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> "ChatGist":
@@ -187,21 +192,39 @@ class ChatGist(BaseChatModel):
             out.append(text)
         return out, states
 
-    def _split_head(self, text: str, keep_tokens: int) -> tuple[str, str]:
-        """(head, tail): the tail holds about the last `keep_tokens` tokens, cut at a sentence or word boundary."""
-        enc = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offs = enc["offset_mapping"]
-        if len(offs) <= keep_tokens:
-            return "", text
-        cut = offs[len(offs) - keep_tokens][0]
-        window = text[max(0, cut - 400) : cut]
-        for pat in ("\n", ". ", "? ", "! ", " "):
-            j = window.rfind(pat)
-            if j >= 0:
-                cut = cut - len(window) + j + len(pat)
-                break
-        head, tail = text[:cut].rstrip(), text[cut:].lstrip()
-        return (head, tail) if head and tail else ("", text)
+    def _pieces(self, text: str) -> list[str]:
+        """`text` cut into pieces of at most `max_prompt_tokens` tokens (at sentence or word boundaries).
+
+        Cuts are counted from the start, so a text and the same text with more appended share their leading
+        pieces: a long message compressed piece by piece while it is the current one is not compressed again
+        when it becomes an old turn.
+        """
+        n_max = self.max_prompt_tokens
+        if len(text.encode("utf-8")) <= n_max:  # bytes bound byte-level BPE token counts from above
+            return [text]
+        hit = self._pieces_cache.get(text)
+        if hit is not None:
+            return hit
+        offs = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        pieces, start, tok = [], 0, n_max
+        while tok < len(offs):
+            cut = offs[tok][0]
+            window = text[max(start, cut - 400) : cut]
+            for pat in ("\n", ". ", "? ", "! ", " "):
+                j = window.rfind(pat)
+                if j > 0:
+                    cut = cut - len(window) + j + len(pat)
+                    break
+            if cut > start and text[start:cut].strip():
+                pieces.append(text[start:cut])
+                start = cut
+            tok += n_max
+        pieces.append(text[start:])
+        pieces = [p for p in pieces if p.strip()] or [text]
+        if len(self._pieces_cache) > 256:
+            self._pieces_cache.clear()
+        self._pieces_cache[text] = pieces
+        return pieces
 
     def _plan(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict[str, Any]) -> _Plan:
         unknown = set(kwargs) - _CALL_KWARGS - _IGNORED_KWARGS - {"model"}
@@ -233,22 +256,20 @@ class ChatGist(BaseChatModel):
         while len(raw) > 1 and sum(sizes) > self.max_prompt_tokens:
             old.append(raw.pop(0))
             sizes.pop(0)
-        head_turn: Optional[Turn] = None
-        if raw and sizes[0] > self.max_prompt_tokens:
-            head, tail = self._split_head(raw[0].text, self.max_prompt_tokens // 2)
-            if head:
-                head_turn = Turn(lines=[head], message_ids=[])
-                raw = [Turn(lines=[tail], message_ids=raw[0].message_ids)]
 
-        # states of the compressed turns, in order (markers expand to their own texts)
+        # texts read from states, in order: old turns (long ones in pieces; markers expand to their own texts) and
+        # the head of an over-long current turn
         chunks: list[tuple[str, list[str]]] = []
         for t in old:
             if t.gist:
-                chunks += [(str(x), []) for x in t.gist.get("texts", []) if str(x).strip()]
+                chunks += [(piece, []) for x in t.gist.get("texts", []) if str(x).strip() for piece in self._pieces(str(x))]
             else:
-                chunks.append((t.text, t.message_ids[:1]))
-        if head_turn is not None:
-            chunks.append((head_turn.text, []))
+                for j, piece in enumerate(self._pieces(t.text)):
+                    chunks.append((piece, t.message_ids[:1] if j == 0 else []))
+        if raw and sizes[0] > self.max_prompt_tokens:
+            *head, tail = self._pieces(raw[0].text)
+            chunks += [(piece, []) for piece in head]
+            raw = [Turn(lines=[tail.strip()], message_ids=raw[0].message_ids)]
         turn_states: list[GistState] = []
         stats: dict[str, Any] = {"cached": 0, "loaded": 0, "compressed": 0, "compress_s": 0.0}
         if chunks:
@@ -307,6 +328,29 @@ class ChatGist(BaseChatModel):
                     raise ValueError(f"gist_states[{i}] is a {type(st).__name__}, not a GistState")
             out += list(given)
         return out
+
+    def compress_texts(
+        self,
+        texts: Sequence[str],
+        message_ids: Optional[Sequence[Sequence[str]]] = None,
+        state_store: Optional[StateStore] = None,
+    ) -> list[GistState]:
+        """The states `ChatGist` reads for `texts` (long texts in pieces), compressing only what no cache holds.
+
+        Args:
+            texts: Rendered turns (`User: ...\nAssistant: ...`).
+            message_ids: Per text, the ids of its messages (the first one keeps the state in a history).
+            state_store: Where states persist (default: this chat's `state_store`).
+        """
+        chunks: list[tuple[str, list[str]]] = []
+        for i, text in enumerate(texts):
+            ids = list(message_ids[i][:1]) if message_ids is not None else []
+            chunks += [(piece, ids if j == 0 else []) for j, piece in enumerate(self._pieces(text))]
+        if not chunks:
+            return []
+        store = state_store if state_store is not None else self.state_store
+        states, _ = self._cache.states_for(self.model, [c for c, _ in chunks], [m for _, m in chunks], store=store)
+        return states
 
     def compress_history(self, messages: Sequence[BaseMessage], **kwargs: Any) -> dict[str, Any]:
         """Compress the turns a call with `messages` would read from states, without generating.

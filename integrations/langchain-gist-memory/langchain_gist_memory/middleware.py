@@ -132,7 +132,7 @@ class GistMemoryMiddleware(AgentMiddleware):
         if not old_texts:
             return None
         # compress now (once per turn: the chat's cache and the store know the older ones)
-        self.chat.state_cache.states_for(self.chat.model, old_texts, old_ids, store=self._state_store(runtime))
+        self.chat.compress_texts(old_texts, old_ids, state_store=self._state_store(runtime))
         marker_msg = HumanMessage(
             content=f"[{len(old_texts)} earlier turns of this conversation are kept as gist states]",
             id=f"gist-memory-{uuid.uuid4().hex}",
