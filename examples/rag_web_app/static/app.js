@@ -1,4 +1,4 @@
-// gist-memory RAG page. Every text from the server or the user is written with textContent (never innerHTML),
+// gist-memory RAG page. Every text from the server or the user is written with textContent (never parsed as HTML),
 // and the chart is built with createElementNS, so documents, titles and answers are shown, never interpreted.
 "use strict";
 
@@ -201,9 +201,9 @@ function renderChart(res) {
   const root = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img" });
   root.append(svg("title", {}, "KV memory and time to first token: gist states vs full text"));
   // legend
-  root.append(svg("rect", { x: left, y: 6, width: 12, height: 12, class: "legend gist bar" }));
+  root.append(svg("rect", { x: left, y: 6, width: 12, height: 12, class: "swatch gist" }));
   root.append(svg("text", { x: left + 18, y: 16 }, "gist states"));
-  root.append(svg("rect", { x: left + 110, y: 6, width: 12, height: 12, class: "legend full bar" }));
+  root.append(svg("rect", { x: left + 110, y: 6, width: 12, height: 12, class: "swatch full" }));
   root.append(svg("text", { x: left + 128, y: 16 }, "full text in the prompt"));
   const span = W - left - right;
   metrics.forEach(([label, gv, fv, fmt], i) => {
