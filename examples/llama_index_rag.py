@@ -1,7 +1,7 @@
 """A stock LlamaIndex RAG pipeline made gist-aware by a two-line change, measured both ways.
 
     python examples/llama_index_rag.py                 # 4 questions over the shipped sample corpus, offline
-    python examples/llama_index_rag.py --questions 2 --top-k 3 --max-new-tokens 32
+    python examples/llama_index_rag.py --questions 2 --top-k 3 --max-new-tokens 32 --threads 1
 
 The pipeline is the usual one: documents -> `VectorStoreIndex` -> retriever -> `RetrieverQueryEngine` (streaming).
 The gist-aware version changes two lines (marked `# gist:` below): the retriever is wrapped so every retrieved node
@@ -136,7 +136,12 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=len(QUESTIONS))
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     t = time.perf_counter()
     model = load_model(args.model)

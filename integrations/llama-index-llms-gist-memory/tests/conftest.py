@@ -43,3 +43,14 @@ def registry(li_tiny_model):
 @pytest.fixture
 def passages():
     return list(PASSAGES)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's ops are too small for threads to pay off (and the CI box is shared): 1 thread, restored."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -101,3 +101,14 @@ def li_settings(embed, llm):
     Settings.embed_model = embed
     yield
     Settings._llm, Settings._embed_model = old
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's ops are too small for threads to pay off (and the CI box is shared): 1 thread, restored."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

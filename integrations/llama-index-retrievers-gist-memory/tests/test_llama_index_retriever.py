@@ -170,3 +170,13 @@ def test_gist_synthesizer_recompresses_stale_nodes_and_handles_no_context(li_tin
     g = empty.metadata["gist"]
     assert g["context"] == "none" and "without context" in g["note"] and empty.source_nodes == []
     assert isinstance(empty.response, str)
+
+
+def test_memory_backed_lazy_states_load_from_the_store(li_tiny_model, registry, nodes, embed, llm):
+    r = GistCompressedRetriever.from_defaults(nodes=nodes, model=li_tiny_model, registry=registry, embed_model=embed,
+                                              similarity_top_k=2, compress=False)
+    got = r.retrieve(Q)
+    assert all(n.node.metadata[METADATA_KEY] in registry for n in got)
+    RetrieverQueryEngine.from_args(r, llm=llm).query(Q)
+    assert llm.last_gist_usage["passages"] == 2
+    assert registry.stats["compressed"] == 0 and registry.stats["reloaded"] == 2  # loaded from the memory's store

@@ -120,10 +120,9 @@ class GistRegistry:
             if key not in self._texts:
                 self._texts[key] = norm
                 self._hashes[key] = hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()
-                if len(norm) >= PREFIX_CHARS:
-                    bucket = self._prefix.setdefault(norm[:PREFIX_CHARS], [])
-                    bucket.append(key)
-                    bucket.sort(key=lambda k: -len(self._texts[k]))
+                if len(norm) >= PREFIX_CHARS:  # a new list, never sorted in place: `find` may be reading it
+                    bucket = [*self._prefix.get(norm[:PREFIX_CHARS], []), key]
+                    self._prefix[norm[:PREFIX_CHARS]] = sorted(bucket, key=lambda k: -len(self._texts[k]))
         return key
 
     def add_texts(self, texts: Iterable[str], compress: bool = True) -> list[str]:
@@ -167,24 +166,30 @@ class GistRegistry:
                 out.append(marked)
         return out
 
-    def add_state(self, text: str, state: Any, loader: Optional[Callable[[], Any]] = None) -> str:
-        """Register a passage with a state computed elsewhere (a `GistMemory` hit); returns its key.
+    def add_state(
+        self, text: str, state: Any = None, loader: Optional[Callable[[], Any]] = None
+    ) -> str:
+        """Register a passage whose state lives elsewhere (a `GistMemory` hit); returns its key.
 
         Args:
             text: The passage text the state was compressed from.
-            state: Its `GistState` (must come from this registry's model).
-            loader: How to get the state back after eviction (default: recompress the text).
+            state: Its `GistState` (must come from this registry's model), or None to load it when first needed.
+            loader: How to get the state (back after eviction); without one the text is recompressed.
 
         Raises:
             ValueError: The state is of another model or another text.
         """
         norm = self.model.normalize(text)
+        if not norm.strip():
+            raise ValueError("text is empty or whitespace only")
         key = self._known(norm)
-        self._check(key, state)
+        if state is not None:
+            self._check(key, state)
         with self._lock:
             if loader is not None:
                 self._loaders[key] = loader
-            self._put(key, state)
+            if state is not None:
+                self._put(key, state)
         return key
 
     def register(self, obj: Any, compress: bool = False) -> list[str]:

@@ -179,10 +179,7 @@ class GistCompressedRetriever(BaseRetriever):
         out = []
         for h in hits:
             loader = _memory_loader(self.memory, h.id)
-            if self.compress:
-                key = self.registry.add_state(h.text, h.state, loader=loader)
-            else:
-                key = self.registry.add_texts([h.text], compress=False)[0]
+            key = self.registry.add_state(h.text, h.state if self.compress else None, loader=loader)
             md = dict(h.metadata)
             md[METADATA_KEY] = key
             # the LLM sees exactly the text the memory compressed: metadata stays for attribution only
