@@ -213,8 +213,10 @@ def load_model(
     from gist_memory.model.gist_model import default_model_dir
 
     with err.status("loading model ...", spinner="dots"):
+        # an adapter trained over several ratios serves each of them
+        overrides = {"config_overrides": {"target_ratio": float(ratio)}} if ratio is not None else {}
         if model is not None:
-            gm = GistModel.from_pretrained(model, device=device, dtype=dtype)
+            gm = GistModel.from_pretrained(model, device=device, dtype=dtype, **overrides)
             desc = f"gist model {model} ({gm.name})"
         elif base is not None or compressor is not None or anchors is not None:
             kw: dict[str, Any] = {"compressor": compressor or "pool+anchors", "target_ratio": ratio or DEFAULT_RATIO}
@@ -230,16 +232,14 @@ def load_model(
             except FileNotFoundError:
                 path = None
             if path is not None:
-                gm = GistModel.from_pretrained(None, device=device, dtype=dtype)
+                gm = GistModel.from_pretrained(None, device=device, dtype=dtype, **overrides)
                 desc = f"shipped gist adapter ({gm.name})"
             else:
                 cfg = GistConfig(compressor="pool+anchors", target_ratio=ratio or DEFAULT_RATIO)
                 gm = GistModel.from_base(None, cfg, device=device, dtype=dtype)
                 desc = (f"{gm.base_ref} with the training-free pool+anchors compressor at {cfg.target_ratio:g}x "
                         "(no shipped gist adapter yet)")
-        if ratio is not None and gm.config.target_ratio != ratio:
-            gm.config.target_ratio = float(ratio)
-            gm.invalidate_fingerprint()
+        if ratio is not None and overrides and (model is not None or "shipped" in desc):
             desc += f", ratio {ratio:g}x"
     _MODEL_CACHE.clear()
     _MODEL_CACHE[key] = (gm, desc)

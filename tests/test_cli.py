@@ -232,8 +232,12 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     # a changed recipe is refused by the trainer, in one line
     assert_one_line_error(run(runner, "train", out, "--resume", "--steps", "4", "--lora-r", "8"), "different recipe")
     # the checkpoint is a gist model the other commands load
-    res = run(runner, "eval", "--model", out / "checkpoint", "-n", "1", "--methods", "gist", "--json")
+    res = run(runner, "eval", "--model", out / "checkpoint", "-n", "2", "--methods", "gist", "--json")
     assert res.exit_code == 0, res.output
+    r4 = json.loads(res.stdout)["ratio"]
+    res = run(runner, "eval", "--model", out / "checkpoint", "--ratio", "8", "-n", "2", "--methods", "gist", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["ratio"] > r4 * 1.3  # the adapter serves another ratio
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--ratios", "a,b", "--dry-run"), "--ratios")
 

@@ -81,7 +81,7 @@ async function refreshDocs() {
 function busy(button, on) { button.disabled = on; }
 
 function describeAdded(added, rejected) {
-  const parts = added.map((d) => "added " + d.title + " (" + d.passages + " passages, " +
+  const parts = added.map((d) => "added " + d.title + " (" + d.passages + (d.passages === 1 ? " passage, " : " passages, ") +
     (d.ratio ? d.ratio.toFixed(1) + "x compressed" : "compressed") + ")");
   for (const r of rejected || []) parts.push("rejected " + r.error);
   return parts.join("\n");
