@@ -8,15 +8,21 @@
 """
 
 from langchain_gist_memory._states import StateCache, StateEntry, StateStore
-from langchain_gist_memory.chat_models import ChatGist
 from langchain_gist_memory.history import GistChatMessageHistory, GistHistoryStore, HistoryError
 from langchain_gist_memory.registry import PassageRegistry, default_registry
-from langchain_gist_memory.retrievers import GistRetriever
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # optional dependencies load on first use
+def __getattr__(name: str):  # torch-heavy and optional parts load on first use
+    if name == "ChatGist":
+        from langchain_gist_memory.chat_models import ChatGist
+
+        return ChatGist
+    if name == "GistRetriever":
+        from langchain_gist_memory.retrievers import GistRetriever
+
+        return GistRetriever
     if name == "LangGraphStateStore":
         from langchain_gist_memory.stores import LangGraphStateStore
 

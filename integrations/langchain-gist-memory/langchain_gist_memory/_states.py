@@ -12,9 +12,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
-from gist_memory import GistState
+if TYPE_CHECKING:  # gist_memory (and torch) load only when a state is handled
+    from gist_memory import GistState
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class StateEntry:
     """
 
     key: str
-    state: GistState
+    state: "GistState"
     text: str
     message_ids: list[str] = field(default_factory=list)
 

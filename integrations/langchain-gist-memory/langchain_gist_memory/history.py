@@ -29,13 +29,15 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
-from gist_memory import GistState, StateFormatError
 from langchain_gist_memory._states import StateEntry
+
+if TYPE_CHECKING:  # the history itself needs no torch: gist_memory loads when states are read
+    from gist_memory import GistState
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +275,8 @@ class GistHistoryStore:
                          f"AND state_fp = ? AND state IS NOT NULL")
                     for k, blob in self._db.execute(q, [*chunk, fingerprint]):
                         found.setdefault(k, blob)
+        from gist_memory import GistState, StateFormatError
+
         out: dict[str, GistState] = {}
         for k, blob in found.items():
             try:

@@ -11,9 +11,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from gist_memory import GistState
+if TYPE_CHECKING:
+    from gist_memory import GistState
 
 MIN_PASSAGE_CHARS = 32  # shorter texts are too likely to occur by chance inside other text
 
@@ -23,7 +24,7 @@ class _Entry:
     text: str
     memory: Any = None  # GistMemory holding the state (by id), or None when `state` is given
     pid: Optional[str] = None
-    state: Optional[GistState] = None
+    state: Optional["GistState"] = None
 
     def load(self) -> GistState:
         if self.state is not None:
