@@ -58,7 +58,7 @@ class VectorIndex:
         dim: int,
         *,
         hnsw_m: int = 32,
-        ef_search: int = 64,
+        ef_search: int = 128,
         ivf_min_points: int = 10_000,
         nprobe: int = 16,
         use_gpu: Optional[bool] = None,

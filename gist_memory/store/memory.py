@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS docs_state_key ON docs(state_key);
 CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, row INTEGER NOT NULL);
 -- metadata filter index: one (key, scalar value, row) per top-level key (per element for lists), kept by triggers
 CREATE TABLE IF NOT EXISTS docmeta (key TEXT NOT NULL, value, row INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS docmeta_kv ON docmeta(key, value);
+CREATE INDEX IF NOT EXISTS docmeta_kv ON docmeta(key, value, row);
 CREATE INDEX IF NOT EXISTS docmeta_row ON docmeta(row);
 CREATE TRIGGER IF NOT EXISTS docs_meta_insert AFTER INSERT ON docs BEGIN
     INSERT INTO docmeta(key, value, row)
@@ -733,7 +733,8 @@ class GistMemory:
                 allowed = sorted({r[0] for r in self._db.execute(sql, params)})
                 if not allowed:
                     return []
-                if len(allowed) <= _EXACT_FILTER_MAX:  # few candidates: exact scores from stored vectors
+                exact_max = _EXACT_FILTER_MAX // (10 if self._index.vectors_are_approximate else 1)
+                if len(allowed) <= exact_max:  # few candidates: exact scores from stored vectors
                     scores = self._exact_scores(q[0], allowed, k)
                 else:
                     scores = self._ann_scores(q, k, set(allowed))
@@ -757,7 +758,7 @@ class GistMemory:
                 if not len(ids):
                     continue
                 mat = np.stack(list(got.values()))
-            s = mat @ q
+            s = np.einsum("ij,j->i", mat, q)  # no BLAS threads: steady on a busy CPU
             top = np.argsort(-s)[:k]
             best.update({int(ids[t]): float(s[t]) for t in top})
         return best
