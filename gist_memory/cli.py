@@ -128,7 +128,7 @@ def quiet_libraries() -> None:
         pass
     import logging
 
-    for name in ("sentence_transformers", "faiss", "gist_memory.store.memory"):
+    for name in ("sentence_transformers", "faiss", "gist_memory.store.memory", "gist_memory.store.ingest"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -209,7 +209,8 @@ def load_model(
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     quiet_libraries()
-    from gist_memory import GistConfig, GistModel
+    from gist_memory.config import GistConfig
+    from gist_memory.model import GistModel
     from gist_memory.model.gist_model import default_model_dir
 
     with err.status("loading model ...", spinner="dots"):
@@ -401,7 +402,7 @@ def ingest(
         if ratio_seen:
             note = " (first 200 added)" if len(added_ids) > 200 else ""
             out.print(f"compression ratio: {ratio_seen:.2f}x raw tokens per kept row{note}")
-        out.print(f"store: {escape(str(path))} ({total} passages)")
+        out.print(f"store: {escape(str(path))} ({total} passage{'' if total == 1 else 's'})")
 
 
 def _ratio_of(mem: Any, ids: Sequence[str]) -> Optional[float]:
@@ -480,7 +481,7 @@ def print_costs(c: Any) -> None:
                   f"({c.ratio:.1f}x) · {g.positions} positions · first token {g.ttft_s:.2f} s · "
                   f"KV {human_bytes(g.kv_bytes)}[/dim]")
         return
-    out.print(f"[bold]answer from the full text[/bold]: {escape(c.full_answer)}")
+    out.print(f"[bold]answer from the full text[/bold]: {escape(c.full_answer or '(empty answer)')}")
     t = Table(box=None, padding=(0, 2), header_style="bold")
     for col, just in (("", "left"), ("gist states", "right"), ("full text", "right"), ("change", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
