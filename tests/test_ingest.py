@@ -101,8 +101,15 @@ def test_ingest_folder_reports_bad_files_and_resumes(tmp_path):
     hits = mem.search("roses need sun", k=1, filter={"source": str((tmp_path / "docs" / "b.md").resolve())})
     assert "Roses" in hits[0].text
     # a second run adds nothing and compresses nothing
-    calls = model.compress_calls
-    again = ingest(tmp_path / "docs", mem, max_passage_tokens=12, show_progress=False)
+    calls, seen = model.compress_calls, []
+    again = ingest(
+        tmp_path / "docs",
+        mem,
+        max_passage_tokens=12,
+        show_progress=False,
+        on_progress=lambda s: seen.append(s.passages_total),
+    )
+    assert seen and seen == sorted(seen) and seen[-1] == summary.passages_added
     assert again.passages_added == 0 and again.passages_present == summary.passages_added
     assert model.compress_calls == calls
     # an edited file: its new passages are added next to the old ones (ids carry the text hash)

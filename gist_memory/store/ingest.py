@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -316,6 +316,7 @@ def ingest(
     tokenizer: Any = None,
     show_progress: bool = True,
     save: bool = True,
+    on_progress: Optional[Callable[[IngestSummary], None]] = None,
 ) -> IngestSummary:
     """Read files and folders into `memory`, skipping passages it already has.
 
@@ -331,6 +332,8 @@ def ingest(
         tokenizer: Tokenizer for the budget; default `memory.model.tokenizer` (word count if it has none).
         show_progress: Show a progress bar.
         save: Call `memory.save()` at the end (persistent memories).
+        on_progress: Called with the running summary after each file is read and after each commit (for a
+            caller's own progress display, e.g. the CLI's).
 
     Returns:
         An `IngestSummary` (files read/skipped with reasons, passages added / already present, tokens, seconds).
@@ -351,6 +354,8 @@ def ingest(
             todo = [p for p in passages if p.id not in present]
             summary.passages_present += len(passages) - len(todo)
             bar.update(len(passages) - len(todo))
+            if on_progress is not None:
+                on_progress(summary)
             for i in range(0, len(todo), commit_every):
                 group = todo[i : i + commit_every]
                 memory.add_texts(
@@ -363,6 +368,8 @@ def ingest(
                 summary.passages_added += len(group)
                 summary.tokens_added += sum(p.num_tokens for p in group)
                 bar.update(len(group))
+                if on_progress is not None:
+                    on_progress(summary)
     finally:
         bar.close()
     if save and getattr(memory, "path", None) is not None:
