@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(PIP) -q -e '.[llama-index,langchain,dev]'
 	$(PIP) -q -e integrations/llama-index-retrievers-gist-memory -e integrations/llama-index-llms-gist-memory
+	$(PIP) -q -e 'integrations/langchain-gist-memory[test]'
 	$(PIP) -q -r requirements-extra.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	@# the web app's browser test drives Debian's Chromium (never `playwright install`); root on apt systems only
