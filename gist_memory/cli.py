@@ -851,6 +851,7 @@ def train(
             print(json.dumps(asdict(cfg), indent=2, default=list))
             return
         quiet_libraries()
+        set_threads()
         with err.status("building the model and the training items ...", spinner="dots"):
             trainer = Trainer(cfg)
         if trainer.step:

@@ -24,6 +24,19 @@ DOC_B = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _threads_for_a_busy_machine():
+    """torch threads `auto` (fewer on a busy CPU, where waiting OpenMP threads stall), restored afterwards."""
+    import torch
+
+    from gist_memory.cli import set_threads
+
+    before = torch.get_num_threads()
+    set_threads("auto")
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def runner() -> CliRunner:
     return CliRunner()

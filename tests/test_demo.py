@@ -8,6 +8,19 @@ import pytest
 from gist_memory import demo
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _threads_for_a_busy_machine():
+    """torch threads `auto` (fewer on a busy CPU, where waiting OpenMP threads stall), restored afterwards."""
+    import torch
+
+    from gist_memory.cli import set_threads
+
+    before = torch.get_num_threads()
+    set_threads("auto")
+    yield
+    torch.set_num_threads(before)
+
+
 def test_quick_demo_prints_answers_and_costs(tiny_base_dir, tmp_path, capsys):
     store = tmp_path / "demo-store"
     rc = demo.main(["--quick", "--base", tiny_base_dir, "--store", str(store)])

@@ -43,6 +43,19 @@ XSS_TEXT = ("Zorbluth notes: <script>window.__xss=2</script> <b>bold?</b> <img s
             "The Zorbluth tram depot opened in 1902.")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _threads_for_a_busy_machine():
+    """torch threads `auto` (fewer on a busy CPU, where waiting OpenMP threads stall), restored afterwards."""
+    import torch
+
+    from gist_memory.cli import set_threads
+
+    before = torch.get_num_threads()
+    set_threads("auto")
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- a server in a thread ------------------------------------------------------------------------------------
 class Server:
     """uvicorn serving `app` on a free port of 127.0.0.1, in a daemon thread."""
