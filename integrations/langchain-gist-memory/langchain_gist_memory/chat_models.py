@@ -37,6 +37,7 @@ _CALL_KWARGS = {
     "state_store",
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
+_TURN_STOPS = ("\nUser:", "\nUser (")
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -81,6 +82,8 @@ class ChatGist(BaseChatModel):
         max_prompt_tokens: The most tokens read as text. When the recent turns are longer, more of them are
             compressed; when the current message alone is longer, its head is compressed and its last
             `max_prompt_tokens // 2` tokens are read as text.
+        stop_at_next_turn: Stop when the model starts writing the user's next turn (`\nUser:`); the conversation
+            is rendered to the model as `User: ...` / `Assistant: ...` lines.
         memory: A `GistMemory` whose passages `invoke(..., gist_ids=[...])` reads.
         registry: Where known passages are looked up (default: the registry `GistRetriever` fills).
         splice_passages: Cut known passages out of the messages and read their states.
@@ -106,6 +109,7 @@ class ChatGist(BaseChatModel):
     splice_passages: bool = True
     state_store: Any = Field(default=None, exclude=True)
     cache_size: int = Field(default=4096, ge=0)
+    stop_at_next_turn: bool = True
     model_name: Optional[str] = None
     streaming: bool = False
     timeout: Optional[float] = None
@@ -280,17 +284,20 @@ class ChatGist(BaseChatModel):
         direct = self._direct_states(kwargs)
         states = turn_states + passage_states + direct
 
+        stops = list(stop) if stop is not None else (list(self.stop) if self.stop else [])
         if conv.only_human_text is not None and len(turns) == 1 and not states:
             prompt = conv.only_human_text
         else:
             prompt = "\n".join(t.text for t in raw)
+            if self.stop_at_next_turn and raw:  # the conversation is rendered as "User: ..." lines
+                stops += [s for s in _TURN_STOPS if s not in stops]
         gen = {
             "max_new_tokens": int(kwargs.get("max_tokens", self.max_tokens)),
             "temperature": float(kwargs.get("temperature", self.temperature)),
             "top_p": float(kwargs.get("top_p", self.top_p)),
             "repetition_penalty": float(kwargs.get("repetition_penalty", self.repetition_penalty)),
             "seed": kwargs.get("seed", self.seed),
-            "stop": list(stop) if stop is not None else (list(self.stop) if self.stop else None),
+            "stop": stops or None,
         }
         gen["do_sample"] = gen["temperature"] > 0
         if not gen["do_sample"]:

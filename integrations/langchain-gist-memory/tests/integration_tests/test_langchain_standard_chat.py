@@ -1,0 +1,37 @@
+"""langchain-tests `ChatModelIntegrationTests` on ChatGist over the bundled SmolLM2-135M-Instruct (slow).
+
+The training-free `pool+anchors` compressor at ratio 4 (no trained adapter needed). Tool calling, structured
+output, JSON mode and image/audio/PDF input are beyond a 135M local text model: ChatGist does not declare them
+(no `bind_tools`, `supports_*_inputs` False), so the suite skips those tests itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from langchain_gist_memory import ChatGist
+
+pytestmark = pytest.mark.slow
+
+
+class TestChatGistIntegration(ChatModelIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _model(self, smol_pool):  # noqa: ANN001
+        self._gist = smol_pool
+
+    @property
+    def chat_model_class(self) -> type[ChatGist]:
+        return ChatGist
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"model": self._gist, "keep_recent": 1, "max_tokens": 12}
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one local model per ChatGist
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
