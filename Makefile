@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -c constraints.txt
+# torch's OpenMP threads spin while waiting; on a small shared machine that starves everything else
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv test test-fast demo lint bench clean
 
