@@ -172,3 +172,13 @@ def test_main_prints_table_without_llmlingua(tiny_base_dir, capsys):
     assert rc == 0
     assert "| full text |" in out and "| gist (untrained) 4x |" in out and "LLMLingua 4x" not in out
     assert "not requested" in out and "torch threads" in out
+
+
+def test_shared_prefill_scoring_equals_score_choices(tiny_model):
+    text = "Maren Voss became the chief curator in 1912. The archive code is QX-4471!"
+    states = tiny_model.compress([text])
+    conts = [" QX-4471", " 1912", " Paris is a programming language"]
+    for prompt, st in (("Question: what is the code?\nAnswer:", states), (text + "\n\nQuestion: code?\nAnswer:", None)):
+        want = tiny_model.score_choices(prompt, conts, states=st)
+        got = B.score_choices_shared(tiny_model, prompt, conts, st)
+        assert got == pytest.approx(want, abs=1e-4)
