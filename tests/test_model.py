@@ -230,3 +230,14 @@ def test_streaming_matches_generate(model):
     assert model.last_usage["positions_read"] < st[0].num_tokens + 40
     with pytest.raises(TypeError, match="unsupported generation"):
         model.generate("q", bogus=1)
+
+
+def test_context_prefix_sits_before_the_states(tiny_model):
+    st = tiny_model.compress(TEXTS[1:2])
+    before, after = tiny_model._template("Q?", True, None, "Context is below.\n")
+    assert before.endswith("Context is below.\n") and after.startswith("\n\nQ?")
+    a = tiny_model.score("Q?", " A", states=st, context_prefix="Context is below.\n")
+    b = tiny_model.score("Q?", " A", states=st)
+    assert a != b
+    plain = tiny_model._template("Q?", False, None, "Context: ")[0]
+    assert "Context: Q?" in plain

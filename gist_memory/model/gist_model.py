@@ -52,6 +52,7 @@ _GEN_KWARGS = {
     "stop",
     "seed",
     "system_prompt",
+    "context_prefix",
 }
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -575,11 +576,13 @@ class GistModel:
         return self.dtype if self.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
     # ---- prompts -----------------------------------------------------------------------------------
-    def _template(self, prompt: str, with_states: bool, system_prompt: Optional[str]) -> tuple[str, str]:
+    def _template(
+        self, prompt: str, with_states: bool, system_prompt: Optional[str], context_prefix: str = ""
+    ) -> tuple[str, str]:
         """(text before the spliced states, text after them) for a chat or plain model."""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            content = (_CONTEXT_MARK + "\n\n" + prompt) if with_states else prompt
+            content = (context_prefix + _CONTEXT_MARK + "\n\n" + prompt) if with_states else context_prefix + prompt
             msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": content}
             ]
@@ -593,8 +596,8 @@ class GistModel:
         bos = tok.bos_token if (tok.bos_token and self._adds_bos()) else ""
         sys = (system_prompt + "\n\n") if system_prompt else ""
         if with_states:
-            return bos + sys, "\n\n" + prompt
-        return bos + sys + prompt, ""
+            return bos + sys + context_prefix, "\n\n" + prompt
+        return bos + sys + context_prefix + prompt, ""
 
     def _adds_bos(self) -> bool:
         t = self.tokenizer
@@ -623,17 +626,22 @@ class GistModel:
         return layers
 
     def prepare(
-        self, prompt: str, states: Optional[Sequence[GistState]] = None, system_prompt: Optional[str] = None
+        self,
+        prompt: str,
+        states: Optional[Sequence[GistState]] = None,
+        system_prompt: Optional[str] = None,
+        context_prefix: str = "",
     ) -> tuple[Optional[list[tuple[torch.Tensor, torch.Tensor]]], int, list[int]]:
         """The cache the answer starts from: (per-layer K/V or None, next position, ids still to feed).
 
         With states: the raw prefix's K/V plus the re-rotated states; the suffix ids remain to be fed.
         Without: no cache; the whole templated prompt remains to be fed (the full-text / no-context twin).
+        `context_prefix` is raw text placed right before the states (e.g. "Context information is below.").
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         states = self.check_states(states)
-        before, after = self._template(prompt, bool(states), system_prompt)
+        before, after = self._template(prompt, bool(states), system_prompt, context_prefix)
         if not states:
             return None, 0, self._ids(before)
         prefix_ids = self._ids(before)
@@ -661,9 +669,11 @@ class GistModel:
         continuation: str,
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
+        context_prefix: str = "",
     ) -> float:
         """Summed log-probability of `continuation` as the answer to `prompt` (reading `states` if given)."""
-        return self.score_choices(prompt, [continuation], states=states, system_prompt=system_prompt)[0]
+        return self.score_choices(prompt, [continuation], states=states, system_prompt=system_prompt,
+                                  context_prefix=context_prefix)[0]
 
     @torch.no_grad()
     def score_choices(
@@ -672,11 +682,12 @@ class GistModel:
         continuations: Sequence[str],
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
+        context_prefix: str = "",
     ) -> list[float]:
         """Summed log-probabilities of several continuations, sharing one prefill (a batch)."""
         if not continuations:
             return []
-        layers, start, head = self.prepare(prompt, states, system_prompt)
+        layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix)
         conts = [self._ids(c) for c in continuations]
         if any(len(c) == 0 for c in conts):
             raise ValueError("a continuation is empty (no tokens to score)")
@@ -721,7 +732,8 @@ class GistModel:
         """Answer `prompt` reading `states` (chat template applied for chat models).
 
         Keyword args (as in HF `generate`): max_new_tokens (64), do_sample, temperature, top_k, top_p,
-        repetition_penalty, eos_token_id, plus `stop` (strings), `seed` and `system_prompt`.
+        repetition_penalty, eos_token_id, plus `stop` (strings), `seed`, `system_prompt` and `context_prefix`
+        (raw text placed right before the states).
         """
         return "".join(self.stream(prompt, states=states, **kwargs))
 
@@ -747,9 +759,10 @@ class GistModel:
         stop: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
         system_prompt: Optional[str] = None,
+        context_prefix: str = "",
     ) -> Iterator[str]:
         t0 = time.perf_counter()
-        layers, start, head = self.prepare(prompt, states, system_prompt)
+        layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix)
         if not head:
             raise ValueError("empty prompt: nothing to generate from")
         eos = self._eos_ids(eos_token_id)
