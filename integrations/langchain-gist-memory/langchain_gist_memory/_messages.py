@@ -142,7 +142,7 @@ def split_conversation(messages: Sequence[BaseMessage], texts: Sequence[str]) ->
     turns: list[Turn] = []
     cur: Optional[Turn] = None
     n_non_system = 0
-    for i, (msg, text) in enumerate(zip(messages, texts)):
+    for i, (msg, text) in enumerate(zip(messages, texts, strict=True)):
         role = role_of(msg, i)
         marker = (msg.additional_kwargs or {}).get(GIST_MEMORY_KEY) if hasattr(msg, "additional_kwargs") else None
         if marker:

@@ -32,7 +32,7 @@ class StateEntry:
     """
 
     key: str
-    state: "GistState"
+    state: GistState
     text: str
     message_ids: list[str] = field(default_factory=list)
 
@@ -124,7 +124,7 @@ class StateCache:
                 self.compressed_texts += len(todo)
                 stats["compressed"] = len(todo)
                 entries = []
-                for k, st in zip(missing, fresh):
+                for k, st in zip(missing, fresh, strict=True):
                     got[k] = st
                     self._remember(k, st)
                     entries.append(StateEntry(k, st, texts[first[k]], ids[first[k]]))

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -38,7 +38,7 @@ _CALL_KWARGS = {
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
 _TURN_STOPS = ("\nUser:", "\nUser (")
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -121,7 +121,7 @@ class ChatGist(BaseChatModel):
     _pieces_cache: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatGist":
+    def _check(self) -> ChatGist:
         for attr in ("compress", "stream", "state_key", "fingerprint", "tokenizer", "last_usage"):
             if not hasattr(self.model, attr):
                 raise ValueError(f"model has no {attr!r}: ChatGist needs a gist_memory.GistModel")

@@ -166,7 +166,7 @@ class GistHistoryStore:
                 self._closed = True
                 self._db.close()
 
-    def __enter__(self) -> "GistHistoryStore":
+    def __enter__(self) -> GistHistoryStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,7 @@ class _Entry:
     text: str
     memory: Any = None  # GistMemory holding the state (by id), or None when `state` is given
     pid: Optional[str] = None
-    state: Optional["GistState"] = None
+    state: Optional[GistState] = None
 
     def load(self) -> GistState:
         if self.state is not None:

@@ -40,7 +40,7 @@ class GistRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     @model_validator(mode="after")
-    def _check(self) -> "GistRetriever":
+    def _check(self) -> GistRetriever:
         for attr in ("search", "get"):
             if not callable(getattr(self.memory, attr, None)):
                 raise ValueError(f"memory has no {attr}(): GistRetriever needs a gist_memory.GistMemory")

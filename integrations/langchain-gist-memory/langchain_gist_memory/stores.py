@@ -55,7 +55,7 @@ class LangGraphStateStore:
         ns = self._ns(fingerprint)
         items = self.store.batch([GetOp(ns, k) for k in keys])
         out: dict[str, GistState] = {}
-        for k, item in zip(keys, items):
+        for k, item in zip(keys, items, strict=True):
             if item is None:
                 continue
             try:

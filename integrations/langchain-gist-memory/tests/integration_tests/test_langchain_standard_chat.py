@@ -8,9 +8,8 @@ output, JSON mode and image/audio/PDF input are beyond a 135M local text model: 
 from __future__ import annotations
 
 import pytest
-from langchain_tests.integration_tests import ChatModelIntegrationTests
-
 from langchain_gist_memory import ChatGist
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 pytestmark = pytest.mark.slow
 

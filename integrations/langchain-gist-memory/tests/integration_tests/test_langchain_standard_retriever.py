@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from langchain_tests.integration_tests import RetrieversIntegrationTests
-
 from langchain_gist_memory import GistRetriever, PassageRegistry
+from langchain_tests.integration_tests import RetrieversIntegrationTests
 
 
 class TestGistRetrieverStandard(RetrieversIntegrationTests):

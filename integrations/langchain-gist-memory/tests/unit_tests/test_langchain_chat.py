@@ -10,7 +10,6 @@ import asyncio
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate
-
 from langchain_gist_memory import ChatGist, GistRetriever, PassageRegistry
 
 GIST_KEYS = {

@@ -21,7 +21,6 @@ from langchain_core.messages import (
 )
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables.history import RunnableWithMessageHistory
-
 from langchain_gist_memory import ChatGist, GistChatMessageHistory, GistHistoryStore, HistoryError
 
 
@@ -149,7 +148,7 @@ def test_corrupted_or_foreign_database_is_a_clear_error(tmp_path):
     data[4096:12288] = os.urandom(8192)
     path.write_bytes(bytes(data))
     with pytest.raises(HistoryError, match="corrupted"):
-        GistChatMessageHistory("s", GistHistoryStore(path)).messages
+        _ = GistChatMessageHistory("s", GistHistoryStore(path)).messages
 
 
 def test_bad_rows_and_messages(tmp_path, gist_tiny, caplog):
@@ -185,10 +184,10 @@ def test_bad_rows_and_messages(tmp_path, gist_tiny, caplog):
     with sqlite3.connect(path) as con:
         con.execute("UPDATE messages SET message = '{not json' WHERE row = 2")
     with pytest.raises(HistoryError, match="row 2"):
-        h.messages
+        _ = h.messages
     db.close()
     with pytest.raises(HistoryError, match="closed"):
-        h.messages
+        _ = h.messages
 
 
 WRITER = textwrap.dedent(
@@ -210,8 +209,9 @@ def test_two_processes_appending_lose_nothing(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     n = 150
-    import gist_memory
     import langchain_gist_memory
+
+    import gist_memory
 
     # the packages as this process imported them (independent of how they were installed)
     roots = {os.path.dirname(os.path.dirname(m.__file__)) for m in (gist_memory, langchain_gist_memory)}

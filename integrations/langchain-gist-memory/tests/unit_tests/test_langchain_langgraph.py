@@ -6,7 +6,6 @@ import sqlite3
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
-
 from langchain_gist_memory import ChatGist, LangGraphStateStore
 from langchain_gist_memory._messages import GIST_MEMORY_KEY
 
@@ -83,10 +82,9 @@ def test_langgraph_state_store_rejects_other_stores():
 
 def test_agent_middleware_compresses_old_turns_instead_of_summarising(gist_tiny, monkeypatch):
     from langchain.agents import create_agent
+    from langchain_gist_memory import GistMemoryMiddleware
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.store.memory import InMemoryStore
-
-    from langchain_gist_memory import GistMemoryMiddleware
 
     c = CountingCompress(gist_tiny)
     monkeypatch.setattr(gist_tiny, "compress", c)
@@ -120,7 +118,6 @@ def test_agent_middleware_compresses_old_turns_instead_of_summarising(gist_tiny,
 def test_middleware_refuses_models_that_cannot_read_states(gist_tiny):
     from langchain.agents import create_agent
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
-
     from langchain_gist_memory import GistMemoryMiddleware
 
     chat = ChatGist(model=gist_tiny)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from langchain_tests.unit_tests import ChatModelUnitTests
-
 from langchain_gist_memory import ChatGist
+from langchain_tests.unit_tests import ChatModelUnitTests
 
 
 class TestChatGistUnit(ChatModelUnitTests):
