@@ -608,21 +608,26 @@ class GistModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _prefix_kv(self, prefix_ids: list[int]) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """K/V of the raw prefix (the chat template's opening), cached per model state.
+
+        It never sees a passage, so it is computed without gradients even while training (the trainer clears
+        the cache every step, when the weights change).
+        """
         if not prefix_ids:
             return None
-        key = (tuple(prefix_ids), self.fingerprint, torch.is_grad_enabled() and self.model.training)
+        key = (tuple(prefix_ids), self.fingerprint)
         hit = self._prefix_cache.get(key)
-        if hit is not None and not key[2]:
+        if hit is not None:
             self._prefix_cache.move_to_end(key)
             return hit
         ids = torch.as_tensor([prefix_ids], device=self.device)
-        out = self._decoder()(input_ids=ids, position_ids=torch.arange(len(prefix_ids), device=self.device)[None],
-                              use_cache=True)
-        layers = kv.cache_layers(out.past_key_values)
-        if not key[2]:
-            self._prefix_cache[key] = layers
-            while len(self._prefix_cache) > 16:
-                self._prefix_cache.popitem(last=False)
+        with torch.no_grad():
+            out = self._decoder()(input_ids=ids, position_ids=torch.arange(len(prefix_ids), device=self.device)[None],
+                                  use_cache=True)
+        layers = [(k.detach(), v.detach()) for k, v in kv.cache_layers(out.past_key_values)]
+        self._prefix_cache[key] = layers
+        while len(self._prefix_cache) > 16:
+            self._prefix_cache.popitem(last=False)
         return layers
 
     def prepare(

@@ -266,6 +266,7 @@ class Trainer:
             for g, lr in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = lr * scale
             self.opt.zero_grad(set_to_none=True)
+            self.model._prefix_cache.clear()  # weights changed: recompute the (gradient-free) prefix once
             logs: dict[str, float] = {}
             for _ in range(c.grad_accum):
                 idx = [order[(self.step * c.batch_items * c.grad_accum + j) % len(order)] for j in range(c.batch_items)]
