@@ -240,12 +240,14 @@ class ChatGist(BaseChatModel):
         if not messages:
             raise ValueError("ChatGist got no messages")
         keep_recent = int(kwargs.get("keep_recent", self.keep_recent))
+        if keep_recent < 0:
+            raise ValueError(f"keep_recent must be >= 0, got {keep_recent}")
         store = kwargs.get("state_store", self.state_store)
         t0 = time.perf_counter()
 
-        texts = [message_text(m, i) for i, m in enumerate(messages)]
         for i, m in enumerate(messages):
             role_of(m, i)  # refuse unknown message types before any work
+        texts = [message_text(m, i) for i, m in enumerate(messages)]
         texts, passage_states = self._cut_passages(texts)
         conv = split_conversation(messages, texts)
         turns = conv.turns
