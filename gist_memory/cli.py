@@ -781,7 +781,7 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines.", rich_help_panel=_P)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.", rich_help_panel=_P)] = None,
     device: DeviceOpt = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bfloat16 (bf16 autocast, the default) or float32.",
+    dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (bf16 autocast; default: on CUDA only, AVX2-only CPUs run bf16 ~15x slower).",
                                                  rich_help_panel="Model")] = None,
 ) -> None:
     """Train gist tokens (+ LoRA) on retention QA; the result loads with `--model OUT_DIR/checkpoint`.
