@@ -278,7 +278,7 @@ class Bench:
                              self.untrained[r], r, speed=True))
             if self.trained is not None:
                 ms.append(Method(f"gist-trained@{_r(r)}", f"gist (trained) {_r(r)}x", "gist-trained", "state",
-                                 self.trained[r], r))
+                                 self.trained[r], r, speed=sp))
         if self.trained is not None:
             t = self.trained[cfg.ratios[0]]
             ms.append(Method("full/trained", "full text (trained reader)", "full", "text", t))
@@ -680,7 +680,8 @@ def speed_point(bench: Bench, m: Method, passages: Sequence[str]) -> dict[str, A
 def eval_speed(bench: Bench, texts: Sequence[dict]) -> dict[str, Any]:
     """k curve and passage-length curve for the speed methods, plus ingest (compression) throughput."""
     cfg = bench.cfg
-    methods = [m for m in bench.methods if m.speed]
+    fam = ("full", "none", "trunc", "llmlingua", "pool", "pool+anchors", "gist-untrained", "gist-trained")
+    methods = sorted((m for m in bench.methods if m.speed), key=lambda m: (fam.index(m.family), m.ratio or 0))
     kmax = max(cfg.ks)
     pool_k = token_windows(bench, texts, cfg.passage_tokens, kmax)
     # warm up every method once (fingerprints, prefix caches, allocator)
@@ -909,6 +910,7 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullLocator
     except ImportError:
         return []
     sp = res.get("speed")
@@ -923,29 +925,37 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
     ):
         if not rows:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        for mk in dict.fromkeys(r["method"] for r in rows):
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        order = list(dict.fromkeys(r["method"] for r in rows))
+        colors = plt.get_cmap("tab10").colors
+        for i, mk in enumerate(order):
             pts = sorted((r for r in rows if r["method"] == mk), key=lambda r: r[axis])
             xs = [r[axis] for r in pts]
             style = "-o" if mk.startswith("gist") else ("--s" if mk in ("full", "none") else ":^")
-            axes[0].plot(xs, [r["ttft_s"] for r in pts], style, label=lab[mk])
-            axes[1].plot(xs, [r["total_s"] for r in pts], style, label=lab[mk])
-            axes[2].plot(xs, [r["kv_bytes"] / 2**20 for r in pts], style, label=lab[mk])
+            kw = {"color": colors[i % len(colors)], "label": lab[mk]}
+            axes[0].plot(xs, [r["ttft_s"] for r in pts], style, **kw)
+            axes[1].plot(xs, [r["total_s"] for r in pts], style, **kw)
+            axes[2].plot(xs, [r["kv_bytes"] / 2**20 for r in pts], style, **kw)
             if any("ttft_with_compress_s" in r for r in pts):
-                axes[0].plot(xs, [r.get("ttft_with_compress_s", float("nan")) for r in pts], ":x",
-                             label=lab[mk] + " + compression")
-        for ax, yl in zip(axes, ("time to first token, s", f"end-to-end ({res['config']['new_tokens']} tokens), s",
-                                 "KV cache after prompt, MB"), strict=True):
+                axes[0].plot(xs, [r.get("ttft_with_compress_s", float("nan")) for r in pts], "-.x",
+                             color=kw["color"], label=lab[mk] + " + its compression")
+        ylabels = ("time to first token, s", f"end-to-end ({res['config']['new_tokens']} new tokens), s",
+                   "KV cache after the prompt, MB")
+        for ax, yl in zip(axes, ylabels, strict=True):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            xs_all = sorted({r[axis] for r in rows})
+            ax.set_xticks(xs_all, [str(x) for x in xs_all])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel(xl)
             ax.set_ylabel(yl)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[2].legend(fontsize=7, loc="upper left")
+            ax.grid(True, which="major", alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
         mi = res["machine"]
         fig.suptitle(f"gist-memory: {Path(str(res['models']['reader'])).name} on {mi['cpu']} "
-                     f"({mi['torch_threads']} threads, {mi['dtype']})", fontsize=10)
-        fig.tight_layout()
+                     f"({mi['cores']} cores, torch threads {mi['torch_threads']}, {mi['dtype']})", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 0.85, 1))
         p = out_dir / name
         fig.savefig(p, dpi=110)
         plt.close(fig)
