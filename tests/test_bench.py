@@ -103,6 +103,7 @@ def test_files_table_and_machine(quick):
     mi = res["machine"]
     assert mi["cores"] >= 1 and mi["torch_threads"] == 1 and mi["dtype"] == "float32"
     assert f"{mi['cores']} cores, torch threads 1, float32" in md
+    assert not (out / "results.partial.json").exists()  # the checkpoint goes once the run is complete
     data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert data["qa"].keys() == res["qa"].keys()
     try:

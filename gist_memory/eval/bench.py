@@ -990,6 +990,13 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
             "notes": list(bench.notes),
             "timings": {"load_s": bench.load_seconds},
         }
+        partial = Path(cfg.out_dir) / "results.partial.json" if cfg.out_dir else None
+
+        def checkpoint() -> None:  # a long run keeps what it measured so far
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+
         items = load_qa(cfg.qa_file)
         items = select_items(items, cfg.qa_items)
         em_ids = {it.id for it in select_items(items, cfg.em_items)} if cfg.em_items else set()
@@ -997,6 +1004,7 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
         res["qa"] = eval_qa(bench, items, em_ids)
         res["timings"]["qa_s"] = time.perf_counter() - t0
         res["timings"]["qa_s_per_item"] = res["timings"]["qa_s"] / max(1, len(items))
+        checkpoint()
         texts, source = heldout_texts(prefer_sample=cfg.quick)
         res["heldout_source"] = source
         exclude = {d for it in items for d in it.meta.get("doc_ids", [])}
@@ -1004,6 +1012,7 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
         pairs = ppl_pairs(bench, texts, cfg.ppl_items, exclude, min_context=8 if cfg.quick else 24)
         res["ppl"] = eval_ppl(bench, pairs) if pairs else {}
         res["timings"]["ppl_s"] = time.perf_counter() - t0
+        checkpoint()
         t0 = time.perf_counter()
         res["speed"] = eval_speed(bench, texts)
         res["timings"]["speed_s"] = time.perf_counter() - t0
@@ -1035,6 +1044,8 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
                 res["notes"].append("plots skipped: matplotlib is not installed (pip install matplotlib)")
             (out / "results.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
             (out / "results.md").write_text(render_markdown(res), encoding="utf-8")
+            if partial is not None and partial.exists():
+                partial.unlink()
         else:
             res["plots"] = []
         return res
