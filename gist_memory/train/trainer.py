@@ -67,6 +67,7 @@ class TrainConfig:
     log_every: int = 5
     seed: int = 0
     device: Optional[str] = None
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.stage not in ("gist", "lora", "full"):
@@ -133,7 +134,8 @@ class Trainer:
         self._setup_params()
         self.items = items
         self.eval_set = eval_items
-        self._resume_if_any()
+        if not self._resume_if_any() and cfg.init_from:
+            self._load_weights(Path(cfg.init_from))  # warm start (e.g. an earlier stage); fresh optimiser
 
     # ---- parameters --------------------------------------------------------------------------------
     def _setup_params(self) -> None:
@@ -369,32 +371,47 @@ class Trainer:
         (snap / "progress.json").write_text(json.dumps({"step": self.step, "tokens": tokens}))
         return snap
 
-    def _resume_if_any(self) -> None:
+    def _resume_if_any(self) -> bool:
+        """Continue from `out_dir/checkpoint` if there is one (same recipe required); True if resumed."""
         ck = self.out / "checkpoint"
         if not (ck / "recipe.json").is_file():
-            return
+            return False
         saved = json.loads((ck / "recipe.json").read_text())
         now = json.loads(json.dumps(self.cfg.recipe(), sort_keys=True))
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ValueError(f"{ck} was written by a run with a different recipe (differs in {diff}); "
                              "use a new out_dir or the same settings")
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(ck / "gist_adapter.safetensors"))
-        lm = self.model._base_lm()
-        with torch.no_grad():
-            if "gist_embeddings" in tensors:
-                lm.get_input_embeddings().weight[self.model.gist_token_ids] = tensors["gist_embeddings"].to(
-                    lm.get_input_embeddings().weight.dtype)
-            if self.model.has_lora:
-                from peft import set_peft_model_state_dict
-
-                sd = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-                set_peft_model_state_dict(self.model.model, sd)
+        self._load_weights(ck)
         st = torch.load(ck / "trainer_state.pt", weights_only=True)  # our own file, tensors only
         self.opt.load_state_dict(st["opt"])
         self.step = int(st["step"])
+        return True
+
+    def _load_weights(self, folder: Path) -> None:
+        """Gist embeddings and LoRA matrices from a saved adapter folder into the model being trained."""
+        from safetensors.torch import load_file
+
+        f = folder / "gist_adapter.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"no gist adapter at {f}")
+        tensors = load_file(str(f))
+        lm = self.model._base_lm()
+        emb = lm.get_input_embeddings().weight
+        with torch.no_grad():
+            if "gist_embeddings" in tensors:
+                rows = tensors["gist_embeddings"]
+                if rows.shape[0] != len(self.model.gist_token_ids):
+                    raise ValueError(f"{folder}: {rows.shape[0]} gist embeddings, this run has "
+                                     f"{len(self.model.gist_token_ids)}")
+                emb[self.model.gist_token_ids] = rows.to(emb.dtype)
+            lora = {k[len("lora."):]: v.to(emb.dtype) for k, v in tensors.items() if k.startswith("lora.")}
+            if lora:
+                if not self.model.has_lora:
+                    raise ValueError(f"{folder} holds LoRA weights but this run's stage is {self.cfg.stage!r}")
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.model.model, lora)
         self.model.invalidate_fingerprint()
 
 
