@@ -1,0 +1,118 @@
+"""Training on a tiny model: the loss falls, checkpoints reload identically, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gist_memory import GistModel
+from gist_memory.eval.qa import QAItem
+from gist_memory.train.trainer import TrainConfig, Trainer, train_texts
+
+P1 = "The Harlow archive was founded long ago. Its catalogue code is QX-4471. It holds maps of the coast."
+P2 = "Maren Voss became the chief curator in 1912. She catalogued many shells. The museum is by the sea."
+
+
+def _items():
+    return [
+        QAItem(id="a", kind="planted_single", passages=[P1], question="What is the archive's catalogue code?",
+               answer="QX-4471", choices=["QX-4471", "QX-7714", "ZK-1002", "AB-9981"], answer_index=0),
+        QAItem(id="b", kind="planted_single", passages=[P2], question="When did Maren Voss become curator?",
+               answer="1912", choices=["1912", "1921", "1894", "1955"], answer_index=0),
+    ]
+
+
+def _cfg(tmp_path, tiny_base_dir, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), base=tiny_base_dir, steps=12, batch_items=2, lr_lora=3e-3,
+                lr_gist=1e-2, warmup=1, save_every=6, eval_every=10**9, ratios=(4.0,), curriculum=False,
+                w_qa=1.0, w_recon=0.5, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base_dir):
+    tmp = tmp_path_factory.mktemp("train")
+    tr = Trainer(_cfg(tmp, tiny_base_dir), items=_items(), eval_items=[])
+    hist = tr.train(progress=False)
+    return tmp, tr, hist
+
+
+def test_loss_falls(trained):
+    _, _, hist = trained
+    steps = [h for h in hist if "qa" in h]
+    assert len(steps) == 12
+    first = sum(h["qa"] + h["recon"] for h in steps[:3]) / 3
+    last = sum(h["qa"] + h["recon"] for h in steps[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+
+
+def test_checkpoint_reloads_identically(trained):
+    tmp, tr, _ = trained
+    ck = tmp / "run" / "checkpoint"
+    assert (ck / "gist_adapter.safetensors").is_file() and (ck / "recipe.json").is_file()
+    tr.model.model.eval()
+    tr.model.invalidate_fingerprint()
+    tr.model.config.target_ratio = 4.0
+    with torch.no_grad():
+        a = tr.model.compress([P1])[0]
+        sa = tr.model.score("Question: What is the archive's catalogue code?\nAnswer:", " QX-4471", states=[a])
+    back = GistModel.from_pretrained(ck, device="cpu", config_overrides={"target_ratio": 4.0})
+    b = back.compress([P1])[0]
+    assert (a.keys - b.keys).abs().max() <= 1e-4
+    sb = back.score("Question: What is the archive's catalogue code?\nAnswer:", " QX-4471", states=[b])
+    assert sb == pytest.approx(sa, abs=1e-3)
+
+
+def test_resume_continues_and_refuses_another_recipe(trained, tiny_base_dir):
+    tmp, _, _ = trained
+    more = Trainer(_cfg(tmp, tiny_base_dir, steps=14), items=_items(), eval_items=[])
+    assert more.step == 12
+    more.train(progress=False)
+    assert more.step == 14
+    with pytest.raises(ValueError, match="different recipe"):
+        Trainer(_cfg(tmp, tiny_base_dir, lr_lora=1e-4), items=_items(), eval_items=[])
+    # a failed/refused run leaves the checkpoint as it was
+    assert json.loads((tmp / "run" / "checkpoint" / "recipe.json").read_text())["lr_lora"] == 3e-3
+
+
+def test_init_from_warm_starts(trained, tiny_base_dir, tmp_path):
+    tmp, _, _ = trained
+    tr = Trainer(_cfg(tmp_path, tiny_base_dir, init_from=str(tmp / "run" / "checkpoint")), items=_items(), eval_items=[])
+    trained_rows = GistModel.from_pretrained(tmp / "run" / "checkpoint", device="cpu")
+    emb_a = tr.model._base_lm().get_input_embeddings().weight[tr.model.gist_token_ids]
+    emb_b = trained_rows._base_lm().get_input_embeddings().weight[trained_rows.gist_token_ids]
+    assert torch.allclose(emb_a, emb_b)
+    assert tr.step == 0
+
+
+def test_bad_configs_and_corpora(tmp_path, tiny_base_dir):
+    with pytest.raises(ValueError, match="stage"):
+        TrainConfig(out_dir=str(tmp_path), stage="magic")
+    with pytest.raises(ValueError, match="weights"):
+        TrainConfig(out_dir=str(tmp_path), w_qa=0, w_recon=0)
+    empty = tmp_path / "corpus"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    with pytest.raises(ValueError):
+        train_texts(str(empty))
+
+
+def test_base_without_chat_template_trains(tmp_path, tiny_base_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_base_dir, plain)
+    tok = AutoTokenizer.from_pretrained(plain)
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = _cfg(tmp_path, str(plain), steps=2)
+    tr = Trainer(cfg, items=_items(), eval_items=[])
+    assert not tr.model.tokenizer.chat_template
+    hist = tr.train(progress=False)
+    assert len([h for h in hist if "qa" in h]) == 2
