@@ -177,7 +177,7 @@ class Bench:
         lm, tok, ref = load_base(base, dtype=dtype, device=cfg.device)
         self.base_ref = ref
         self.scorer_dir = _scorer_dir(base)
-        gcfg = _gist_base_config(None, cfg.ratios)
+        gcfg = _gist_base_config(cfg.ratios)
         trained = self._load_trained(dtype)
         if trained is not None:
             gcfg = copy.copy(trained.config)
@@ -376,7 +376,7 @@ def _scorer_dir(base: Optional[str]) -> str:
     return str(base)
 
 
-def _gist_base_config(trained_config, ratios: Sequence[float]):  # noqa: ANN001, ANN202
+def _gist_base_config(ratios: Sequence[float]):  # noqa: ANN202
     """The untrained gist config: the training recipe's default (anchors, sentence pieces) at the largest ratio."""
     from gist_memory.config import GistConfig
     from gist_memory.train.trainer import TrainConfig
@@ -650,31 +650,41 @@ def kv_after_prompt(gm, prompt: str, states=None) -> tuple[int, int]:  # noqa: A
     return int(nbytes), int(lay[0][0].shape[2])
 
 
-def _time_query(gm, prompt: str, states, new_tokens: int, repeats: int) -> dict[str, float]:  # noqa: ANN001
-    ttft, total, dec = [], [], []
-    for _ in range(repeats):
-        gm.generate(prompt, states=states, max_new_tokens=new_tokens, eos_token_id=-1)
-        u = gm.last_usage
-        ttft.append(float(u["ttft_s"]))
-        total.append(float(u["total_s"]))
-        steps = max(1, int(u["new_tokens"]) - 1)
-        dec.append(steps / max(1e-9, float(u["total_s"]) - float(u["ttft_s"])))
-    return {"ttft_s": statistics.median(ttft), "total_s": statistics.median(total),
-            "decode_tps": statistics.median(dec), "ttft_all": ttft}
+def _time_once(gm, prompt: str, states, new_tokens: int) -> dict[str, float]:  # noqa: ANN001
+    gm.generate(prompt, states=states, max_new_tokens=new_tokens, eos_token_id=-1)
+    u = gm.last_usage
+    steps = max(1, int(u["new_tokens"]) - 1)
+    return {"ttft_s": float(u["ttft_s"]), "total_s": float(u["total_s"]),
+            "decode_tps": steps / max(1e-9, float(u["total_s"]) - float(u["ttft_s"]))}
 
 
-def speed_point(bench: Bench, m: Method, passages: Sequence[str]) -> dict[str, Any]:
-    """One (method, passages) point: median TTFT / end-to-end / decode speed, KV bytes, compression cost."""
+def speed_points(bench: Bench, methods: Sequence[Method], passages: Sequence[str]) -> list[dict[str, Any]]:
+    """One point per method for the same passages: median TTFT / end-to-end / decode speed, KV bytes, and
+    LLMLingua's query-time compression. Repeats are interleaved across methods (round robin), so a burst of
+    load on a shared machine hits every method alike."""
     cfg = bench.cfg
-    ctx = bench.context(m, passages)
-    prompt, states = bench.prompt_and_states(ctx, SPEED_QUESTION)
-    nbytes, positions = kv_after_prompt(m.gm, prompt, states)
-    t = _time_query(m.gm, prompt, states, cfg.new_tokens, cfg.repeats)
-    rec = {"method": m.key, "k": len(passages), "raw_tokens": ctx["raw"] or sum(bench.ntok(p) for p in passages),
-           "kept": ctx["kept"], "positions": positions, "kv_bytes": nbytes, **t}
-    if m.family == "llmlingua":
-        rec["compress_s"] = ctx["secs"]  # query-time compression (sum of the passages' final calls)
-    return rec
+    prep = []
+    for m in methods:
+        ctx = bench.context(m, passages)
+        prompt, states = bench.prompt_and_states(ctx, SPEED_QUESTION)
+        nbytes, positions = kv_after_prompt(m.gm, prompt, states)
+        rec = {"method": m.key, "k": len(passages), "raw_tokens": sum(bench.ntok(p) for p in passages),
+               "kept": ctx["kept"], "positions": positions, "kv_bytes": nbytes}
+        if m.family == "llmlingua":
+            rec["compress_s"] = ctx["secs"]  # query-time compression (sum of the passages' final calls)
+        prep.append((m, prompt, states, rec))
+    runs: dict[str, list[dict[str, float]]] = {m.key: [] for m in methods}
+    for _ in range(cfg.repeats):
+        for m, prompt, states, _rec in prep:
+            runs[m.key].append(_time_once(m.gm, prompt, states, cfg.new_tokens))
+    out = []
+    for m, _p, _s, rec in prep:
+        rs = runs[m.key]
+        for key in ("ttft_s", "total_s", "decode_tps"):
+            rec[key] = statistics.median(r[key] for r in rs)
+        rec["ttft_all"] = [r["ttft_s"] for r in rs]
+        out.append(rec)
+    return out
 
 
 def eval_speed(bench: Bench, texts: Sequence[dict]) -> dict[str, Any]:
@@ -691,29 +701,28 @@ def eval_speed(bench: Bench, texts: Sequence[dict]) -> dict[str, Any]:
         m.gm.generate(prompt, states=states, max_new_tokens=2, eos_token_id=-1)
     by_k = []
     for k in cfg.ks:
-        for m in methods:
-            by_k.append(speed_point(bench, m, pool_k[:k]))
+        by_k.extend(speed_points(bench, methods, pool_k[:k]))
         bench.log(f"[bench] speed k={k} done")
     by_len = []
     for n in cfg.lengths:
         ps = token_windows(bench, texts, n, cfg.k_for_length)
-        for m in methods:
-            by_len.append({**speed_point(bench, m, ps), "passage_tokens": n})
+        by_len.extend({**r, "passage_tokens": n} for r in speed_points(bench, methods, ps))
         bench.log(f"[bench] speed length={n} done")
     _add_ratios(by_k, "k")
     _add_ratios(by_len, "passage_tokens")
     # ingest: compress the k-curve passages in one batched call, median over repeats
     ingest = []
     raw = sum(bench.ntok(p) for p in pool_k)
-    for m in bench.methods:
-        if m.kind != "state":
-            continue
-        secs, states = [], None
-        for _ in range(cfg.repeats):
+    state_methods = [m for m in bench.methods if m.kind == "state"]
+    secs: dict[str, list[float]] = {m.key: [] for m in state_methods}
+    kept_states: dict[str, Any] = {}
+    for _ in range(cfg.repeats):  # interleaved, like the timings above
+        for m in state_methods:
             t0 = time.perf_counter()
-            states = m.gm.compress(pool_k)
-            secs.append(time.perf_counter() - t0)
-        s = statistics.median(secs)
+            kept_states[m.key] = m.gm.compress(pool_k)
+            secs[m.key].append(time.perf_counter() - t0)
+    for m in state_methods:
+        s, states = statistics.median(secs[m.key]), kept_states[m.key]
         st_raw = sum(x.num_tokens for x in states)
         ingest.append({"method": m.key, "tokens_per_s": st_raw / s, "seconds": s, "passages": len(pool_k),
                        "state_bytes_per_token": sum(x.nbytes for x in states) / max(1, st_raw),
