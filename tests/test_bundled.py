@@ -57,3 +57,20 @@ def test_bundled_compress_then_continue_matches_masked_pass(smol_model):
     layers, pos = kv.splice(None, 0, m.compress(PASSAGES), m.rope, "gapped")
     logits, _ = m._forward(torch.as_tensor([tail]), layers, pos)
     assert (logits[0] - full).abs().max() <= 1e-3
+
+
+def test_shipped_default_adapter_loads_offline_and_reads_states():
+    from gist_memory.model import default_model_dir
+
+    assert (default_model_dir() / "MODEL_CARD.md").is_file()
+    size = sum(f.stat().st_size for f in default_model_dir().iterdir())
+    assert size < 25 * 2**20
+    m = GistModel.from_pretrained(device="cpu")
+    assert m.config.compressor == "gist" and m.gist_token_ids
+    st = m.compress(PASSAGES[:1])[0]
+    assert 3.2 <= st.compression_ratio <= 4.8
+    q = "Question: What is the Harlow archive's catalogue code?\nAnswer:"
+    good, bad = m.score_choices(q, [" QX-4471", " QX-7714"], states=[st])
+    assert good > bad
+    eight = GistModel.from_pretrained(device="cpu", config_overrides={"target_ratio": 8})
+    assert eight.compress(PASSAGES[:1])[0].compression_ratio > st.compression_ratio
