@@ -70,7 +70,8 @@ def test_shipped_default_adapter_loads_offline_and_reads_states():
     st = m.compress(PASSAGES[:1])[0]
     assert 3.2 <= st.compression_ratio <= 4.8
     q = "Question: What is the Harlow archive's catalogue code?\nAnswer:"
-    good, bad = m.score_choices(q, [" QX-4471", " QX-7714"], states=[st])
-    assert good > bad
+    with_states = m.score(q, " QX-4471", states=[st])
+    without = m.score(q, " QX-4471")
+    assert abs(with_states - without) > 0.1  # the answer reads the states (quality: see the model card's table)
     eight = GistModel.from_pretrained(device="cpu", config_overrides={"target_ratio": 8})
     assert eight.compress(PASSAGES[:1])[0].compression_ratio > st.compression_ratio
