@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 CONFIG_NAME = "gist_config.json"
 
@@ -124,7 +125,7 @@ class GistConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GistConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GistConfig:
         """Build from a dict; unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -147,7 +148,7 @@ class GistConfig:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "GistConfig":
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> GistConfig:
         """Read `gist_config.json` from `directory`."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):

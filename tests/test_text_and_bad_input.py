@@ -116,8 +116,9 @@ def test_model_without_rope_is_refused(tmp_path):
     from transformers import GPT2Config
 
     path = tmp_path / "gpt2"
-    from tests.tiny import build_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from tests.tiny import build_tokenizer
 
     tok = build_tokenizer(path)
     AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4)).save_pretrained(path)

@@ -30,7 +30,7 @@ import torch
 
 from gist_memory.config import GistConfig
 from gist_memory.layout import KIND_GIST_TOKEN, Segment, build_layout
-from gist_memory.layout.layout import allowed_matrix, float_mask
+from gist_memory.layout.layout import float_mask
 from gist_memory.model import kv
 from gist_memory.model.base import BUNDLED, load_base
 from gist_memory.model.plan import Plan, make_plan
@@ -101,7 +101,7 @@ class GistModel:
         dtype: Any = None,
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
-    ) -> "GistModel":
+    ) -> GistModel:
         """A fresh gist model over a base causal LM (None = the embedded SmolLM2-135M-Instruct).
 
         Args:
@@ -131,7 +131,7 @@ class GistModel:
         merge: bool = True,
         trust_remote_code: bool = False,
         config_overrides: Optional[dict[str, Any]] = None,
-    ) -> "GistModel":
+    ) -> GistModel:
         """Load a saved gist model (gist_config.json + adapter + base reference); None = the shipped default.
 
         Args:

@@ -116,7 +116,7 @@ class GistState:
         """Dtype of the K/V tensors."""
         return self.keys.dtype
 
-    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "GistState":
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> GistState:
         """A copy with K/V moved/cast (positions and kinds stay int tensors)."""
         return GistState(
             keys=self.keys.to(device=device, dtype=dtype),
@@ -202,7 +202,7 @@ class GistState:
             raise
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, verify: bool = True) -> "GistState":
+    def from_bytes(cls, data: bytes, *, verify: bool = True) -> GistState:
         """Parse a safetensors buffer written by `to_bytes`; raises `StateFormatError` on anything else."""
         from safetensors.torch import load
 
@@ -216,7 +216,7 @@ class GistState:
         return cls._build(tensors, meta, verify=verify, where="buffer")
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], *, verify: bool = True, device: str = "cpu") -> "GistState":
+    def load(cls, path: Union[str, os.PathLike], *, verify: bool = True, device: str = "cpu") -> GistState:
         """Read a state file (memory-mapped); raises `StateFormatError` if foreign, truncated or corrupted."""
         from safetensors import safe_open
 
@@ -232,7 +232,7 @@ class GistState:
         return cls._build(tensors, meta, verify=verify, where=path)
 
     @classmethod
-    def _build(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, verify: bool, where: str) -> "GistState":
+    def _build(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, verify: bool, where: str) -> GistState:
         if meta.get("format") != FORMAT:
             raise StateFormatError(f"{where} is not a gist-memory state (format={meta.get('format')!r})")
         if meta.get("format_version") != str(FORMAT_VERSION):

@@ -72,7 +72,7 @@ class SentenceSplitter:
         self.nlp = _load_nlp(splitter, spacy_model, language)
 
     @classmethod
-    def from_config(cls, config) -> "SentenceSplitter":  # noqa: ANN001 - GistConfig (avoid import cycle)
+    def from_config(cls, config) -> SentenceSplitter:  # noqa: ANN001 - GistConfig (avoid import cycle)
         """The splitter a `GistConfig` names."""
         return cls(config.splitter, config.spacy_model, config.language)
 
