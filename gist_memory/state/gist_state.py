@@ -185,21 +185,7 @@ class GistState:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write atomically: a temporary file in the same folder, fsync, then rename."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(os.fspath(path), self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, verify: bool = True) -> GistState:
@@ -244,11 +230,21 @@ class GistState:
             raise StateFormatError(f"{where}: checksum mismatch (corrupted state)")
         try:
             h = json.loads(meta["header"])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise StateFormatError(f"{where}: bad state header: {e}") from e
+        return cls.from_header(tensors["keys"], tensors["values"], tensors["positions"], tensors["kinds"], h,
+                               where=where)
+
+    @classmethod
+    def from_header(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor,
+                    h: dict[str, Any], where: str = "state") -> GistState:
+        """Build from tensors and a parsed json header (as written by `to_bytes`); `StateFormatError` if bad."""
+        try:
             return cls(
-                keys=tensors["keys"],
-                values=tensors["values"],
-                positions=tensors["positions"],
-                kinds=tensors["kinds"],
+                keys=keys,
+                values=values,
+                positions=positions,
+                kinds=kinds,
                 span=int(h["span"]),
                 num_tokens=int(h["num_tokens"]),
                 sentence_spans=[(int(a), int(b)) for a, b in h["sentence_spans"]],
@@ -257,8 +253,27 @@ class GistState:
                 text=str(h.get("text", "")),
                 meta=dict(h.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise StateFormatError(f"{where}: bad state header: {e}") from e
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename (all or nothing)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

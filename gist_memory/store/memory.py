@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from gist_memory.state.gist_state import GistState, text_hash
+from gist_memory.state.gist_state import GistState, atomic_write_bytes, text_hash
 from gist_memory.store.index import INDEX_KINDS, VectorIndex, normalize_rows
 from gist_memory.store.store import DEFAULT_MAX_BYTES_IN_RAM, STORAGE_DTYPES, GistStore
 
@@ -918,17 +917,4 @@ class GistMemory:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, data)

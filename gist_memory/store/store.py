@@ -211,19 +211,7 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: Optiona
         else:
             keys = cast(tensors["keys"], state_dtype)
             values = cast(tensors["values"], state_dtype)
-        return GistState(
-            keys=keys,
-            values=values,
-            positions=tensors["positions"],
-            kinds=tensors["kinds"],
-            span=int(h["span"]),
-            num_tokens=int(h["num_tokens"]),
-            sentence_spans=[(int(a), int(b)) for a, b in h["sentence_spans"]],
-            text_hash=str(h["text_hash"]),
-            model_fingerprint=str(h["model_fingerprint"]),
-            text=str(h.get("text", "")),
-            meta=dict(h.get("meta", {})),
-        )
+        return GistState.from_header(keys, values, tensors["positions"], tensors["kinds"], h, where=where)
     except StateFormatError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
