@@ -37,7 +37,13 @@ class GistConfig:
             `entities` (numbers, dates, codes and capitalised names; spaCy NER spans too when the splitter
             pipeline has an `ner` component), `capitalized` (capitalised words and numbers), or a callable
             `text -> [(start, end), ...]` (not serialisable; such a config cannot be saved).
-        max_anchor_fraction: With `target_ratio`, at most this share of a sentence's budget goes to anchors.
+        max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
+            whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
+        anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the
+            whole text (numbers and codes first, then names, earlier first; whole words where they fit) against
+            one shared budget, so a sentence holding a code can keep all of it while plain sentences keep only
+            gists; `sentence` caps anchors inside each sentence's own budget (what adapters trained before 0.2
+            saw).
         max_anchors_per_sentence: With fixed `gists_per_sentence`, the cap on anchors per sentence.
         compressor: `gist` (learned gist tokens), `pool` (training-free mean pooling of each sentence's K/V
             in chunks) or `pool+anchors` (anchors kept raw, the rest pooled).
@@ -59,6 +65,7 @@ class GistConfig:
     max_sentence_tokens: int = field(default=64, metadata={"help": "cut longer sentences into pieces"})
     anchors: Union[str, AnchorFn] = field(default="none", metadata={"help": "anchor policy"})
     max_anchor_fraction: float = field(default=0.5, metadata={"help": "share of budget for anchors"})
+    anchor_budget: str = field(default="passage", metadata={"help": "passage | sentence"})
     max_anchors_per_sentence: int = field(default=8, metadata={"help": "anchor cap with fixed N_g"})
     compressor: str = field(default="gist", metadata={"help": "gist | pool | pool+anchors"})
     pool_chunk: int = field(default=4, metadata={"help": "tokens per pooled row"})
@@ -91,6 +98,8 @@ class GistConfig:
             raise ValueError(f"splitter must be one of {SPLITTERS}, got {self.splitter!r}")
         if self.splitter == "senter" and not self.spacy_model:
             raise ValueError("splitter='senter' needs spacy_model (a spaCy pipeline name or path)")
+        if self.anchor_budget not in ("passage", "sentence"):
+            raise ValueError(f"anchor_budget must be 'passage' or 'sentence', got {self.anchor_budget!r}")
         if not 0.0 <= self.max_anchor_fraction <= 1.0:
             raise ValueError(f"max_anchor_fraction must be in [0, 1], got {self.max_anchor_fraction}")
         if int(self.window_tokens) < int(self.max_sentence_tokens):

@@ -77,6 +77,9 @@ def make_plan(text: str, tokenizer, config: GistConfig, splitter: SentenceSplitt
 
     lengths = [e - s for s, e in pieces]
     budgets = piece_budgets(lengths, ratio) if ratio else None
+    if budgets is not None and use_anchors and config.anchor_budget == "passage":
+        anchors, n_other = passage_allocation(pieces, prio, budgets, config)
+        return Plan(text=text, ids=ids, pieces=pieces, char_spans=char_spans, anchors=anchors, n_other=n_other)
     anchors = np.zeros(len(ids), dtype=bool)
     n_other: list[int] = []
     for i, (s, e) in enumerate(pieces):
@@ -101,3 +104,65 @@ def make_plan(text: str, tokenizer, config: GistConfig, splitter: SentenceSplitt
             other = min(rest, max(1 if rest else 0, budgets[i] - a))
         n_other.append(int(other))
     return Plan(text=text, ids=ids, pieces=pieces, char_spans=char_spans, anchors=anchors, n_other=n_other)
+
+
+def passage_allocation(
+    pieces: list[tuple[int, int]], prio: np.ndarray, budgets: list[int], config: GistConfig
+) -> tuple[np.ndarray, list[int]]:
+    """Anchors chosen across the whole text against one budget, then the other rows spread over the pieces.
+
+    Candidates are taken as runs (adjacent tokens of one priority in one piece, i.e. whole numbers, codes and
+    names) in order of priority, then position; a run that does not fit is skipped for shorter later ones.
+    Every piece keeps at least one gist (`gist`) or one pooled row while it has unanchored tokens
+    (`pool+anchors`); the rows left go to the pieces in proportion to their unanchored tokens. The total never
+    exceeds `sum(budgets)`, so the achieved ratio stays at the target.
+    """
+    gist = config.compressor == "gist"
+    total = int(sum(budgets))
+    n_tok = len(prio)
+    piece_of = np.zeros(n_tok, dtype=np.int64)
+    for i, (s, e) in enumerate(pieces):
+        piece_of[s:e] = i
+    lengths = np.asarray([e - s for s, e in pieces], dtype=np.int64)
+    cand = np.flatnonzero(prio >= 0)
+    cand = cand[np.lexsort((cand, prio[cand]))]
+    runs: list[list[int]] = []
+    for t in cand.tolist():
+        if runs and t == runs[-1][-1] + 1 and prio[t] == prio[runs[-1][-1]] and piece_of[t] == piece_of[runs[-1][-1]]:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    cap = int(total * config.max_anchor_fraction) if gist else total
+    anchors = np.zeros(n_tok, dtype=bool)
+    per_piece = np.zeros(len(pieces), dtype=np.int64)
+
+    def needed(a: np.ndarray) -> int:
+        return len(pieces) if gist else int(np.count_nonzero(lengths - a > 0))
+
+    used = 0
+    for run in runs:
+        k = len(run)
+        if used + k > cap:
+            continue
+        trial = per_piece.copy()
+        trial[piece_of[run[0]]] += k
+        if total - used - k < needed(trial):
+            continue
+        anchors[run] = True
+        per_piece = trial
+        used += k
+    rest = lengths - per_piece
+    base = np.ones(len(pieces), dtype=np.int64) if gist else (rest > 0).astype(np.int64)
+    extra = total - used - int(base.sum())
+    other = base.copy()
+    if extra > 0 and rest.sum() > 0:
+        room = np.maximum(rest - base, 0) if not gist else rest.astype(np.float64)
+        share = extra * room / max(1e-9, float(room.sum()))
+        add = np.floor(share).astype(np.int64)
+        left = extra - int(add.sum())
+        for i in np.argsort(-(share - add), kind="stable")[:left]:
+            add[i] += 1
+        if not gist:
+            add = np.minimum(add, np.maximum(rest - base, 0))
+        other += add
+    return anchors, [int(x) for x in other]

@@ -1,0 +1,86 @@
+"""Row budgets of a plan: the passage-level anchor allocation (pure arithmetic) and its effect on real text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gist_memory import GistConfig
+from gist_memory.model.plan import make_plan, passage_allocation, piece_budgets
+from gist_memory.text import SentenceSplitter
+
+
+def _prio(n: int, cands: dict[int, int]) -> np.ndarray:
+    p = np.full(n, -1, dtype=np.int64)
+    for t, v in cands.items():
+        p[t] = v
+    return p
+
+
+@pytest.mark.parametrize("compressor", ["gist", "pool+anchors"])
+def test_total_rows_never_exceed_the_budget_and_every_piece_keeps_a_row(compressor):
+    rng = np.random.default_rng(0)
+    cfg = GistConfig(target_ratio=4.0, anchors="capitalized", compressor=compressor, max_anchor_fraction=0.75)
+    for _ in range(300):
+        lengths = rng.integers(1, 40, size=rng.integers(1, 8)).tolist()
+        pieces, s = [], 0
+        for n in lengths:
+            pieces.append((s, s + n))
+            s += n
+        prio = np.where(rng.random(s) < rng.random(), rng.integers(0, 3, size=s), -1)
+        budgets = piece_budgets(lengths, cfg.target_ratio)
+        anchors, other = passage_allocation(pieces, prio, budgets, cfg)
+        assert int(anchors.sum()) + sum(other) <= sum(budgets)
+        assert not anchors[prio < 0].any()  # only candidates become anchors
+        for (a, b), o in zip(pieces, other):
+            rest = (b - a) - int(anchors[a:b].sum())
+            if compressor == "gist":
+                assert o >= 1
+            else:
+                assert (o >= 1) == (rest > 0) and o <= rest
+        if compressor == "gist":
+            assert anchors.sum() <= int(sum(budgets) * cfg.max_anchor_fraction)
+
+
+def test_whole_runs_by_priority_then_position():
+    # two pieces of 20 tokens; budget 10 rows; a 5-token code (prio 0) late in piece 1, names (prio 1) early
+    pieces = [(0, 20), (20, 40)]
+    prio = _prio(40, {2: 1, 3: 1, 30: 0, 31: 0, 32: 0, 33: 0, 34: 0, 10: 1})
+    cfg = GistConfig(target_ratio=4.0, anchors="capitalized", max_anchor_fraction=0.75)
+    anchors, other = passage_allocation(pieces, prio, [5, 5], cfg)
+    assert anchors[30:35].all()  # the whole code, although it sits in one sentence whose own budget is 5
+    assert anchors[[2, 3]].all()  # then the earliest name run (2 tokens); cap is 7, so the 1-token name waits
+    assert not anchors[10] and int(anchors.sum()) == 7
+    assert sum(other) == 3 and min(other) >= 1
+
+
+def test_a_run_that_does_not_fit_is_skipped_for_a_shorter_one():
+    pieces = [(0, 16)]
+    prio = _prio(16, {0: 0, 1: 0, 2: 0, 3: 0, 8: 0})  # a 4-token number, then a 1-token number
+    cfg = GistConfig(target_ratio=4.0, anchors="capitalized", max_anchor_fraction=0.5)
+    anchors, other = passage_allocation(pieces, prio, [4], cfg)  # cap 2 rows of anchors
+    assert anchors.tolist() == [i == 8 for i in range(16)]
+    assert other == [3]
+
+
+def test_passage_budget_keeps_a_code_whole_where_the_sentence_budget_cut_it(tiny_model):
+    text = ("The Grimholm archive's catalogue code is VZ-4559-QK-7781. The archive stands by the river. "
+            "It was built of grey stone and has been repaired many times over the years by local workers.")
+    tok, sp = tiny_model.tokenizer, SentenceSplitter()
+    code = text.index("VZ-4559-QK-7781")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    idx = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < code + 15 and e > code]
+    base = dict(target_ratio=4.0, anchors="capitalized", max_sentence_tokens=48, max_anchor_fraction=0.75)
+    plans = {mode: make_plan(text, tok, GistConfig(**base, anchor_budget=mode), sp) for mode in ("passage", "sentence")}
+    assert plans["passage"].anchors[idx].all()
+    assert not plans["sentence"].anchors[idx].all()
+    for p in plans.values():  # same budget either way
+        assert abs(p.num_tokens / p.num_kept - 4.0) <= 0.4 * 4.0
+
+
+def test_anchor_budget_is_validated_and_serialised():
+    with pytest.raises(ValueError, match="anchor_budget"):
+        GistConfig(anchor_budget="document")
+    d = GistConfig(target_ratio=4.0, anchor_budget="sentence").to_dict()
+    assert GistConfig.from_dict(d).anchor_budget == "sentence"
+    assert GistConfig().anchor_budget == "passage"
