@@ -721,7 +721,7 @@ _TRAIN_OPTS = {  # CLI parameter -> TrainConfig field (None: handled specially)
     "lora_alpha": "lora_alpha", "w_qa": "w_qa", "w_recon": "w_recon", "w_distill": "w_distill", "w_lm": "w_lm",
     "recon_tokens": "recon_tokens", "pool_items": "pool_items", "eval_items": "eval_items",
     "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every", "seed": "seed",
-    "device": "device", "curriculum": "curriculum",
+    "device": "device", "curriculum": "curriculum", "init_from": "init_from", "snapshot_every": "snapshot_every",
 }
 _P = "Training"
 _O = "Objectives"
@@ -778,6 +778,11 @@ def train(
                                                       rich_help_panel=_P)] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Steps between evaluations.", rich_help_panel=_P)] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.", rich_help_panel=_P)] = None,
+    snapshot_every: Annotated[Optional[int], typer.Option(help="Steps between adapter snapshots kept for the "
+                                                          "learning curve (0: none).", rich_help_panel=_P)] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from the weights of a saved adapter or checkpoint "
+                                                     "folder (a new stage; its num_gist_tokens must match).",
+                                                     rich_help_panel=_P)] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines.", rich_help_panel=_P)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.", rich_help_panel=_P)] = None,
     device: DeviceOpt = None,

@@ -251,6 +251,15 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     res = run(runner, "eval", "--model", out / "checkpoint", "--ratio", "8", "-n", "2", "--methods", "gist", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["ratio"] > r4 * 1.3  # the adapter serves another ratio
+    # a second stage starts from the first one's weights and keeps snapshots for the learning curve
+    stage2 = tmp_path / "stage2"
+    res = run(runner, "train", stage2, *common, "--steps", "1", "--init-from", out / "checkpoint",
+              "--snapshot-every", "1")
+    assert res.exit_code == 0, res.output
+    assert (stage2 / "snapshots" / "step-00001" / "gist_adapter.safetensors").is_file()
+    assert json.loads((stage2 / "train_config.json").read_text())["init_from"] == str(out / "checkpoint")
+    res = run(runner, "train", tmp_path / "stage3", *common, "--steps", "1", "--init-from", tmp_path / "nowhere")
+    assert_one_line_error(res, "nowhere")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--ratios", "a,b", "--dry-run"), "--ratios")
 
