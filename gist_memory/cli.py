@@ -722,6 +722,7 @@ _TRAIN_OPTS = {  # CLI parameter -> TrainConfig field (None: handled specially)
     "recon_tokens": "recon_tokens", "pool_items": "pool_items", "eval_items": "eval_items",
     "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every", "seed": "seed",
     "device": "device", "curriculum": "curriculum", "init_from": "init_from", "snapshot_every": "snapshot_every",
+    "stop_at": "stop_at",
 }
 _P = "Training"
 _O = "Objectives"
@@ -780,6 +781,9 @@ def train(
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.", rich_help_panel=_P)] = None,
     snapshot_every: Annotated[Optional[int], typer.Option(help="Steps between adapter snapshots kept for the "
                                                           "learning curve (0: none).", rich_help_panel=_P)] = None,
+    stop_at: Annotated[Optional[int], typer.Option(help="End this run after this step; the learning-rate schedule "
+                                                   "still spans --steps (--resume goes on from there).",
+                                                   rich_help_panel=_P)] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from the weights of a saved adapter or checkpoint "
                                                      "folder (a new stage; its num_gist_tokens must match).",
                                                      rich_help_panel=_P)] = None,
@@ -808,6 +812,7 @@ def train(
         elif ck.exists():
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose a new folder")
         kw["out_dir"] = str(out_dir)
+        kw.pop("stop_at", None)  # a resumed run goes on to --steps unless told to stop again
         for name, fld in _TRAIN_OPTS.items():
             if name in given:
                 kw[fld] = ctx.params[name]

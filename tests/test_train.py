@@ -78,6 +78,22 @@ def test_resume_continues_and_refuses_another_recipe(trained, tiny_base_dir):
     assert json.loads((tmp / "run" / "checkpoint" / "recipe.json").read_text())["lr_lora"] == 3e-3
 
 
+def test_stop_at_ends_early_on_the_full_schedule_and_resume_goes_on(tmp_path, tiny_base_dir):
+    full = Trainer(_cfg(tmp_path / "a", tiny_base_dir, steps=4, save_every=10), items=_items(), eval_items=[])
+    ref = [h["lr_scale"] for h in full.train(progress=False) if "lr_scale" in h]
+    part = Trainer(_cfg(tmp_path / "b", tiny_base_dir, steps=4, stop_at=2, save_every=10, snapshot_every=10),
+                   items=_items(), eval_items=[])
+    got = [h["lr_scale"] for h in part.train(progress=False) if "lr_scale" in h]
+    assert part.step == 2 and got == ref[:2]  # same schedule, cut short; checkpoint and snapshot at the stop
+    run = tmp_path / "b" / "run"
+    assert (run / "checkpoint" / "recipe.json").is_file() and (run / "snapshots" / "step-00002").is_dir()
+    rest = Trainer(_cfg(tmp_path / "b", tiny_base_dir, steps=4), items=_items(), eval_items=[])
+    assert rest.step == 2  # stop_at is not part of the recipe
+    assert [h["lr_scale"] for h in rest.train(progress=False) if "lr_scale" in h] == ref[2:]
+    with pytest.raises(ValueError, match="stop_at"):
+        _cfg(tmp_path, tiny_base_dir, steps=4, stop_at=5)
+
+
 def test_init_from_warm_starts(trained, tiny_base_dir, tmp_path):
     tmp, _, _ = trained
     tr = Trainer(_cfg(tmp_path, tiny_base_dir, init_from=str(tmp / "run" / "checkpoint")), items=_items(), eval_items=[])

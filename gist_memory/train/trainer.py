@@ -68,12 +68,15 @@ class TrainConfig:
     seed: int = 0
     device: Optional[str] = None
     init_from: Optional[str] = None
+    stop_at: Optional[int] = None  # end this run after this step (the schedule still spans `steps`)
 
     def __post_init__(self) -> None:
         if self.stage not in ("gist", "lora", "full"):
             raise ValueError(f"stage must be gist, lora or full; got {self.stage!r}")
         if self.steps < 1 or self.batch_items < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_items and grad_accum must be >= 1")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}")
         if min(self.w_qa, self.w_recon, self.w_distill, self.w_lm) < 0 or (
             self.w_qa + self.w_recon + self.w_distill + self.w_lm
         ) <= 0:
@@ -88,7 +91,7 @@ class TrainConfig:
         """The settings a resumed run must share with the run it resumes."""
         d = asdict(self)
         for k in ("out_dir", "steps", "eval_every", "save_every", "snapshot_every", "log_every", "eval_items",
-                  "device"):
+                  "device", "stop_at"):
             d.pop(k)
         d["ratios"] = list(d["ratios"])
         d["kinds"] = list(d["kinds"])
@@ -261,7 +264,8 @@ class Trainer:
         bar = _bar(c.steps, self.step, progress)
         if self.eval_set and self.step == 0 and c.eval_every <= c.steps:
             self.evaluate(0)  # the untrained starting point of the learning curve
-        while self.step < c.steps:
+        end = c.steps if c.stop_at is None else min(c.steps, c.stop_at)
+        while self.step < end:
             ratio = self._ratio(self.step)
             self.model.config.target_ratio = ratio
             scale = self._lr_scale(self.step)
@@ -291,11 +295,11 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()} | {"tok/s": rec["tok_per_s"]})
-            if self.step % c.save_every == 0 or self.step == c.steps:
+            if self.step % c.save_every == 0 or self.step == end:
                 ck = self.save_checkpoint()
-                if c.snapshot_every and (self.step % c.snapshot_every == 0 or self.step == c.steps):
+                if c.snapshot_every and (self.step % c.snapshot_every == 0 or self.step == end):
                     self._snapshot(ck, tokens)
-            if self.eval_set and (self.step % c.eval_every == 0 or self.step == c.steps):
+            if self.eval_set and (self.step % c.eval_every == 0 or self.step == end):
                 self.evaluate(tokens)
         if bar is not None:
             bar.close()
