@@ -241,3 +241,51 @@ def test_context_prefix_sits_before_the_states(tiny_model):
     assert a != b
     plain = tiny_model._template("Q?", False, None, "Context: ")[0]
     assert "Context: Q?" in plain
+
+
+def test_chat_messages_place_states_in_the_first_user_turn(model):
+    st = model.compress([TEXTS[1]])
+    q = "What is the archive code?"
+    # one user message == the plain prompt; a system message == system_prompt
+    assert model.generate([{"role": "user", "content": q}], states=st, max_new_tokens=4) == model.generate(
+        q, states=st, max_new_tokens=4)
+    a = model.score(q, " QX-4471", states=st, system_prompt="Be brief.")
+    b = model.score([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}], " QX-4471", states=st)
+    assert a == pytest.approx(b, abs=1e-5)
+    # a conversation: states before the first user turn, later turns after them
+    conv = [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi! Ask away."},
+            {"role": "user", "content": q}]
+    before, after = model._template(conv, True, None)
+    assert "Hello there." not in before and after.index("Hello there.") < after.index("Hi! Ask away.") < after.index(q)
+    assert model.score(conv, " QX-4471", states=st) != pytest.approx(model.score(q, " QX-4471", states=st), abs=1e-6)
+    assert isinstance(model.generate(conv, states=st, max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "empty"),
+    ([{"role": "bot", "content": "x"}], "role"),
+    ([{"role": "user"}], "content"),
+    (["just a string"], "mapping"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "last message"),
+])
+def test_bad_messages_are_named(tiny_model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.generate(bad, max_new_tokens=2)
+
+
+def test_system_prompt_given_twice_and_plain_models(tiny_model, tiny_base_dir):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    with pytest.raises(ValueError, match="system"):
+        tiny_model.score(msgs, " a", system_prompt="S")
+    with pytest.raises(TypeError, match="prompt"):
+        tiny_model.generate(42, max_new_tokens=2)  # type: ignore[arg-type]
+    plain = GistModel.from_base(tiny_base_dir, GistConfig(), device="cpu")
+    plain.tokenizer.chat_template = None
+    st = plain.compress([TEXTS[1]])
+    conv = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "The code?"}]
+    before, after = plain._template(conv, True, None)
+    assert after.endswith("User: The code?\n\nAssistant:") and "Assistant: Hello." in after
+    assert isinstance(plain.generate(conv, states=st, max_new_tokens=2), str)
+    # a single message renders exactly as a plain prompt string
+    assert plain._template([{"role": "user", "content": "Q"}], True, "S") == plain._template("Q", True, "S")

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,6 +41,33 @@ from gist_memory.text.split import SentenceSplitter, normalize_text
 ADAPTER_WEIGHTS = "gist_adapter.safetensors"
 ADAPTER_META = "gist_adapter.json"
 _CONTEXT_MARK = "\u2063GIST-CONTEXT\u2063"
+_ROLES = ("system", "user", "assistant")
+Prompt = Union[str, Sequence[Mapping[str, str]]]
+
+
+def _messages(prompt: Prompt, system_prompt: Optional[str]) -> list[dict[str, str]]:
+    """A prompt string or a chat conversation as a checked list of {role, content} messages."""
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError("messages is empty")
+        msgs = []
+        for i, m in enumerate(prompt):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be a mapping with str 'role' and 'content', got {m!r:.80}")
+            if m["role"] not in _ROLES:
+                raise ValueError(f"message {i} has role {m['role']!r}; roles are {', '.join(_ROLES)}")
+            msgs.append({"role": m["role"], "content": m["content"]})
+        if msgs[-1]["role"] != "user":
+            raise ValueError(f"the last message must be the user's (the model answers it), got {msgs[-1]['role']!r}")
+    else:
+        raise TypeError(f"prompt must be a str or a list of messages, got {type(prompt).__name__}")
+    if system_prompt:
+        if msgs[0]["role"] == "system":
+            raise ValueError("pass the system prompt either as system_prompt or as a system message, not both")
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
 _GEN_KWARGS = {
     "max_new_tokens",
     "do_sample",
@@ -577,27 +604,34 @@ class GistModel:
 
     # ---- prompts -----------------------------------------------------------------------------------
     def _template(
-        self, prompt: str, with_states: bool, system_prompt: Optional[str], context_prefix: str = ""
+        self, prompt: Prompt, with_states: bool, system_prompt: Optional[str], context_prefix: str = ""
     ) -> tuple[str, str]:
-        """(text before the spliced states, text after them) for a chat or plain model."""
+        """(text before the spliced states, text after them) for a chat or plain model.
+
+        `prompt` is a user message, or a conversation (`[{"role": ..., "content": ...}, ...]`, as for HF chat
+        templates); the states go at the start of its first user message, after any system message.
+        """
+        msgs = _messages(prompt, system_prompt)
+        if with_states or context_prefix:
+            first_user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+            mark = (_CONTEXT_MARK + "\n\n") if with_states else ""
+            msgs[first_user] = {**msgs[first_user], "content": context_prefix + mark + msgs[first_user]["content"]}
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            content = (context_prefix + _CONTEXT_MARK + "\n\n" + prompt) if with_states else context_prefix + prompt
-            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                {"role": "user", "content": content}
-            ]
             rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            if not with_states:
-                return rendered, ""
-            if rendered.count(_CONTEXT_MARK) != 1:
-                raise ValueError("the chat template altered the context marker; cannot place gist states")
-            before, after = rendered.split(_CONTEXT_MARK)
-            return before, after
-        bos = tok.bos_token if (tok.bos_token and self._adds_bos()) else ""
-        sys = (system_prompt + "\n\n") if system_prompt else ""
-        if with_states:
-            return bos + sys + context_prefix, "\n\n" + prompt
-        return bos + sys + context_prefix + prompt, ""
+        else:
+            bos = tok.bos_token if (tok.bos_token and self._adds_bos()) else ""
+            if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):  # a plain prompt, as before
+                rendered = bos + "".join(m["content"] + "\n\n" for m in msgs[:-1]) + msgs[-1]["content"]
+            else:
+                turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in msgs)
+                rendered = bos + turns + "Assistant:"
+        if not with_states:
+            return rendered, ""
+        if rendered.count(_CONTEXT_MARK) != 1:
+            raise ValueError("the chat template altered the context marker; cannot place gist states")
+        before, after = rendered.split(_CONTEXT_MARK)
+        return before, after
 
     def _adds_bos(self) -> bool:
         t = self.tokenizer
@@ -632,7 +666,7 @@ class GistModel:
 
     def prepare(
         self,
-        prompt: str,
+        prompt: Prompt,
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
         context_prefix: str = "",
@@ -643,8 +677,6 @@ class GistModel:
         Without: no cache; the whole templated prompt remains to be fed (the full-text / no-context twin).
         `context_prefix` is raw text placed right before the states (e.g. "Context information is below.").
         """
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         states = self.check_states(states)
         before, after = self._template(prompt, bool(states), system_prompt, context_prefix)
         if not states:
@@ -670,7 +702,7 @@ class GistModel:
     @torch.no_grad()
     def score(
         self,
-        prompt: str,
+        prompt: Prompt,
         continuation: str,
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
@@ -683,7 +715,7 @@ class GistModel:
     @torch.no_grad()
     def score_choices(
         self,
-        prompt: str,
+        prompt: Prompt,
         continuations: Sequence[str],
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
@@ -733,7 +765,7 @@ class GistModel:
         }
 
     # ---- generation --------------------------------------------------------------------------------
-    def generate(self, prompt: str, states: Optional[Sequence[GistState]] = None, **kwargs: Any) -> str:
+    def generate(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None, **kwargs: Any) -> str:
         """Answer `prompt` reading `states` (chat template applied for chat models).
 
         Keyword args (as in HF `generate`): max_new_tokens (64), do_sample, temperature, top_k, top_p,
@@ -742,7 +774,7 @@ class GistModel:
         """
         return "".join(self.stream(prompt, states=states, **kwargs))
 
-    def stream(self, prompt: str, states: Optional[Sequence[GistState]] = None, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None, **kwargs: Any) -> Iterator[str]:
         """Like `generate`, yielding text pieces as they are decoded."""
         unknown = set(kwargs) - _GEN_KWARGS
         if unknown:
@@ -752,7 +784,7 @@ class GistModel:
     @torch.no_grad()
     def _stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         states: Optional[Sequence[GistState]],
         max_new_tokens: int = 64,
         do_sample: bool = False,
