@@ -12,10 +12,12 @@ and dtype, and `GistModel` refuses a state whose fingerprint is not its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -257,22 +259,55 @@ class GistState:
             raise StateFormatError(f"{where}: bad state header: {e}") from e
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename (all or nothing)."""
-    folder = os.path.dirname(os.path.abspath(path))
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_temp(
+    folder: str,
+    data: bytes,
+    *,
+    prefix: str = ".tmp-",
+    suffix: str = "",
+    mode: Optional[int] = None,
+    fsync: bool = True,
+    write: Optional[Callable[[int, bytes], None]] = None,
+) -> str:
+    """Write `data` to a new temporary file in `folder` (made if missing) and return its path; on any error the
+    temporary file is removed and the error raised. `mode` chmods it (mkstemp makes 0600); `write(fd, data)`
+    replaces the plain write loop."""
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            (write or _write_all)(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str, data: bytes, **temp_options: Any) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename (all or nothing).
+
+    `temp_options` go to `write_temp` (prefix, suffix, mode, fsync, write).
+    """
+    tmp = write_temp(os.path.dirname(os.path.abspath(path)), data, **temp_options)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from gist_memory.state.gist_state import GistState, StateFormatError
+from gist_memory.state.gist_state import GistState, StateFormatError, _write_all, atomic_write_bytes, write_temp
 
 logger = logging.getLogger(__name__)
 
@@ -249,10 +248,7 @@ def read_entry(path: Union[str, os.PathLike], key: Optional[str] = None) -> Gist
 
 def _write_bytes(fd: int, data: bytes) -> None:
     """Write all of `data` to `fd` (tests monkeypatch this to simulate a full disk)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    _write_all(fd, data)
 
 
 # ---- LRU -----------------------------------------------------------------------------------------------------
@@ -391,25 +387,13 @@ class GistStore:
             raise ValueError("this GistStore is closed")
 
     # ---- writing --------------------------------------------------------------------------------------
+    def _temp_options(self) -> dict:
+        # `_write_bytes` is looked up per call so tests can simulate a full disk
+        return {"prefix": TMP_PREFIX, "suffix": SUFFIX, "mode": FILE_MODE, "fsync": self.fsync,
+                "write": lambda fd, data: _write_bytes(fd, data)}
+
     def _atomic_write(self, path: str, data: bytes) -> None:
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=SUFFIX)
-        try:
-            try:
-                os.fchmod(fd, FILE_MODE)
-                _write_bytes(fd, data)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_bytes(path, data, **self._temp_options())
 
     def put(self, state: GistState, *, overwrite: bool = False) -> str:
         """Store one state; returns its key. An existing entry is kept unless `overwrite`."""
@@ -450,17 +434,7 @@ class GistStore:
         try:
             for k, data in blobs.items():
                 final = self.path_for(k)
-                folder = os.path.dirname(final)
-                os.makedirs(folder, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=SUFFIX)
-                staged.append((tmp, final))
-                try:
-                    os.fchmod(fd, FILE_MODE)
-                    _write_bytes(fd, data)
-                    if self.fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                staged.append((write_temp(os.path.dirname(final), data, **self._temp_options()), final))
             assert self._lock is not None
             with self._lock:
                 for tmp, final in staged:
