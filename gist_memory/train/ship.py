@@ -19,16 +19,12 @@ from typing import Any, Optional
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 
-# TrainConfig field -> `gist-memory train` option (fields absent here are not CLI options or are handled apart)
-_OPTION = {
-    "base": "--base", "corpus": "--corpus", "steps": "--steps", "batch_items": "--batch-items",
-    "grad_accum": "--grad-accum", "lr_lora": "--lr-lora", "lr_gist": "--lr-gist", "warmup": "--warmup",
-    "stage": "--stage", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "w_qa": "--w-qa", "w_recon": "--w-recon",
-    "w_distill": "--w-distill", "w_lm": "--w-lm", "recon_tokens": "--recon-tokens", "pool_items": "--pool-items",
-    "seed": "--seed", "init_from": "--init-from", "stop_at": "--stop-at", "eval_items": "--eval-items",
-    "eval_every": "--eval-every", "save_every": "--save-every", "snapshot_every": "--snapshot-every",
-    "log_every": "--log-every", "device": "--device",
-}
+
+def _options() -> dict[str, str]:
+    """TrainConfig field -> `gist-memory train` option, from the CLI's own table (booleans and lists apart)."""
+    from gist_memory.cli import _TRAIN_OPTS
+
+    return {field: "--" + name.replace("_", "-") for name, field in _TRAIN_OPTS.items() if field != "curriculum"}
 
 
 @dataclass
@@ -50,7 +46,7 @@ class Stage:
         if self.step is not None and self.step < int(c.get("steps", defaults["steps"])):
             c["stop_at"] = self.step
         parts = ["gist-memory", "train", out_dir or str(c.get("out_dir") or self.folder.parent)]
-        for field, opt in _OPTION.items():
+        for field, opt in _options().items():
             if field in c and c[field] is not None and c[field] != defaults.get(field):
                 parts += [opt, str(c[field])]
         if list(c.get("ratios", defaults["ratios"])) != list(defaults["ratios"]):
