@@ -1,4 +1,4 @@
-"""The RAG web app (examples/rag_web_app): its HTTP API on 127.0.0.1 with the tiny model (documents, uploads and
+"""The RAG web app (gist_memory.server, served by `gist-memory serve`): its HTTP API on 127.0.0.1 with the tiny model (documents, uploads and
 their refusals, questions, bad requests, limits), and one headless-Chromium run of the page (Playwright driving
 Debian's /usr/bin/chromium): upload, ask, answer panel, chart, escaping.
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_DIR = ROOT / "examples" / "rag_web_app"
 CHROMIUM = os.environ.get("GIST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -108,9 +107,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def webapp():
-    from gist_memory.cli import load_web_app_module
+    from gist_memory import server
 
-    return load_web_app_module(APP_DIR)
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +315,17 @@ def test_page_in_headless_chromium(webapp, tiny_gist, tmp_path):
             browser.close()
     finally:
         srv.stop()
+
+
+def test_example_is_a_thin_wrapper_of_the_package_app():
+    """examples/rag_web_app/app.py still loads by file path and serves the in-package app and page."""
+    import importlib.util
+
+    import gist_memory.server as server
+    from gist_memory.server.app import STATIC
+
+    spec = importlib.util.spec_from_file_location("rag_web_app_example", ROOT / "examples" / "rag_web_app" / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.create_app is server.create_app
+    assert STATIC.is_relative_to(Path(server.__file__).parent) and (STATIC / "index.html").is_file()
