@@ -1,0 +1,68 @@
+"""`python -m gist_memory.eval.heldout`: run (or resume) the held-out table and print it as markdown.
+
+Examples:
+    python -m gist_memory.eval.heldout --ratios 4 8 --items 40 --out results.jsonl
+    python -m gist_memory.eval.heldout --model runs/x/checkpoint --out results.jsonl --markdown table.md
+    python -m gist_memory.eval.heldout --methods full none pool+anchors --ratios 4 --items 20 --out short.jsonl
+    python -m gist_memory.eval.heldout --render-only --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from gist_memory.eval.heldout.items import KINDS, HeldoutError, build_items
+from gist_memory.eval.heldout.run import METHODS, default_loader, read_results, render_details, render_markdown, run_table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m gist_memory.eval.heldout", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--model", default=None, help="saved gist model folder for gist/gist+anchors (default: shipped)")
+    ap.add_argument("--base", default=None, help="base LM for full/none/trunc/pool (default: embedded SmolLM2)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0])
+    ap.add_argument("--items", type=int, default=40, help="items per kind")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-generate", action="store_true", help="skip free generation (multiple choice / LL only)")
+    ap.add_argument("--out", default="heldout_results.jsonl", help="results, one JSON line per cell (resumable)")
+    ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--details", action="store_true", help="print the per-cell table too")
+    ap.add_argument("--render-only", action="store_true", help="render --out without running anything")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    a = ap.parse_args(argv)
+    if a.render_only:
+        recs = read_results(a.out)
+        if not recs:
+            print(f"error: no results in {a.out}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            items = build_items(a.items, seed=a.seed, kinds=a.kinds)
+        except HeldoutError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        recs = run_table(
+            items, methods=a.methods, ratios=a.ratios, out=a.out, base=a.base, model=a.model, seed=a.seed,
+            n_requested=a.items, generate=not a.no_generate,
+            loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype),
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )  # fmt: skip
+    md = render_markdown(recs)
+    if a.details:
+        md += "\n" + render_details(recs)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
