@@ -279,7 +279,7 @@ def write_temp(
     """Write `data` to a new temporary file in `folder` (made if missing) and return its path; on any error the
     temporary file is removed and the error raised. `mode` chmods it (mkstemp makes 0600); `write(fd, data)`
     replaces the plain write loop."""
-    os.makedirs(folder, exist_ok=True)
+    makedirs_durable(folder, fsync=fsync)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     try:
         try:
@@ -298,17 +298,58 @@ def write_temp(
 
 
 def atomic_write_bytes(path: str, data: bytes, **temp_options: Any) -> None:
-    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename (all or nothing).
+    """Write `data` to `path` via a temporary file in the same folder, fsync, rename, then fsync the folder (all
+    or nothing; with `fsync=False` a killed process is still safe, a power cut may lose the write).
 
     `temp_options` go to `write_temp` (prefix, suffix, mode, fsync, write).
     """
-    tmp = write_temp(os.path.dirname(os.path.abspath(path)), data, **temp_options)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = write_temp(folder, data, **temp_options)
     try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if temp_options.get("fsync", True):
+        fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a folder, so that a rename, new file or unlink in it survives a power cut.
+
+    The rename of an fsynced file is only durable once its folder's entry is: POSIX keeps the two apart. A no-op
+    where folders cannot be opened (Windows) or fsynced (some network file systems answer EINVAL).
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(folder: str, *, fsync: bool = True) -> None:
+    """`os.makedirs(folder, exist_ok=True)`, then (with `fsync`) fsync the parent of every folder it created."""
+    folder = os.path.abspath(folder)
+    created: list[str] = []
+    p = folder
+    while not os.path.isdir(p):
+        created.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if not created:
+        return
+    os.makedirs(folder, exist_ok=True)
+    if fsync:
+        for d in reversed(created):
+            fsync_dir(os.path.dirname(d))
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
