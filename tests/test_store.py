@@ -45,8 +45,8 @@ def test_key_depends_on_text_model_and_dtype():
     k = key_for(th, "fp-a", "float32")
     assert len(k) == 64 and k == key_for(th, "fp-a", "float32")
     others = {key_for(text_hash("hello  world"), "fp-a", "float32"), key_for(th, "fp-b", "float32")}
-    others |= {key_for(th, "fp-a", d) for d in ("bfloat16", "float16", "int8")}
-    assert k not in others and len(others) == 5
+    others |= {key_for(th, "fp-a", d) for d in ("bfloat16", "float16", "int8", "int4")}
+    assert k not in others and len(others) == 6
     with pytest.raises(ValueError, match="storage_dtype"):
         key_for(th, "fp-a", "float64")
     with pytest.raises(ValueError, match="storage_dtype"):
@@ -318,3 +318,199 @@ def test_numpy_casts_match_torch_bit_for_bit():
         assert torch.equal(store_mod.cast(ref, torch.float32), ref.float())
     x[0, 0] = float("nan")
     assert torch.isnan(store_mod.cast(x, torch.bfloat16)[0, 0].float())
+
+
+# ---- durability: a rename is followed by an fsync of its folder --------------------------------------------
+def _record_fsyncs(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Patch os.fsync to record (st_dev, st_ino, is_folder) of what is fsynced, in order."""
+    import stat
+
+    seen: list[tuple[int, int, bool]] = []
+    real = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        seen.append((st.st_dev, st.st_ino, stat.S_ISDIR(st.st_mode)))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def _ident(path) -> tuple[int, int, bool]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, os.path.isdir(path))
+
+
+def test_put_fsyncs_file_then_its_folder_and_new_folders(tmp_path, states, monkeypatch):
+    store = GistStore(tmp_path / "s", max_bytes_in_ram=0)
+    seen = _record_fsyncs(monkeypatch)
+    k = store.put(states[0])
+    path = store.path_for(k)
+    file_i, dir_i = seen.index(_ident(path)), seen.index(_ident(os.path.dirname(path)))
+    assert file_i < dir_i  # the data, then the folder entry that the rename made
+    # the fanout folders this put created are durable too: objects/ab and objects/ab/cd's parents were fsynced
+    assert _ident(tmp_path / "s" / "objects") in seen and _ident(os.path.dirname(os.path.dirname(path))) in seen
+    seen.clear()
+    assert store.delete(k) and seen == [_ident(os.path.dirname(path))]  # an unlink is made durable the same way
+
+
+def test_atomic_write_bytes_fsyncs_the_folder(tmp_path, monkeypatch):
+    from gist_memory.state.gist_state import atomic_write_bytes
+
+    seen = _record_fsyncs(monkeypatch)
+    atomic_write_bytes(str(tmp_path / "a.bin"), b"payload")
+    assert seen[-1] == _ident(tmp_path) and _ident(tmp_path / "a.bin") in seen
+    seen.clear()
+    atomic_write_bytes(str(tmp_path / "b.bin"), b"payload", fsync=False)
+    assert seen == []  # fsync=False: no fsync at all (a killed process is still safe)
+
+
+def test_fsync_false_store_does_not_fsync(tmp_path, states, monkeypatch):
+    store = GistStore(tmp_path, fsync=False)
+    seen = _record_fsyncs(monkeypatch)
+    store.batched_put(states)
+    assert seen == []
+
+
+def _same_safetensors(a: bytes, b: bytes) -> bool:
+    """Equal safetensors buffers up to the order of keys in the json header (safetensors writes its metadata
+    from a hash map, so two saves of the same tensors may order them differently)."""
+    import json as json_
+
+    na, nb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
+    return json_.loads(a[8 : 8 + na]) == json_.loads(b[8 : 8 + nb]) and a[8 + na :] == b[8 + nb :]
+
+
+def test_local_files_are_the_encoded_entries(tmp_path, states):
+    """The folder backend writes exactly `encode_entry`'s bytes at objects/ab/cd/<key>.safetensors."""
+    for dt in store_mod.STORAGE_DTYPES:
+        store = GistStore(tmp_path / dt, storage_dtype=dt)
+        k = store.put(states[0])
+        path = tmp_path / dt / "objects" / k[:2] / k[2:4] / f"{k}.safetensors"
+        assert store.path_for(k) == str(path)
+        assert _same_safetensors(path.read_bytes(), store_mod.encode_entry(states[0], dt, k))
+        assert sorted(os.listdir(tmp_path / dt)) == [".lock", "objects", "store.json"]
+
+
+# ---- int4 -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 7, 64), (1, 2, 130, 64), (2, 1, 1, 5), (1, 1, 65, 33), (1, 2, 0, 8)])
+def test_int4_round_trip_error_bound(shape):
+    """Every element is within half a step of its group (plus float16 rounding of the group's min)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * torch.linspace(0.1, 8, shape[-1])  # channels of different size
+    for dim, group in ((2, store_mod.INT4_KEY_GROUP), (3, store_mod.INT4_VALUE_GROUP), (2, 4), (3, 3)):
+        q, scale, mn = store_mod.quantize_int4(x, dim, group)
+        assert q.dtype == torch.uint8 and q.shape[-1] == (shape[-1] + 1) // 2
+        y = store_mod.dequantize_int4(q, scale, mn, shape, dim, group, torch.float32)
+        assert y.shape == x.shape
+        if not x.numel():
+            continue
+        step = torch.repeat_interleave(scale.float(), group, dim=dim).narrow(dim, 0, shape[dim])
+        low = torch.repeat_interleave(mn.float(), group, dim=dim).narrow(dim, 0, shape[dim])
+        bound = step / 2 * (1 + 2e-3) + low.abs() * 2**-10 + 1e-6
+        assert bool(((y - x).abs() <= bound).all()), float(((y - x).abs() - bound).max())
+        if shape[dim] > 1:
+            assert float((y - x).norm() / x.norm()) < 0.15
+
+
+def test_int4_extreme_values_fall_back_to_float32_scales():
+    x = torch.randn(1, 2, 9, 16)
+    x[0, 0] *= 1e6  # beyond float16
+    x[0, 1, :, 0] = 0.0  # a constant group
+    x[0, 1, 0, 1] = 1e-9
+    q, scale, mn = store_mod.quantize_int4(x, 2, 64)
+    assert scale.dtype == torch.float32
+    y = store_mod.dequantize_int4(q, scale, mn, x.shape, 2, 64, torch.float32)
+    assert torch.isfinite(y).all() and float((y - x).norm() / x.norm()) < 0.1
+    assert torch.equal(y[0, 1, :, 0], x[0, 1, :, 0])
+    q, scale, mn = store_mod.quantize_int4(torch.randn(1, 1, 4, 8), 2, 64)
+    assert scale.dtype == torch.float16  # ordinary K/V: float16 scales
+
+
+def test_int4_store_round_trip_and_size(tmp_path):
+    big = FakeGistModel(num_layers=4, num_heads=3, head_dim=64)
+    states = big.compress([" ".join(f"word{j}" for j in range(120 + 40 * i)) for i in range(3)])
+    sizes = {}
+    for dt in ("int8", "int4"):
+        store = GistStore(tmp_path / dt, storage_dtype=dt, max_bytes_in_ram=0)
+        keys = store.batched_put(states)
+        sizes[dt] = store.disk_bytes()
+        for s, k in zip(states, keys, strict=True):
+            g = GistStore(tmp_path / dt).get(k, model_fingerprint=s.model_fingerprint)
+            assert g.dtype == s.dtype and g.keys.shape == s.keys.shape and g.values.shape == s.values.shape
+            assert torch.equal(g.positions, s.positions) and torch.equal(g.kinds, s.kinds)
+            rel = float((g.keys - s.keys).norm() / s.keys.norm())
+            relv = float((g.values - s.values).norm() / s.values.norm())
+            assert (0 < rel < 0.02) if dt == "int8" else (0.02 < rel < 0.15), (dt, rel)
+            assert (0 < relv < 0.02) if dt == "int8" else (0.02 < relv < 0.15), (dt, relv)
+    assert 1.5 < sizes["int8"] / sizes["int4"] < 2.0, sizes
+
+
+def test_int4_bf16_state_reads_back_as_bf16(tmp_path):
+    (s,) = FakeGistModel(dtype=torch.bfloat16).compress(["a bf16 state of a few words"])
+    store = GistStore(tmp_path, storage_dtype="int4")
+    g = store.get(store.put(s))
+    assert g.dtype == torch.bfloat16 and float((g.keys.float() - s.keys.float()).norm() / s.keys.float().norm()) < 0.15
+
+
+def _int4_entry(states) -> tuple[str, bytes]:
+    k = key_for(states[0].text_hash, states[0].model_fingerprint, "int4")
+    return k, store_mod.encode_entry(states[0], "int4", k)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 8, 20, 100, -200, -1])
+def test_truncated_int4_entries_are_a_clear_error(states, cut):
+    from gist_memory.state import StateFormatError
+
+    k, data = _int4_entry(states)
+    with pytest.raises(StateFormatError):
+        store_mod.decode_entry(data[:cut], k)
+
+
+def test_corrupted_and_foreign_int4_entries_are_a_clear_error(states, tmp_path):
+    import json as json_
+
+    from safetensors.torch import load, save
+
+    from gist_memory.state import StateFormatError
+
+    k, data = _int4_entry(states)
+    assert store_mod.decode_entry(data, k).num_tokens == states[0].num_tokens
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):  # a random byte flipped anywhere: refused (or, in unused header bytes, still exact)
+        b = bytearray(data)
+        i = int(torch.randint(0, len(b), (1,), generator=rng))
+        b[i] ^= 1 + int(torch.randint(0, 255, (1,), generator=rng))
+        try:
+            g = store_mod.decode_entry(bytes(b), k)
+        except StateFormatError:
+            continue
+        ref = store_mod.decode_entry(data, k)
+        assert torch.equal(g.keys, ref.keys) and torch.equal(g.values, ref.values)
+    with pytest.raises(StateFormatError):
+        store_mod.decode_entry(os.urandom(len(data)), k)
+    with pytest.raises(StateFormatError, match="key"):  # a valid entry filed under another key
+        store_mod.decode_entry(data, key_for(states[1].text_hash, states[1].model_fingerprint, "int4"))
+    # a consistent entry (checksum recomputed) whose layout lies about the shapes: refused, no crash
+    n = int.from_bytes(data[:8], "little")
+    meta = json_.loads(data[8 : 8 + n])["__metadata__"]
+    tensors = load(data)
+    for bad in ([64, 64, 2, 2, 99, 8, 8], [0, 64, 2, 2, 4, 8, 8], [64, 64, -1, 2, 4, 8, 8], [1, 2, 3]):
+        t = dict(tensors, int4_layout=torch.tensor(bad, dtype=torch.int64))
+        m = dict(meta, checksum=store_mod._checksum(t))
+        with pytest.raises(StateFormatError):
+            store_mod.decode_entry(save(t, metadata=m), k)
+    t = dict(tensors, keys_scale=tensors["keys_scale"].to(torch.int32))  # wrong scale dtype
+    with pytest.raises(StateFormatError):
+        store_mod.decode_entry(save(t, metadata=dict(meta, checksum=store_mod._checksum(t))), k)
+    t = {n_: v for n_, v in tensors.items() if n_ != "values_min"}  # a missing part
+    with pytest.raises(StateFormatError):
+        store_mod.decode_entry(save(t, metadata=dict(meta, checksum=store_mod._checksum(t))), k)
+    # through the store: a damaged int4 file is quarantined and reported missing
+    store = GistStore(tmp_path, storage_dtype="int4", max_bytes_in_ram=0)
+    kk = store.put(states[0])
+    with open(store.path_for(kk), "r+b") as f:
+        f.seek(-3, 2)
+        f.write(b"\xff\xff\xff")
+    assert store.get(kk) is None and store.stats["corrupt"] == 1

@@ -21,27 +21,24 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from filelock import FileLock
 
-from gist_memory.state.gist_state import GistState, StateFormatError, _write_all, atomic_write_bytes, write_temp
+from gist_memory.state.gist_state import GistState, StateFormatError, _write_all
+from gist_memory.store.backends import BackendSpec, LocalFolderBackend, StorageBackend, open_backend
+from gist_memory.store.backends.base import is_key, unique
+from gist_memory.store.backends.local import FILE_MODE, TMP_PREFIX  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-STORAGE_DTYPES = ("float32", "bfloat16", "float16", "int8")
-STORE_FORMAT = "gist-memory/store"
-STORE_VERSION = 1
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 ENTRY_FORMAT = "gist-memory/store-entry"
 ENTRY_VERSION = 1
 SUFFIX = ".safetensors"
-TMP_PREFIX = ".tmp-"
-FILE_MODE = 0o644  # mkstemp makes 0600; entries are as readable as any other cache file
 
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in _FLOAT_DTYPES.items()}
@@ -135,6 +132,100 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return cast(torch.from_numpy(x), dtype)
 
 
+# ---- int4: asymmetric groups (KIVI) ------------------------------------------------------------------------------
+INT4_KEY_GROUP = 64  # keys: one (scale, min) per channel for every 64 rows (tokens)
+INT4_VALUE_GROUP = 64  # values: one (scale, min) per row (token) for every 64 channels
+_FP16_MAX = 60000.0
+_FP16_MIN_SCALE = 2.0**-14  # smallest normal float16: a scale below it would lose precision
+
+
+def _group_view(x: np.ndarray, dim: int, group: int) -> tuple[np.ndarray, int]:
+    """Move `dim` last, pad it (edge values) to a multiple of `group`, split it: (..., n_groups, group)."""
+    a = np.moveaxis(x, dim, -1)
+    n = a.shape[-1]
+    pad = (-n) % group
+    if pad:
+        a = np.concatenate([a, np.repeat(a[..., -1:], pad, axis=-1)], axis=-1)
+    return a.reshape(a.shape[:-1] + (a.shape[-1] // group, group)), n
+
+
+def quantize_int4(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit quantisation with one (scale, min) per group of `group` elements along `dim` (KIVI:
+    keys per channel, grouped over tokens, `dim=2`; values per token, grouped over channels, `dim=3`).
+
+    Args:
+        x: A float tensor (L, H, T, D).
+        dim: The dimension the groups run along.
+        group: Elements per group.
+
+    Returns:
+        (packed uint8 (L, H, T, ceil(D/2)): two 4-bit codes per byte along the last dim, low nibble first;
+         scale and min, float16 where every value fits it (else float32), of x's shape with `dim` replaced
+         by the number of groups). x ~= code * scale + min, |error| <= scale / 2 (plus float16 rounding of min).
+    """
+    xf = cast(x, torch.float32).numpy()
+    if x.numel() == 0:
+        shape = list(xf.shape)
+        shape[dim] = 0 if xf.shape[dim] == 0 else -(-xf.shape[dim] // group)
+        z = np.zeros(shape, np.float16)
+        packed = np.zeros(xf.shape[:-1] + ((xf.shape[-1] + 1) // 2,), np.uint8)
+        return torch.from_numpy(packed), torch.from_numpy(z), torch.from_numpy(z.copy())
+    g, n = _group_view(xf, dim, group)
+    lo = g.min(axis=-1, keepdims=True)
+    hi = g.max(axis=-1, keepdims=True)
+    scale = (hi - lo) / np.float32(15.0)
+    fits16 = (
+        np.isfinite(lo).all() and np.isfinite(hi).all() and np.abs(lo).max() < _FP16_MAX
+        and np.abs(hi).max() < _FP16_MAX and bool(((scale == 0) | (scale >= _FP16_MIN_SCALE)).all())
+    )
+    sdt = np.float16 if fits16 else np.float32
+    lo_s = lo.astype(sdt)
+    # round the scale up so the top code still reaches the group's max from the rounded min
+    scale_s = ((hi - lo_s.astype(np.float32)) / np.float32(15.0)).astype(sdt)
+    short = scale_s.astype(np.float32) * 15 + lo_s.astype(np.float32) < hi
+    scale_s = np.where(short, np.nextafter(scale_s, np.array(np.inf, sdt)), scale_s).astype(sdt)
+    sf, lf = scale_s.astype(np.float32), lo_s.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(sf > 0, np.rint((g - lf) / sf), 0.0)
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    q = q.reshape(q.shape[:-2] + (-1,))[..., :n]
+    q = np.moveaxis(q, -1, dim)
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    scale_out = np.moveaxis(scale_s[..., 0], -1, dim)
+    min_out = np.moveaxis(lo_s[..., 0], -1, dim)
+    return (torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(np.ascontiguousarray(scale_out)),
+            torch.from_numpy(np.ascontiguousarray(min_out)))
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, shape: Sequence[int],
+                    dim: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_int4` for a tensor of `shape`, cast to `dtype`; ValueError if the parts do not fit."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 4 or min(shape) < 0 or not 0 <= dim < 4 or group < 1:
+        raise ValueError(f"bad int4 shape {shape} / dim {dim} / group {group}")
+    n_groups = -(-shape[dim] // group)
+    gshape = shape[:dim] + (n_groups,) + shape[dim + 1 :]
+    want = shape[:-1] + ((shape[-1] + 1) // 2,)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+        raise ValueError(f"int4 codes {packed.dtype} {tuple(packed.shape)}, expected uint8 {want}")
+    for name, t in (("scale", scale), ("min", minimum)):
+        if t.dtype not in (torch.float16, torch.float32) or tuple(t.shape) != gshape:
+            raise ValueError(f"int4 {name} {t.dtype} {tuple(t.shape)}, expected float16/32 {gshape}")
+    p = packed.contiguous().numpy()
+    q = np.empty(shape[:-1] + (2 * p.shape[-1],), np.uint8)
+    q[..., 0::2] = p & 0x0F
+    q[..., 1::2] = p >> 4
+    q = q[..., : shape[-1]].astype(np.float32)
+    sf = np.repeat(scale.contiguous().numpy().astype(np.float32), group, axis=dim)
+    lf = np.repeat(minimum.contiguous().numpy().astype(np.float32), group, axis=dim)
+    idx = [slice(None)] * 4
+    idx[dim] = slice(0, shape[dim])
+    x = q * sf[tuple(idx)] + lf[tuple(idx)]
+    return cast(torch.from_numpy(np.ascontiguousarray(x)), dtype)
+
+
 # ---- entry (de)serialisation --------------------------------------------------------------------------------
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
@@ -167,6 +258,13 @@ def encode_entry(state: GistState, storage_dtype: str, key: str) -> bytes:
         tensors.update(
             keys=kq.contiguous(), keys_scale=ks.contiguous(), values=vq.contiguous(), values_scale=vs.contiguous()
         )
+    elif storage_dtype == "int4":
+        kq, ks, km = quantize_int4(keys, dim=2, group=INT4_KEY_GROUP)  # per channel, groups of rows
+        vq, vs, vm = quantize_int4(values, dim=3, group=INT4_VALUE_GROUP)  # per row, groups of channels
+        # shapes and group sizes in a tensor, so the checksum covers them
+        layout = [INT4_KEY_GROUP, INT4_VALUE_GROUP, *keys.shape, values.shape[-1]]
+        tensors.update(keys=kq, keys_scale=ks, keys_min=km, values=vq, values_scale=vs, values_min=vm,
+                       int4_layout=torch.tensor(layout, dtype=torch.int64))
     else:
         dt = _FLOAT_DTYPES[storage_dtype]
         tensors.update(keys=cast(keys, dt).contiguous(), values=cast(values, dt).contiguous())
@@ -207,9 +305,20 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: Optiona
         if storage_dtype == "int8":
             keys = dequantize_int8(tensors["keys"], tensors["keys_scale"], state_dtype)
             values = dequantize_int8(tensors["values"], tensors["values_scale"], state_dtype)
-        else:
+        elif storage_dtype == "int4":
+            lay = tensors["int4_layout"]
+            if lay.dtype != torch.int64 or tuple(lay.shape) != (7,):
+                raise StateFormatError(f"{where}: bad int4 layout {lay.dtype} {tuple(lay.shape)}")
+            gk, gv, L, H, T, D, Dv = (int(v) for v in lay.tolist())
+            keys = dequantize_int4(tensors["keys"], tensors["keys_scale"], tensors["keys_min"], (L, H, T, D),
+                                   2, gk, state_dtype)
+            values = dequantize_int4(tensors["values"], tensors["values_scale"], tensors["values_min"],
+                                     (L, H, T, Dv), 3, gv, state_dtype)
+        elif storage_dtype in _FLOAT_DTYPES:
             keys = cast(tensors["keys"], state_dtype)
             values = cast(tensors["values"], state_dtype)
+        else:
+            raise StateFormatError(f"{where}: unknown storage dtype {storage_dtype!r}")
         return GistState.from_header(keys, values, tensors["positions"], tensors["kinds"], h, where=where)
     except StateFormatError:
         raise
@@ -291,87 +400,98 @@ class _ByteLRU:
 
 
 class GistStore:
-    """Content-addressed gist-state cache: one safetensors file per state under a fanout folder, plus an LRU.
+    """Content-addressed gist-state cache: an LRU of decoded states in front of one or more storage tiers.
 
-    Writes go to a temporary file in the target folder and are renamed into place, so a reader (or a process
-    killed mid-write) never sees half a file; two processes writing the same store lose nothing (distinct keys
-    are distinct files, a shared key gets identical bytes, and renames, deletes and `gc` hold a file lock).
+    By default one tier, a local folder: one safetensors file per state under a fanout folder. Writes go to a
+    temporary file in the target folder and are renamed into place (then the folder is fsynced), so a reader (or
+    a process killed mid-write) never sees half a file; two processes writing the same store lose nothing
+    (distinct keys are distinct files, a shared key gets identical bytes, and renames, deletes and `gc` hold a
+    file lock).
+
+    With several tiers (fastest first, e.g. `["/var/cache/gist", "redis://10.0.0.5:6379/0", "s3://bucket/gist"]`)
+    a read checks the LRU, then each tier in turn, and copies what it found into the faster tiers on the way
+    back. The last tier is the authoritative one: `put` writes it first (its errors propagate, all or nothing)
+    and then the faster tiers (their errors are logged and counted in `stats["tier_errors"]`, as are read
+    errors, which count as a miss). Every object read from any tier is checksummed and checked against its key
+    before it is served; a bad one is quarantined in that tier and the next tier is tried.
 
     Args:
-        path: Folder of the store (created if missing), or None for a store held in RAM only (encoded entries
-            in a dict, never evicted).
+        path: Where entries live: a folder (created if missing), a URL (`s3://bucket/prefix` and any other fsspec
+            URL, `redis://host:port/db`, `file:///folder`), a `StorageBackend`, a list of these (tiers, fastest
+            first), or None for a store held in RAM only (encoded entries in a dict, never evicted).
         max_bytes_in_ram: Byte budget of the LRU of decoded states (K/V bytes); 0 disables it.
-        storage_dtype: `float32`, `bfloat16`, `float16` or `int8` (symmetric, float32 scales stored beside:
-            per channel for keys, per row for values). States read back are cast to the dtype they were put in.
-        fsync: fsync every file before renaming it (durable across power loss; a killed process is safe
-            either way).
-        lock_timeout: Seconds to wait for the inter-process lock before raising `filelock.Timeout`.
+        storage_dtype: `float32`, `bfloat16`, `float16`, `int8` (symmetric, float32 scales: per channel for keys,
+            per row for values) or `int4` (asymmetric, KIVI-style: keys per channel in groups of 64 rows, values
+            per row in groups of 64 channels; float16 scale and min). States read back are cast to the dtype they
+            were put in.
+        fsync: For local folders: fsync every file before its rename and the folder after (durable across a
+            power cut; a killed process is safe either way).
+        lock_timeout: Seconds to wait for a local folder's inter-process lock before raising `filelock.Timeout`.
+        storage_options: For fsspec URLs, e.g. `{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}`.
 
     Example:
         >>> store = GistStore("cache/", storage_dtype="bfloat16")
         >>> key = store.put(state)
         >>> store.get(key, model_fingerprint=model.fingerprint)
+        >>> shared = GistStore(["cache/", "s3://my-bucket/gist-states"])   # local disk in front of S3
     """
 
     def __init__(
         self,
-        path: Union[str, os.PathLike, None] = None,
+        path: Union[BackendSpec, Sequence[BackendSpec]] = None,
         max_bytes_in_ram: int = DEFAULT_MAX_BYTES_IN_RAM,
         storage_dtype: str = "float32",
         *,
         fsync: bool = True,
         lock_timeout: float = 60.0,
+        storage_options: Optional[dict] = None,
     ) -> None:
         self.storage_dtype = _check_storage_dtype(storage_dtype)
         if max_bytes_in_ram < 0:
             raise ValueError(f"max_bytes_in_ram must be >= 0, got {max_bytes_in_ram}")
         self.fsync = bool(fsync)
-        self.path: Optional[str] = os.path.abspath(os.fspath(path)) if path is not None else None
+        specs = list(path) if isinstance(path, (list, tuple)) else [path]
+        if not specs or (len(specs) > 1 and any(x is None for x in specs)):
+            raise ValueError("GistStore tiers must be folders, URLs or backends (None only alone: a RAM store)")
+        local = {"fsync": self.fsync, "lock_timeout": lock_timeout,
+                 # looked up per call so tests can simulate a full disk
+                 "write": lambda fd, data: _write_bytes(fd, data)}
+        self.tiers: list[StorageBackend] = []
+        try:
+            for spec in specs:
+                self.tiers.append(open_backend(spec, storage_options=storage_options, **local))
+            for t in self.tiers:
+                t.check_or_write_marker()
+        except BaseException:
+            for t in self.tiers:
+                t.close()
+            raise
+        first = self.tiers[0]
+        self.path: Optional[str] = first.path if isinstance(first, LocalFolderBackend) else None
         self._lru = _ByteLRU(max_bytes_in_ram)
-        self._mem: Optional[dict[str, bytes]] = None
         self._guard = threading.RLock()
         self._closed = False
-        self.stats = {"hits_ram": 0, "hits_disk": 0, "misses": 0, "corrupt": 0, "fingerprint_mismatch": 0, "puts": 0}
-        if self.path is None:
-            self._mem = {}
-            self._lock = None
-            return
-        self._objects = os.path.join(self.path, "objects")
-        self._quarantine = os.path.join(self.path, "quarantine")
-        os.makedirs(self._objects, exist_ok=True)
-        self._lock = FileLock(os.path.join(self.path, ".lock"), timeout=lock_timeout)
-        self._check_or_write_marker()
+        self.stats = {"hits_ram": 0, "hits_disk": 0, "hits_shared": 0, "misses": 0, "corrupt": 0,
+                      "fingerprint_mismatch": 0, "puts": 0, "fills": 0, "tier_errors": 0}
+
+    @property
+    def backend(self) -> StorageBackend:
+        """The authoritative (last) tier."""
+        return self.tiers[-1]
 
     # ---- layout ---------------------------------------------------------------------------------------
-    def _check_or_write_marker(self) -> None:
-        assert self.path is not None
-        marker = os.path.join(self.path, "store.json")
-        if os.path.isfile(marker):
-            try:
-                with open(marker, encoding="utf-8") as f:
-                    info = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{marker} is not a readable gist store marker: {e}") from e
-            if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
-                raise ValueError(f"{self.path} is not a gist-memory store (store.json format={info!r})")
-            if int(info.get("version", -1)) != STORE_VERSION:
-                raise ValueError(f"{self.path}: unsupported gist store version {info.get('version')!r}")
-            return
-        with self._lock:
-            if not os.path.isfile(marker):
-                data = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}).encode()
-                self._atomic_write(marker, data)
-
     def path_for(self, key: str) -> str:
-        """The file an entry with `key` lives in (whether or not it exists)."""
-        if self.path is None:
-            raise ValueError("an in-RAM GistStore (path=None) has no files")
+        """The file an entry with `key` lives in (whether or not it exists), for a store whose first tier is a
+        local folder."""
+        first = self.tiers[0]
+        if not isinstance(first, LocalFolderBackend):
+            raise ValueError(f"this GistStore's first tier ({first.url}) is not a local folder; it has no files")
         self._check_key(key)
-        return os.path.join(self._objects, key[:2], key[2:4], key + SUFFIX)
+        return first.path_for(key)
 
     @staticmethod
     def _check_key(key: str) -> None:
-        if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        if not is_key(key):
             raise ValueError(f"not a gist store key (64 lowercase hex chars): {key!r}")
 
     def key_for(self, text_hash: str, model_fingerprint: str, storage_dtype: Optional[str] = None) -> str:
@@ -386,15 +506,11 @@ class GistStore:
         if self._closed:
             raise ValueError("this GistStore is closed")
 
+    def _tier_error(self, tier: StorageBackend, what: str, e: BaseException) -> None:
+        self.stats["tier_errors"] += 1
+        logger.warning("gist store: %s on %s failed (%s: %s)", what, tier.url, type(e).__name__, e)
+
     # ---- writing --------------------------------------------------------------------------------------
-    def _temp_options(self) -> dict:
-        # `_write_bytes` is looked up per call so tests can simulate a full disk
-        return {"prefix": TMP_PREFIX, "suffix": SUFFIX, "mode": FILE_MODE, "fsync": self.fsync,
-                "write": lambda fd, data: _write_bytes(fd, data)}
-
-    def _atomic_write(self, path: str, data: bytes) -> None:
-        atomic_write_bytes(path, data, **self._temp_options())
-
     def put(self, state: GistState, *, overwrite: bool = False) -> str:
         """Store one state; returns its key. An existing entry is kept unless `overwrite`."""
         return self.batched_put([state], overwrite=overwrite)[0]
@@ -402,70 +518,50 @@ class GistStore:
     def batched_put(self, states: Sequence[GistState], *, overwrite: bool = False) -> list[str]:
         """Store several states; returns their keys in order.
 
-        All-or-nothing per call: if a write fails (disk full, permission denied, ...), the entries this call
-        created are removed again and the error propagates, leaving the store as it was.
+        All-or-nothing per call on the authoritative tier: if a write fails (disk full, permission denied,
+        connection lost, ...), the entries this call created there are removed again and the error propagates,
+        leaving the store as it was. The faster tiers are then filled as a cache (failures logged).
         """
         self._check_open()
         for s in states:
             if not isinstance(s, GistState):
                 raise ValueError(f"GistStore.put takes GistState objects, got {type(s).__name__}")
         keys = [self.key_of(s) for s in states]
-        todo: dict[str, GistState] = {}
         with self._guard:
+            todo: dict[str, GistState] = {}
             for k, s in zip(keys, states, strict=True):
-                if k not in todo and (overwrite or not self.contains(k)):
-                    todo[k] = s
+                todo.setdefault(k, s)
+            if not overwrite:
+                have = self.backend.exists_many(list(todo))
+                todo = {k: s for (k, s), h in zip(todo.items(), have, strict=True) if not h}
             if not todo:
                 return keys
             blobs = {k: encode_entry(s, self.storage_dtype, k) for k, s in todo.items()}
-            if self._mem is not None:
-                self._mem.update(blobs)
-            else:
-                self._write_entries(blobs, overwrite)
+            self.backend.put_many(blobs, overwrite=overwrite)
+            for tier in self.tiers[:-1]:
+                try:
+                    tier.put_many(blobs, overwrite=True)
+                except Exception as e:
+                    self._tier_error(tier, "put", e)
             for k in todo:
                 self._lru.pop(k)
             self.stats["puts"] += len(todo)
         return keys
 
-    def _write_entries(self, blobs: dict[str, bytes], overwrite: bool) -> None:
-        """Temp files first, then renames under the lock; on any error undo this call's new files."""
-        staged: list[tuple[str, str]] = []  # (tmp, final)
-        created: list[str] = []
-        try:
-            for k, data in blobs.items():
-                final = self.path_for(k)
-                staged.append((write_temp(os.path.dirname(final), data, **self._temp_options()), final))
-            assert self._lock is not None
-            with self._lock:
-                for tmp, final in staged:
-                    existed = os.path.exists(final)
-                    if existed and not overwrite:
-                        os.unlink(tmp)  # another process stored the same content meanwhile
-                        continue
-                    os.replace(tmp, final)
-                    if not existed:
-                        created.append(final)
-            staged = []
-        except BaseException:
-            for tmp, _ in staged:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-            for final in created:
-                try:
-                    os.unlink(final)
-                except OSError:
-                    pass
-            raise
-
     # ---- reading --------------------------------------------------------------------------------------
     def contains(self, key: str) -> bool:
-        """True if an entry exists under `key` (existence only; the checksum is verified by `get`)."""
+        """True if an entry exists under `key` in any tier (existence only; `get` verifies the checksum)."""
         self._check_open()
-        if self._mem is not None:
-            return key in self._mem
-        return os.path.exists(self.path_for(key))
+        self._check_key(key)
+        for tier in self.tiers:
+            try:
+                if tier.exists(key):
+                    return True
+            except Exception as e:
+                if tier is self.backend:
+                    raise
+                self._tier_error(tier, "exists", e)
+        return False
 
     def __contains__(self, key: str) -> bool:
         return self.contains(key)
@@ -480,22 +576,39 @@ class GistStore:
         return self.batched_get([key], model_fingerprint)[0]
 
     def batched_get(self, keys: Sequence[str], model_fingerprint: Optional[str] = None) -> list[Optional[GistState]]:
-        """`get` for several keys, in order."""
+        """`get` for several keys, in order (one batched request per tier where the backend has one)."""
         self._check_open()
-        out: list[Optional[GistState]] = []
+        for key in keys:
+            self._check_key(key)
         with self._guard:
-            for key in keys:
-                self._check_key(key)
+            found: dict[str, GistState] = {}
+            for key in unique(keys):
                 state = self._lru.get(key)
                 if state is not None:
-                    self.stats["hits_ram"] += 1
-                else:
-                    state = self._load(key)
-                    if state is None:
-                        self.stats["misses"] += 1
-                    else:
-                        self.stats["hits_disk"] += 1
-                        self._lru.put(key, state)
+                    found[key] = state
+            self.stats["hits_ram"] += sum(1 for k in keys if k in found)
+            missing = [k for k in unique(keys) if k not in found]
+            for i, tier in enumerate(self.tiers):
+                if not missing:
+                    break
+                got = self._read_tier(tier, missing)
+                fills: dict[str, bytes] = {}
+                for key, (state, data) in got.items():
+                    found[key] = state
+                    self._lru.put(key, state)
+                    self.stats["hits_disk" if i == 0 else "hits_shared"] += 1
+                    if i > 0:
+                        fills[key] = data if data is not None else tier.get(key)
+                for faster in self.tiers[:i]:
+                    try:
+                        self.stats["fills"] += len(faster.put_many({k: d for k, d in fills.items() if d}))
+                    except Exception as e:
+                        self._tier_error(faster, "fill", e)
+                missing = [k for k in missing if k not in got]
+            self.stats["misses"] += len(missing)
+            out: list[Optional[GistState]] = []
+            for key in keys:
+                state = found.get(key)
                 if state is not None and model_fingerprint is not None and state.model_fingerprint != model_fingerprint:
                     self.stats["fingerprint_mismatch"] += 1
                     logger.warning(
@@ -508,134 +621,113 @@ class GistStore:
                 out.append(state)
         return out
 
-    def _load(self, key: str) -> Optional[GistState]:
-        if self._mem is not None:
-            data = self._mem.get(key)
+    def _read_tier(self, tier: StorageBackend, keys: list[str]) -> dict[str, tuple[GistState, Optional[bytes]]]:
+        """Valid states of `keys` in `tier` (with their bytes when read as bytes); bad ones are quarantined."""
+        out: dict[str, tuple[GistState, Optional[bytes]]] = {}
+        if tier.local_path(keys[0]) is not None:  # a local folder: memory-mapped, one file at a time
+            for key in keys:
+                path = tier.local_path(key)
+                try:
+                    out[key] = (read_entry(path, key), None)
+                except FileNotFoundError:
+                    continue
+                except StateFormatError as e:
+                    self._corrupt(tier, key, e)
+            return out
+        try:
+            blobs = tier.get_many(keys)
+        except Exception as e:
+            self._tier_error(tier, "get", e)
+            return out
+        for key, data in zip(keys, blobs, strict=True):
             if data is None:
-                return None
+                continue
             try:
-                return decode_entry(data, key)
+                out[key] = (decode_entry(bytes(data), key), bytes(data))
             except StateFormatError as e:
-                self.stats["corrupt"] += 1
-                logger.warning("gist store: dropping corrupted in-RAM entry %s: %s", key[:16], e)
-                del self._mem[key]
-                return None
-        path = self.path_for(key)
-        try:
-            return read_entry(path, key)
-        except FileNotFoundError:
-            return None
-        except StateFormatError as e:
-            self.stats["corrupt"] += 1
-            logger.warning("gist store: %s; moved to quarantine, it will be recomputed", e)
-            self._quarantine_file(key, path)
-            return None
+                self._corrupt(tier, key, e)
+        return out
 
-    def _quarantine_file(self, key: str, path: str) -> None:
-        assert self._lock is not None
+    def _corrupt(self, tier: StorageBackend, key: str, e: StateFormatError) -> None:
+        self.stats["corrupt"] += 1
+        logger.warning("gist store: %s (%s, key %s); quarantined, it will be refetched or recomputed",
+                       e, tier.url, key[:16])
         try:
-            with self._lock:
-                os.makedirs(self._quarantine, exist_ok=True)
-                os.replace(path, os.path.join(self._quarantine, f"{key}.{time.time_ns()}{SUFFIX}"))
-        except FileNotFoundError:
-            pass  # another process quarantined or replaced it first
-        except OSError as e:
-            logger.warning("gist store: could not quarantine %s (%s); removing it", path, e)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            tier.quarantine(key)
+        except Exception as qe:
+            self._tier_error(tier, "quarantine", qe)
 
     # ---- deleting / housekeeping ----------------------------------------------------------------------
     def delete(self, key: str) -> bool:
-        """Remove the entry under `key`; returns True if there was one."""
+        """Remove the entry under `key` from every tier; returns True if any had it."""
         self._check_open()
         self._check_key(key)
         with self._guard:
             self._lru.pop(key)
-            if self._mem is not None:
-                return self._mem.pop(key, None) is not None
-            assert self._lock is not None
-            with self._lock:
+            had = False
+            for tier in self.tiers:
                 try:
-                    os.unlink(self.path_for(key))
-                    return True
-                except FileNotFoundError:
-                    return False
+                    had = tier.delete(key) or had
+                except Exception as e:
+                    if tier is self.backend:
+                        raise
+                    self._tier_error(tier, "delete", e)
+            return had
 
     def keys(self) -> Iterator[str]:
-        """Every stored key (unordered)."""
+        """Every stored key (unordered; with several tiers, the keys of any tier, once each)."""
         self._check_open()
-        if self._mem is not None:
-            yield from list(self._mem)
+        if len(self.tiers) == 1:
+            yield from self.tiers[0].list()
             return
-        for _dirpath, _, files in os.walk(self._objects):
-            for name in files:
-                if name.endswith(SUFFIX) and not name.startswith(TMP_PREFIX):
-                    yield name[: -len(SUFFIX)]
+        seen: set[str] = set()
+        for tier in reversed(self.tiers):
+            for k in tier.list():
+                if k not in seen:
+                    seen.add(k)
+                    yield k
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
     def disk_bytes(self) -> int:
-        """Bytes of every entry (files on disk, or encoded bytes for an in-RAM store)."""
-        if self._mem is not None:
-            return sum(len(b) for b in self._mem.values())
-        return sum(os.path.getsize(self.path_for(k)) for k in self.keys())
+        """Bytes of every entry in the authoritative tier (files on disk, objects, or encoded bytes in RAM)."""
+        return self.backend.total_bytes()
 
     def gc(self, live_keys: Optional[Iterable[str]] = None, *, min_age_s: float = 3600.0) -> dict[str, int]:
-        """Remove leftovers: temporary files of killed writers, quarantined entries and, if `live_keys` is
-        given, every entry not in it (orphans).
+        """Remove leftovers in every tier: temporary files of killed writers, quarantined entries and, if
+        `live_keys` is given, every entry not in it (orphans).
 
-        Only files older than `min_age_s` are touched, so a writer running at the same time (whose entry is not
-        yet in `live_keys`) loses nothing.
+        Only objects older than `min_age_s` are touched (for Redis: idle that long), so a writer running at the
+        same time (whose entry is not yet in `live_keys`) loses nothing.
 
         Returns:
-            Counts: `{"tmp": ..., "quarantine": ..., "orphans": ...}`.
+            Counts summed over the tiers: `{"tmp": ..., "quarantine": ..., "orphans": ...}`.
         """
         self._check_open()
         live = set(live_keys) if live_keys is not None else None
         counts = {"tmp": 0, "quarantine": 0, "orphans": 0}
-        if self._mem is not None:
+        with self._guard:
+            for tier in self.tiers:
+                for k, v in tier.gc(live, min_age_s).items():
+                    counts[k] = counts.get(k, 0) + v
             if live is not None:
-                for k in [k for k in self._mem if k not in live]:
-                    self.delete(k)
-                    counts["orphans"] += 1
-            return counts
-        cutoff = time.time() - min_age_s
-        assert self._lock is not None
-        with self._guard, self._lock:
-            for dirpath, _, files in os.walk(self.path):
-                for name in files:
-                    full = os.path.join(dirpath, name)
-                    try:
-                        if os.path.getmtime(full) > cutoff:
-                            continue
-                        if name.startswith(TMP_PREFIX):
-                            os.unlink(full)
-                            counts["tmp"] += 1
-                        elif dirpath == self._quarantine:
-                            os.unlink(full)
-                            counts["quarantine"] += 1
-                        elif live is not None and name.endswith(SUFFIX) and dirpath.startswith(self._objects):
-                            key = name[: -len(SUFFIX)]
-                            if key not in live:
-                                os.unlink(full)
-                                self._lru.pop(key)
-                                counts["orphans"] += 1
-                    except FileNotFoundError:
-                        continue
+                for k in [k for k in self._lru._d if k not in live]:
+                    self._lru.pop(k)
         return counts
 
     def clear_ram(self) -> None:
-        """Drop the LRU of decoded states (entries on disk stay)."""
+        """Drop the LRU of decoded states (entries in the tiers stay)."""
         with self._guard:
             self._lru.clear()
 
     def close(self) -> None:
-        """Release RAM; further calls raise. Idempotent."""
+        """Release RAM and connections; further calls raise. Idempotent."""
         with self._guard:
             self._lru.clear()
+            if not self._closed:
+                for t in self.tiers:
+                    t.close()
             self._closed = True
 
     def __enter__(self) -> GistStore:
@@ -645,5 +737,5 @@ class GistStore:
         self.close()
 
     def __repr__(self) -> str:
-        where = self.path or "RAM"
+        where = " -> ".join(t.url for t in self.tiers)
         return f"GistStore({where!r}, storage_dtype={self.storage_dtype!r}, lru={len(self._lru)} states)"
