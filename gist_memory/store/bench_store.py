@@ -1,17 +1,18 @@
 """Benchmark of the gist store and memory: run `python -m gist_memory.store.bench_store`.
 
 Prints markdown tables:
-  1. states of a real model (default: the bundled SmolLM2-135M, training-free `pool+anchors` compressor):
-     bytes on disk per raw token for each storage dtype, put / cold get / warm get throughput, K/V error and the
-     change in answer log-likelihood (`model.score`) when states are read back from bf16 / fp16 / int8 storage;
+  1. states of a real model (default: the bundled SmolLM2-135M, training-free `pool+anchors` compressor) at each
+     compression ratio of `--ratios` (default 4 and 8): bytes on disk per raw token for each storage dtype, put /
+     cold get / warm get throughput, K/V error and the change in answer log-likelihood (`model.score`) when
+     states are read back from bf16 / fp16 / int8 / int4 storage;
   2. ingest throughput (files -> passages -> states + MiniLM embeddings -> SQLite + FAISS), passages/s, tokens/s;
   3. search latency of `GistMemory.search` at 10k and 100k passages for each index kind. The vectors are
      synthetic (384-d, clustered Gaussian: 1,000 centres + noise; queries are perturbed stored vectors) and the
      docstore rows are written straight into SQLite, so this part measures the index + docstore, not the
      embedder; recall@k is measured against the exact (flat) result.
 
-Options: `--model fake` (no LLM) or a model path, `--sizes 10000,100000`, `--kinds flat,hnsw,ivfpq`,
-`--passages 32`, `--skip-search`, `--skip-model`.
+Options: `--model fake` (no LLM) or a model path, `--ratios 4,8`, `--sizes 10000,100000`,
+`--kinds flat,hnsw,ivfpq`, `--passages 32`, `--skip-search`, `--skip-model`, `--skip-ingest`.
 """
 
 from __future__ import annotations
@@ -64,15 +65,15 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def load_model(spec: str) -> Any:
-    """`bundled` (SmolLM2-135M + pool+anchors), `fake`, or a path/hub id of a base model."""
+def load_model(spec: str, ratio: float = 4.0) -> Any:
+    """`bundled` (SmolLM2-135M + pool+anchors), `fake`, or a path/hub id of a base model, compressing at `ratio`."""
     if spec == "fake":
         from gist_memory.store.testing import FakeGistModel
 
-        return FakeGistModel(num_layers=30, num_heads=3, head_dim=64)
+        return FakeGistModel(num_layers=30, num_heads=3, head_dim=64, tokens_per_row=max(1, round(ratio)))
     from gist_memory import GistConfig, GistModel
 
-    cfg = GistConfig(compressor="pool+anchors", target_ratio=4.0)
+    cfg = GistConfig(compressor="pool+anchors", target_ratio=float(ratio))
     return GistModel.from_base(None if spec == "bundled" else spec, cfg, device="cpu")
 
 
@@ -99,7 +100,7 @@ def bench_states(model: Any, n: int, n_quality: int) -> str:
     prompt = "Repeat the passage word for word."
     base_lp: list[float] = []
     rows = []
-    for dt in ("float32", "bfloat16", "float16", "int8"):
+    for dt in ("float32", "bfloat16", "float16", "int8", "int4"):
         with tempfile.TemporaryDirectory() as d:
             store = GistStore(d, storage_dtype=dt, max_bytes_in_ram=0)
             t0 = time.perf_counter()
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled", help="bundled | fake | path or hub id of a base model")
     p.add_argument("--passages", type=int, default=32)
+    p.add_argument("--ratios", default="4,8", help="compression ratios of the states part")
+    p.add_argument("--skip-ingest", action="store_true")
     p.add_argument("--quality-passages", type=int, default=12)
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--kinds", default="flat,hnsw,ivfpq")
@@ -331,11 +334,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{faiss.omp_get_max_threads()} threads)\n"
     )
     if not args.skip_model:
-        model = load_model(args.model)
-        print("## States on disk\n")
-        print(bench_states(model, args.passages, args.quality_passages if args.model != "fake" else 0), "\n")
-        print("## Ingest\n")
-        print(bench_ingest(model, args.passages), "\n")
+        model = None
+        for ratio in [float(r) for r in args.ratios.split(",") if r]:
+            model = load_model(args.model, ratio)
+            print(f"## States on disk, target ratio {ratio:g}x\n")
+            n_q = args.quality_passages if args.model != "fake" else 0
+            print(bench_states(model, args.passages, n_q), "\n", flush=True)
+        if not args.skip_ingest and model is not None:
+            print("## Ingest\n")
+            print(bench_ingest(model, args.passages), "\n")
     if not args.skip_search:
         print("## Search (synthetic clustered 384-d vectors, docstore rows written directly; k=4)\n")
         sizes = [int(x) for x in args.sizes.split(",") if x]
