@@ -7,6 +7,7 @@ corrupt or foreign object is refused the same way whichever backend it came from
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional
 
@@ -137,6 +138,7 @@ class MemoryBackend(StorageBackend):
     def __init__(self) -> None:
         self.url = "ram"
         self._d: dict[str, bytes] = {}
+        self._t: dict[str, float] = {}  # when each object was written (for gc's min_age_s)
 
     def exists(self, key: str) -> bool:
         return key in self._d
@@ -148,6 +150,7 @@ class MemoryBackend(StorageBackend):
         if not overwrite and key in self._d:
             return False
         self._d[key] = bytes(data)
+        self._t[key] = time.time()
         return True
 
     def put_many(self, blobs: dict[str, bytes], *, overwrite: bool = False) -> list[str]:
@@ -155,9 +158,11 @@ class MemoryBackend(StorageBackend):
         for k, data in blobs.items():
             if overwrite or k not in self._d:
                 self._d[k] = bytes(data)
+                self._t[k] = time.time()
         return created
 
     def delete(self, key: str) -> bool:
+        self._t.pop(key, None)
         return self._d.pop(key, None) is not None
 
     def list(self) -> Iterator[str]:
@@ -168,9 +173,10 @@ class MemoryBackend(StorageBackend):
 
     def gc(self, live: Optional[set[str]], min_age_s: float) -> dict[str, int]:
         n = 0
+        cutoff = time.time() - min_age_s
         if live is not None:
-            for k in [k for k in self._d if k not in live]:
-                del self._d[k]
+            for k in [k for k in self._d if k not in live and self._t.get(k, 0.0) <= cutoff]:
+                self.delete(k)
                 n += 1
         return {"tmp": 0, "quarantine": 0, "orphans": n}
 
