@@ -163,6 +163,55 @@ def bench_states(model: Any, n: int, n_quality: int) -> str:
     return "\n".join(out)
 
 
+# ---- 1b. backends ------------------------------------------------------------------------------------------------
+def bench_backends(urls: list[str], n: int, storage_dtype: str = "int4") -> str:
+    """put / cold get / tiered get throughput of `n` states (bundled-model shapes, 4x, fake values) on each URL."""
+    import shutil
+    import uuid
+
+    from gist_memory.store import GistStore
+    from gist_memory.store.testing import FakeGistModel
+
+    model = FakeGistModel(num_layers=30, num_heads=3, head_dim=64, tokens_per_row=4)
+    states = model.compress([" ".join(f"w{i}x{j}" for j in range(256)) for i in range(n)])  # 256-token passages
+    rows = []
+    for url in urls:
+        run = uuid.uuid4().hex[:8]
+        target = url if "://" not in url else (f"{url}?prefix=bench-{run}:" if url.startswith("redis")
+                                                 else f"{url.rstrip('/')}/bench-{run}")
+        if "://" not in url:
+            target = os.path.join(url, f"bench-{run}")
+        cache = tempfile.mkdtemp(prefix="gist-bench-cache-")
+        try:
+            store = GistStore(target, storage_dtype=storage_dtype, max_bytes_in_ram=0)
+            t0 = time.perf_counter()
+            keys = store.batched_put(states)
+            t_put = time.perf_counter() - t0
+            nbytes = store.disk_bytes()
+            cold = GistStore(target, storage_dtype=storage_dtype, max_bytes_in_ram=0)
+            t0 = time.perf_counter()
+            got = cold.batched_get(keys)
+            t_get = time.perf_counter() - t0
+            assert all(g is not None for g in got)
+            tiered = GistStore([cache, target], storage_dtype=storage_dtype, max_bytes_in_ram=0)
+            tiered.batched_get(keys)  # fills the local tier
+            t0 = time.perf_counter()
+            tiered.batched_get(keys)
+            t_local = time.perf_counter() - t0
+            one = []
+            for k in keys[:16]:
+                t0 = time.perf_counter()
+                cold.get(k)
+                one.append(time.perf_counter() - t0)
+            store.gc([], min_age_s=0)
+            rows.append([url.split("?")[0], n, nbytes / n / 1024, n / t_put, n / t_get, 1000 * statistics.median(one),
+                         n / t_local])
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    return _table(["backend", "states", "KiB/state", "put states/s (batched)", "cold get states/s (batched)",
+                   "single get p50 ms", "get via local tier states/s"], rows)
+
+
 # ---- 2. ingest ---------------------------------------------------------------------------------------------------
 def bench_ingest(model: Any, n: int) -> str:
     from gist_memory.store import GistMemory, ingest
@@ -311,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--passages", type=int, default=32)
     p.add_argument("--ratios", default="4,8", help="compression ratios of the states part")
     p.add_argument("--skip-ingest", action="store_true")
+    p.add_argument("--backends", default="", help="comma-separated folders/URLs to time (e.g. /tmp,redis://...,s3://b/p)")
+    p.add_argument("--backend-states", type=int, default=64)
     p.add_argument("--quality-passages", type=int, default=12)
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--kinds", default="flat,hnsw,ivfpq")
@@ -343,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_ingest and model is not None:
             print("## Ingest\n")
             print(bench_ingest(model, args.passages), "\n")
+    if args.backends:
+        print(f"## Backends ({args.backend_states} states of 256-token passages at 4x, int4)\n")
+        print(bench_backends([u for u in args.backends.split(",") if u], args.backend_states), "\n", flush=True)
     if not args.skip_search:
         print("## Search (synthetic clustered 384-d vectors, docstore rows written directly; k=4)\n")
         sizes = [int(x) for x in args.sizes.split(",") if x]
