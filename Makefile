@@ -1,26 +1,33 @@
-# make test / make demo: each creates or updates .venv on a fresh machine (torch pinned first: see shared OFFLINE.md)
+# make test / make demo: each creates or updates .venv on a fresh machine, from requirements.lock only
+# (exact versions, hashes checked, nothing resolved at install time). After editing a dependency in
+# pyproject.toml or requirements-*.txt, run `make lock` and commit requirements.lock. See docs/install.md.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PIP := $(BIN)/pip install -c constraints.txt
+LOCK := requirements.lock
+# this tree's projects, editable; their dependencies all come from the lock
+LOCAL := -e . -e integrations/llama-index-llms-gist-memory -e integrations/llama-index-retrievers-gist-memory \
+	-e integrations/langchain-gist-memory
+# the resolver behind `make lock` (only `make lock` needs it; installs need pip alone)
+UV_VERSION := 0.13.8
+UV := $(VENV)/.uv/bin/uv
 # torch's OpenMP threads spin while waiting; on a small shared machine that starves everything else
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast demo lint bench clean
+.PHONY: venv test test-fast demo lint bench clean lock lock-upgrade
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): $(LOCK) pyproject.toml $(wildcard integrations/*/pyproject.toml) constraints.txt requirements-extra.txt \
+		requirements-nodeps.txt .ci/lock.py Makefile
+	$(PY) .ci/lock.py check
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(PIP) -q -e '.[llama-index,langchain,dev]'
-	$(PIP) -q -e integrations/llama-index-retrievers-gist-memory -e integrations/llama-index-llms-gist-memory
-	$(PIP) -q -e 'integrations/langchain-gist-memory[test]'
-	$(PIP) -q -r requirements-extra.txt
-	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	@# --no-deps: the lock is complete (torch==2.13.0+cpu included, so no CUDA wheels are ever pulled in)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation $(LOCAL)
+	$(BIN)/python .ci/lock.py verify $(BIN)/python
 	@# the web app's browser test drives Debian's Chromium (never `playwright install`); root on apt systems only
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing chromium (apt) for the browser test"; \
@@ -28,6 +35,17 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
 	  echo "note: could not install chromium; the browser test will be skipped"; fi
 	touch $(STAMP)
+
+# regenerate requirements.lock from pyproject.toml + requirements-*.txt + constraints.txt, keeping every pin that
+# still fits; lock-upgrade moves everything to the newest versions the bounds allow
+lock: $(UV)
+	UV=$(UV) $(PY) .ci/lock.py compile
+
+lock-upgrade: $(UV)
+	UV=$(UV) $(PY) .ci/lock.py compile --upgrade
+
+$(UV):
+	$(PY) -m pip install -q --target $(VENV)/.uv uv==$(UV_VERSION)
 
 test: venv
 	$(BIN)/python -m pytest -q
