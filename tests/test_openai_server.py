@@ -335,3 +335,31 @@ def test_concurrent_clients_get_the_answers_they_get_alone(server):
         t.join(timeout=300)
     assert not errors and len(got) == 2 * len(questions)
     assert all(got[(q, s)] == alone[q] for q, s in got)
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_model(server, tiny):
+    import http.client
+    import time
+    from urllib.parse import urlparse
+
+    from gist_memory.server import call_usage
+    from gist_memory.server.openai import MAX_TOKENS
+
+    svc_lock = server.app.state.gist.lock
+    u = urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"model": "gist-memory", "messages": [{"role": "user", "content": "Go on and on."}],
+            "max_tokens": MAX_TOKENS, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.sock.close()  # the client goes away after the first event
+    conn.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and svc_lock.locked():  # the decoding thread held it since the first event
+        time.sleep(0.05)
+    with svc_lock:
+        assert call_usage(tiny)["new_tokens"] < MAX_TOKENS  # decoding stopped early
+    ok = post(server, "/v1/chat/completions", {"model": "gist-memory", "max_tokens": 2,
+                                               "messages": [{"role": "user", "content": "still there?"}]})
+    assert ok[0] == 200
