@@ -662,9 +662,12 @@ def serve(
             raise UserError("--port must be 0-65535; --max-upload-kb, -k and --max-new-tokens >= 1")
         if store is not None:
             check_store(store, create=True)
-        webapp = load_web_app_module(app_dir)
+        webapp = load_web_app_module(app_dir) if app_dir is not None else None  # else the in-package server
         try:
             import uvicorn
+
+            if webapp is None:
+                from gist_memory import server as webapp
         except ImportError as e:
             raise UserError("serve needs uvicorn and fastapi: pip install fastapi uvicorn python-multipart") from e
         gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
