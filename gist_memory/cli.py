@@ -27,6 +27,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gist_memory import demo
+from gist_memory._options import (  # noqa: F401 - UserError, DTYPES, set_threads ... are part of this module's API
+    DEFAULT_RATIO,
+    DTYPES,
+    DeviceOpt,
+    ModelOptions,
+    UserError,
+    load_model,
+    model_options,
+    quiet_libraries,
+    set_threads,
+)
+
 app = typer.Typer(
     name="gist-memory",
     help="Compressed memory for RAG and chat: passages as gist states spliced into the KV cache.",
@@ -41,49 +54,7 @@ app.add_typer(data_app, name="data")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-DEFAULT_RATIO = 4.0
-
-
-class UserError(Exception):
-    """A mistake the user can fix; reported as one line, exit status 1."""
-
-
-# ---- shared options ------------------------------------------------------------------------------------------
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="A saved gist model folder (default: the shipped gist adapter).",
-                 rich_help_panel="Model"),
-]
-BaseOpt = Annotated[
-    Optional[str],
-    typer.Option("--base", help="A base causal LM folder or hub id, compressed with --compressor "
-                 "(default base: the bundled SmolLM2-135M-Instruct).", rich_help_panel="Model"),
-]
-CompressorOpt = Annotated[
-    Optional[str],
-    typer.Option("--compressor", help="pool+anchors (training-free, default with --base), pool, or gist "
-                 "(fresh untrained gist tokens: for training).", rich_help_panel="Model"),
-]
-RatioOpt = Annotated[
-    Optional[float],
-    typer.Option("--ratio", help="Target compression ratio: raw tokens per kept row (default 4).",
-                 rich_help_panel="Model"),
-]
-AnchorsOpt = Annotated[
-    Optional[str],
-    typer.Option("--anchors", help="Anchor policy with --base: none, entities, capitalized.", rich_help_panel="Model"),
-]
-DeviceOpt = Annotated[
-    Optional[str],
-    typer.Option("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available).",
-                 rich_help_panel="Model"),
-]
-DtypeOpt = Annotated[
-    Optional[str],
-    typer.Option("--dtype", help="float32, bfloat16, float16 or auto (default: fp32 on CPU, bf16 on CUDA).",
-                 rich_help_panel="Model"),
-]
+# ---- shared options (the model options live in gist_memory._options, with load_model) ------------------------
 StoreOpt = Annotated[
     Optional[Path],
     typer.Option("--store", "-s", help="The memory folder (default: $GIST_MEMORY_CACHE/stores/default).",
@@ -116,22 +87,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def quiet_libraries() -> None:
-    """Silence progress bars and info logs of transformers / sentence-transformers (ours are rich bars)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-    import logging
-
-    for name in ("sentence_transformers", "faiss", "gist_memory.store.memory", "gist_memory.store.ingest"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def progress_bar(transient: bool = True):  # noqa: ANN201 - rich Progress
     """A rich progress bar on stderr."""
     from rich.progress import (
@@ -145,106 +100,6 @@ def progress_bar(transient: bool = True):  # noqa: ANN201 - rich Progress
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=transient)
-
-
-# ---- model ---------------------------------------------------------------------------------------------------
-def set_threads(spec: Optional[str] = None) -> Optional[int]:
-    """Set torch's CPU threads from `spec` (a number or `auto`; default `$GIST_MEMORY_THREADS`); returns the count.
-
-    `auto` uses the cores other processes leave idle (1-minute load average), at least 1: on a busy machine,
-    OpenMP threads that wait for a descheduled sibling stall every operation, and one thread is much faster.
-    Nothing is changed when neither is set, or when OMP_NUM_THREADS is set.
-    """
-    spec = spec if spec is not None else os.environ.get("GIST_MEMORY_THREADS")
-    if not spec or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    import torch
-
-    if spec == "auto":
-        n = os.cpu_count() or 1
-        try:
-            idle = n - os.getloadavg()[0]
-        except OSError:
-            idle = n
-        want = max(1, min(torch.get_num_threads(), int(idle)))
-    else:
-        try:
-            want = int(spec)
-        except ValueError:
-            raise UserError(f"threads must be a number or 'auto', got {spec!r}") from None
-        if want < 1:
-            raise UserError(f"threads must be >= 1, got {want}")
-    torch.set_num_threads(want)
-    return want
-
-
-_MODEL_CACHE: dict[tuple, tuple[Any, str]] = {}
-
-
-def load_model(
-    model: Optional[str] = None,
-    base: Optional[str] = None,
-    compressor: Optional[str] = None,
-    ratio: Optional[float] = None,
-    anchors: Optional[str] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-) -> tuple[Any, str]:
-    """The GistModel the options name, and one line saying which it is.
-
-    `--model` loads a saved gist model; `--base`/`--compressor` build one over a base LM; neither loads the
-    shipped adapter, or (while none ships) the training-free `pool+anchors` compressor over the bundled base.
-    The last model loaded is kept for reuse within the process (tests, notebooks).
-    """
-    if model and (base or compressor or anchors):
-        raise UserError("give either --model (a saved gist model) or --base/--compressor/--anchors, not both")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if ratio is not None and not ratio >= 1.0:
-        raise UserError(f"--ratio must be >= 1, got {ratio}")
-    if model is not None and not Path(model).is_dir():
-        raise UserError(f"no gist model folder at {model}")
-    key = (model, base, compressor, ratio, anchors, device, dtype)
-    set_threads()
-    if key in _MODEL_CACHE:
-        return _MODEL_CACHE[key]
-    quiet_libraries()
-    from gist_memory.config import GistConfig
-    from gist_memory.model import GistModel
-    from gist_memory.model.gist_model import default_model_dir
-
-    with err.status("loading model ...", spinner="dots"):
-        # an adapter trained over several ratios serves each of them
-        overrides = {"config_overrides": {"target_ratio": float(ratio)}} if ratio is not None else {}
-        if model is not None:
-            gm = GistModel.from_pretrained(model, device=device, dtype=dtype, **overrides)
-            desc = f"gist model {model} ({gm.name})"
-        elif base is not None or compressor is not None or anchors is not None:
-            kw: dict[str, Any] = {"compressor": compressor or "pool+anchors", "target_ratio": ratio or DEFAULT_RATIO}
-            if anchors is not None:
-                kw["anchors"] = anchors
-            gm = GistModel.from_base(base, GistConfig(**kw), device=device, dtype=dtype)
-            desc = f"{gm.base_ref} with the {gm.config.compressor} compressor at {gm.config.target_ratio:g}x"
-            if gm.config.compressor == "gist":
-                desc += " (untrained gist tokens: train them with `gist-memory train`)"
-        else:
-            try:
-                path = default_model_dir()
-            except FileNotFoundError:
-                path = None
-            if path is not None:
-                gm = GistModel.from_pretrained(None, device=device, dtype=dtype, **overrides)
-                desc = f"shipped gist adapter ({gm.name})"
-            else:
-                cfg = GistConfig(compressor="pool+anchors", target_ratio=ratio or DEFAULT_RATIO)
-                gm = GistModel.from_base(None, cfg, device=device, dtype=dtype)
-                desc = (f"{gm.base_ref} with the training-free pool+anchors compressor at {cfg.target_ratio:g}x "
-                        "(no shipped gist adapter yet)")
-        if ratio is not None and overrides and (model is not None or "shipped" in desc):
-            desc += f", ratio {ratio:g}x"
-    _MODEL_CACHE.clear()
-    _MODEL_CACHE[key] = (gm, desc)
-    return gm, desc
 
 
 # ---- stores --------------------------------------------------------------------------------------------------
@@ -322,26 +177,19 @@ def folder_size(path: Path) -> int:
 
 
 def _hb(n: float) -> str:
-    from gist_memory.demo import human_bytes
-
-    return human_bytes(n)
+    return demo.human_bytes(n)
 
 
 # ---- ingest --------------------------------------------------------------------------------------------------
 @app.command()
+@model_options
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files and folders (txt, md, jsonl; folders recursively).")],
     store: StoreOpt = None,
     max_passage_tokens: Annotated[int, typer.Option(help="Token budget of a passage.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Passages per compression batch.")] = 8,
     extensions: Annotated[str, typer.Option(help="File types taken from folders.")] = ".txt,.md,.markdown,.jsonl",
-    model: ModelOpt = None,
-    base: BaseOpt = None,
-    compressor: CompressorOpt = None,
-    ratio: RatioOpt = None,
-    anchors: AnchorsOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
     """Compress files into a memory (resumable: passages already there are skipped)."""
@@ -352,7 +200,7 @@ def ingest(
         if max_passage_tokens < 8 or batch_size < 1:
             raise UserError("--max-passage-tokens must be >= 8 and --batch-size >= 1")
         path = check_store(store or default_store(), create=True)
-        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
         from gist_memory.store import IngestSummary
         from gist_memory.store.ingest import iter_passages
@@ -416,37 +264,30 @@ def _ratio_of(mem: Any, ids: Sequence[str]) -> Optional[float]:
 
 # ---- ask -----------------------------------------------------------------------------------------------------
 @app.command()
+@model_options
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     store: StoreOpt = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Passages to read.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
     compare: Annotated[bool, typer.Option(help="Also answer from the same passages as raw text, side by side.")] = False,
-    model: ModelOpt = None,
-    base: BaseOpt = None,
-    compressor: CompressorOpt = None,
-    ratio: RatioOpt = None,
-    anchors: AnchorsOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a question from the gist states of the best passages in a memory."""
-    from gist_memory.demo import compare as run_compare
-
     with user_errors():
         if not question.strip():
             raise UserError("the question is empty")
         if k < 1 or max_new_tokens < 1:
             raise UserError("-k and --max-new-tokens must be >= 1")
         path = check_store(store or default_store(), create=False)
-        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
         mem = open_store(gm, path)
         if len(mem) == 0:
             raise UserError(f"the memory at {path} is empty; add files with `gist-memory ingest`")
         stream = None if json_out else (lambda piece: out.print(escape(piece), end=""))
-        c = run_compare(gm, mem, question, k=k, max_new_tokens=max_new_tokens,
+        c = demo.compare(gm, mem, question, k=k, max_new_tokens=max_new_tokens,
                         full_new_tokens=max_new_tokens if compare else 0, on_token=stream)
         mem.close()
         if json_out:
@@ -473,8 +314,7 @@ def print_sources(hits: Sequence[Any]) -> None:
 
 def print_costs(c: Any) -> None:
     """What the answer read: ratio, positions, first-token time, KV memory (and the full-text twin if run)."""
-    from gist_memory.demo import human_bytes, saved
-
+    human_bytes, saved = demo.human_bytes, demo.saved
     g, f = c.gist, c.full
     if f is None:
         out.print(f"[dim]read {len(c.sources)} gist states: {c.raw_tokens} tokens as {c.kept_rows} rows "
@@ -546,6 +386,7 @@ class CompressedHistory:
 
 
 @app.command()
+@model_options
 def chat(
     store: Annotated[Optional[Path], typer.Option("--store", "-s", help="Also read the k best passages of this "
                                                   "memory for every message.", show_default=False)] = None,
@@ -553,13 +394,7 @@ def chat(
     keep_raw: Annotated[int, typer.Option(help="Recent exchanges kept as raw text; older ones are compressed.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="Reply length in tokens.")] = 128,
     system_prompt: Annotated[Optional[str], typer.Option(help="A system prompt.")] = None,
-    model: ModelOpt = None,
-    base: BaseOpt = None,
-    compressor: CompressorOpt = None,
-    ratio: RatioOpt = None,
-    anchors: AnchorsOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Chat in the terminal; older turns are kept as gist states. Commands: /reset, /stats, /exit."""
     with user_errors():
@@ -567,7 +402,7 @@ def chat(
             raise UserError("--keep-raw must be >= 0, -k and --max-new-tokens >= 1")
         if store is not None:
             check_store(store, create=False)
-        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
         mem = open_store(gm, store) if store is not None else None
         history = CompressedHistory(gm, keep_raw=keep_raw)
@@ -637,6 +472,7 @@ def load_web_app_module(app_dir: Optional[Path] = None) -> Any:
 
 
 @app.command()
+@model_options
 def serve(
     store: Annotated[Optional[Path], typer.Option("--store", "-s", help="A memory folder to keep documents in "
                                                   "(default: in RAM, gone on exit).", show_default=False)] = None,
@@ -648,13 +484,7 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
     app_dir: Annotated[Optional[Path], typer.Option(help="Folder of the web app (default: examples/rag_web_app).",
                                                     show_default=False)] = None,
-    model: ModelOpt = None,
-    base: BaseOpt = None,
-    compressor: CompressorOpt = None,
-    ratio: RatioOpt = None,
-    anchors: AnchorsOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Serve the RAG web app: upload or paste documents, ask, and see what gist states save."""
     with user_errors():
@@ -670,16 +500,14 @@ def serve(
                 from gist_memory import server as webapp
         except ImportError as e:
             raise UserError("serve needs uvicorn and fastapi: pip install fastapi uvicorn python-multipart") from e
-        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
         mem = open_store(gm, store, create=True) if store is not None else None
         application = webapp.create_app(gm, mem, max_upload_bytes=max_upload_kb * 1024, k=k,
                                         max_new_tokens=max_new_tokens, model_description=desc)
         if sample:
-            from gist_memory.demo import load_sample
-
             with progress_bar() as bar:
-                application.state.gist.add_records(load_sample(), progress=bar)
+                application.state.gist.add_records(demo.load_sample(), progress=bar)
         err.print(f"serving on http://{host}:{port}  (Ctrl-C stops)")
         uvicorn.run(application, host=host, port=port, log_level="warning")
 
@@ -906,18 +734,13 @@ class _ProgressModel:
 
 
 @app.command("eval")
+@model_options
 def eval_cmd(
     qa: Annotated[Optional[Path], typer.Option(help="QA items (jsonl; default: the shipped qa_dev.jsonl).",
                                                show_default=False)] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Items evaluated (the first N).")] = 60,
     methods: Annotated[str, typer.Option(help="Comma-separated: gist, full, none, trunc.")] = "gist,full,none,trunc",
-    model: ModelOpt = None,
-    base: BaseOpt = None,
-    compressor: CompressorOpt = None,
-    ratio: RatioOpt = None,
-    anchors: AnchorsOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
     """Retention QA (multiple choice): gist states vs full text vs no context vs truncation to the same size."""
@@ -936,7 +759,7 @@ def eval_cmd(
         items = load_qa(qa)[:n]
         if not items:
             raise UserError(f"{qa or 'the QA file'} holds no items")
-        gm, desc = load_model(model, base, compressor, ratio, anchors, device, dtype)
+        gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
         calls = len(ms) + (1 if "gist" in ms and "none" not in ms else 0)
         with progress_bar() as bar:

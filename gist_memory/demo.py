@@ -268,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from gist_memory.cli import UserError, load_model, quiet_libraries, set_threads
+    from gist_memory._options import ModelOptions, UserError, quiet_libraries, set_threads
 
     quiet_libraries()
     out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100)
@@ -284,7 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"(Wikipedia CC BY-SA 4.0, Python docs PSF; see {SAMPLE_CORPUS.parent.name}/ATTRIBUTION.md)")
         threads = set_threads(args.threads)
         t0 = time.perf_counter()
-        model, desc = load_model(args.model, args.base, args.compressor, args.ratio, None, args.device, args.dtype)
+        opts = ModelOptions(model=args.model, base=args.base, compressor=args.compressor, ratio=args.ratio,
+                            device=args.device, dtype=args.dtype)
+        model, desc = opts.load()
         out.print(f"model: {desc}  [dim]({time.perf_counter() - t0:.1f} s)[/dim]")
         import torch
 
