@@ -124,3 +124,60 @@ def test_version_of_an_uninstalled_checkout_comes_from_pyproject(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     want = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
     assert gist_memory._version() == want
+
+
+# ---- deprecations: none from our own code -------------------------------------------------------------------
+DEPRECATIONS = "(DeprecationWarning, PendingDeprecationWarning, FutureWarning)"
+
+
+def test_importing_every_module_raises_no_deprecation_of_ours():
+    """Every gist_memory module imports with our own deprecation warnings as errors (also run by .ci/run)."""
+    got = _run(f"""
+        import importlib, json, pkgutil, warnings
+        for cat in {DEPRECATIONS}:
+            warnings.filterwarnings("error", category=cat, module=r"gist_memory(\\.|$)")
+        import gist_memory
+        names = [m.name for m in pkgutil.walk_packages(gist_memory.__path__, "gist_memory.")]
+        failed = {{}}
+        for n in names:
+            try:
+                importlib.import_module(n)
+            except Exception as e:  # a deprecation of ours, or a module that does not import at all
+                failed[n] = repr(e)[:300]
+        print(json.dumps({{"n": len(names), "failed": failed}}))
+    """)
+    assert got["n"] >= 20 and got["failed"] == {}
+
+
+def test_model_calls_use_no_deprecated_library_arguments(tiny_base_dir):
+    """compress / generate / stream / score on a tiny Llama trigger no deprecation in transformers or torch:
+    warnings (e.g. transformers' `past_key_values` -> `cache` rename, a FutureWarning attributed to torch's
+    Module.__call__) and transformers' once-per-process deprecation log lines, in a fresh interpreter."""
+    got = _run(f"""
+        import json, logging, warnings
+        warnings.simplefilter("always")
+        logs = []
+
+        class Grab(logging.Handler):
+            def emit(self, record):
+                if "deprecat" in record.getMessage().lower():
+                    logs.append(record.getMessage()[:300])
+
+        logging.getLogger("transformers").addHandler(Grab())
+        from gist_memory import GistConfig, GistModel
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = GistModel.from_base({tiny_base_dir!r}, GistConfig(gists_per_sentence=2, anchors="capitalized"),
+                                    device="cpu")
+            states = m.compress(["Maren Voss became the chief curator in 1912. The archive code is QX-4471!",
+                                 "The quick brown fox jumps over the lazy dog."])
+            m.generate("Who became curator?", states=states, max_new_tokens=3)
+            m.generate("Who became curator?", max_new_tokens=2)
+            list(m.stream("Who became curator?", states=states, max_new_tokens=2))
+            m.score("Who became curator?", " Maren Voss", states=states)
+        bad = [f"{{w.category.__name__}}: {{w.message}} ({{w.filename}}:{{w.lineno}})" for w in caught
+               if issubclass(w.category, {DEPRECATIONS})]
+        print(json.dumps({{"warnings": bad, "logs": logs}}))
+    """)
+    assert got == {"warnings": [], "logs": []}
