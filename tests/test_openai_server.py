@@ -363,3 +363,18 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server, tiny):
     ok = post(server, "/v1/chat/completions", {"model": "gist-memory", "max_tokens": 2,
                                                "messages": [{"role": "user", "content": "still there?"}]})
     assert ok[0] == 200
+
+
+def test_a_body_over_the_limit_is_a_413_error_object(tiny):
+    from gist_memory.server import create_app
+    from gist_memory.store import GistMemory
+    from gist_memory.store.testing import HashingEmbedder
+
+    # a small limit (4 KiB uploads: 72 KiB bodies), so the refused body still fits the socket buffers
+    s = Server(create_app(tiny, GistMemory(tiny, None, embedder=HashingEmbedder()), max_upload_bytes=4096))
+    try:
+        big = {"model": "gist-memory", "messages": [{"role": "user", "content": "x" * 100_000}]}
+        got, res = post(s, "/v1/chat/completions", big)
+        assert got == 413 and res["error"]["type"] == "invalid_request_error" and "too large" in res["error"]["message"]
+    finally:
+        s.stop()

@@ -137,7 +137,7 @@ def create_app(model: Any, memory: Optional[Any] = None, *, max_upload_bytes: in
     async def _crash(request: Request, e: Exception) -> JSONResponse:
         logger.exception("request failed")
         msg = f"internal error ({type(e).__name__}); the app keeps running"
-        return JSONResponse(error_json(request.url.path, 500, msg), status_code=500)
+        return JSONResponse(error_json(request.url.path, 500, msg, code="internal_error"), status_code=500)
 
     app.include_router(openai_router(svc))
 
