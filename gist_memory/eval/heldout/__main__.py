@@ -30,7 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-generate", action="store_true", help="skip free generation (multiple choice / LL only)")
+    ap.add_argument("--generate", default="single", choices=["single", "all", "none"],
+                    help="free generation on one-passage items (default), on all items, or none")
     ap.add_argument("--out", default="heldout_results.jsonl", help="results, one JSON line per cell (resumable)")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--details", action="store_true", help="print the per-cell table too")
@@ -51,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         recs = run_table(
             items, methods=a.methods, ratios=a.ratios, out=a.out, base=a.base, model=a.model, seed=a.seed,
-            n_requested=a.items, generate=not a.no_generate,
+            n_requested=a.items, generate=False if a.generate == "none" else a.generate,
             loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype),
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip

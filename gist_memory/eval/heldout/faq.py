@@ -108,7 +108,7 @@ def _body_to_paragraphs(lines: list[str]) -> list[str]:
             text = (text + ":") if text and not text.endswith(":") else text
         if re.match(r"^[-=~^\"'`#*+]{3,}$", text):
             continue
-        text = _inline(text).strip()
+        text = re.sub(r"\s+", " ", _inline(text)).strip()
         if text:
             paras.append(text)
     return paras
@@ -166,29 +166,36 @@ def key_phrase(question: str, sentence: str, literals: tuple[str, ...] = ()) -> 
         if (3 <= len(lit) <= 30 and len(lit.split()) <= 2 and re.search(r"\w", lit) and lit.lower() not in qwords
                 and re.search(r"(?<![\w.])" + re.escape(lit) + r"(?![\w])", sentence)):
             return lit
-    words = re.findall(r"[\w][\w'.+-]*[\w]|\w", sentence)
-    runs: list[list[str]] = []
-    cur: list[str] = []
-    for w in words:
+    words: list[str] = []
+    runs: list[list[re.Match[str]]] = []
+    cur: list[re.Match[str]] = []
+    prev_end = 0
+    for m in re.finditer(r"[\w][\w'.+-]*[\w]|\w", sentence):
+        w = m.group()
+        words.append(w)
+        if cur and sentence[prev_end : m.start()].strip():  # phrases never cross punctuation or slashes
+            runs.append(cur)
+            cur = []
+        prev_end = m.end()
         if w.lower() in _STOP or w.isdigit() and len(w) < 2:
             if cur:
                 runs.append(cur)
             cur = []
         else:
-            cur.append(w)
+            cur.append(m)
     if cur:
         runs.append(cur)
     best, best_score = "", (-1, -1)
     for run in runs:
         for a in range(len(run)):
             for b in range(a + 1, min(len(run), a + 2) + 1):
-                span = run[a:b]
+                span = [m.group() for m in run[a:b]]
                 new = [w for w in span if w.lower() not in qwords]
                 if not new or span[0].lower() in qwords or span[-1].lower() in qwords:
                     continue
                 score = (sum(len(w) for w in new), -len(span))
                 if score > best_score:
-                    best, best_score = " ".join(span), score
+                    best, best_score = sentence[run[a].start() : run[b - 1].end()], score
     if not best:  # every content word is in the question: the longest content word
         cands = [w for w in words if w.lower() not in _STOP]
         best = max(cands, key=len) if cands else ""

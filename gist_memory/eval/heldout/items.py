@@ -16,7 +16,9 @@ of name/number generators. Everything here is separate from them:
 
 Questions are asked in a plain frame (`<question>\\nReply with just the answer.`), not the trainer's frame.
 Multiple choice: four values of the template's type (chance 0.25), none of the wrong ones occurring in the
-passages. Free generation: the same question, a greedy answer, scored by exact match and by containment of the
+passages (among four passages: the four planted values), each scored as the answer stated in a sentence (the
+planted sentence's form with that value: SmolLM2 answers in sentences, and a bare word at the start of a reply
+is an unnatural continuation). Free generation: the same question, a greedy answer, scored by exact match and by containment of the
 answer. Passages: held-out Wikipedia leads (documents the default corpus split keeps out of training), shipped
 in `gist_memory/assets/heldout/wiki_passages.jsonl`. Pure Python (no torch); deterministic given the seed.
 """
@@ -54,6 +56,8 @@ class HeldoutItem:
         question: The question (without the answer frame; `prompt(item)` adds it).
         answer: The reference answer (the planted value; for `faq` the reference answer's first sentence).
         choices: Four candidates for multiple choice (planted kinds), else empty.
+        continuations: What is scored for each choice: the answer stated as a sentence (the planted sentence's
+            form with that choice as the value), parallel to `choices`.
         answer_index: Index of `answer` in `choices` (-1 when there are none).
         answer_passage: Index of the passage holding the answer.
         key_phrase: What a generated answer must contain to count (planted kinds: the value; faq: a key phrase).
@@ -66,6 +70,7 @@ class HeldoutItem:
     question: str
     answer: str
     choices: list[str] = field(default_factory=list)
+    continuations: list[str] = field(default_factory=list)
     answer_index: int = -1
     answer_passage: int = 0
     key_phrase: str = ""
@@ -102,7 +107,7 @@ _SURNAMES = (
 ).split()
 _PLACE_HEAD = (
     "Bramble Cinder Dapple Elder Fennick Glimmer Hazel Juniper Kettle Lantern Mossy Nettle Pebble Quince Rowan "
-    "Sorrel Thistle Umber Vetch Yarrow Alder Bracken Clover Dunnock Flint"
+    "Sorrel Thistle Osier Vetch Yarrow Alder Bracken Clover Dunnock Flint"
 ).split()
 _PLACE_TAIL = "brook crest field gate hollow lea moor reach shaw stow thorpe cliff side well".split()
 _CODE_L = "BCDFGHKLMNPRSTVWXZ"
@@ -304,26 +309,32 @@ def make_planted(kind: str, passages: Sequence[str], rng: random.Random, item_id
     rng.shuffle(choices)
     return HeldoutItem(
         id=item_id, kind=kind, passages=texts, question=t.question.format(S=subjects[target]), answer=answer,
-        choices=choices, answer_index=choices.index(answer), answer_passage=target, key_phrase=answer,
+        choices=choices, continuations=[t.sentence.format(S=subjects[target], V=c) for c in choices],
+        answer_index=choices.index(answer), answer_passage=target, key_phrase=answer,
         meta={"template": t.name, "value_type": t.value_type, "facts": facts, "subjects": subjects,
               "inserted_after_sentences": where},
     )  # fmt: skip
 
 
 def build_planted(passages: Sequence[Union[str, dict]], kind: str, n: int, seed: int = 0,
-                  n_distractor_passages: int = 4) -> list[HeldoutItem]:  # fmt: skip
+                  n_distractor_passages: int = 4, distractor_max_words: int = 90) -> list[HeldoutItem]:  # fmt: skip
     """`n` items of a planted kind from `passages` (strings or `{"text", "doc_id"}` records), deterministic in seed.
 
-    Templates rotate in order; passages are drawn without reuse until all were used once.
+    Templates rotate in order; passages are drawn without reuse until all were used once. Items among several
+    passages use passages of at most `distractor_max_words` words (when at least `n_distractor_passages` are).
 
     Raises:
         HeldoutError: Unknown kind or too few passages.
     """
     if kind not in PLANTED_KINDS:
         raise HeldoutError(f"unknown planted kind {kind!r} (known: {', '.join(PLANTED_KINDS)})")
+    k = 1 if kind.endswith("_single") else n_distractor_passages
     texts = [p["text"] if isinstance(p, dict) else p for p in passages]
     ids = [str(p.get("doc_id", i)) if isinstance(p, dict) else str(i) for i, p in enumerate(passages)]
-    k = 1 if kind.endswith("_single") else n_distractor_passages
+    if k > 1:
+        short = [i for i, t in enumerate(texts) if len(t.split()) <= distractor_max_words]
+        if len(short) >= k:
+            texts, ids = [texts[i] for i in short], [ids[i] for i in short]
     if len(texts) < k:
         raise HeldoutError(f"{kind} needs at least {k} passages, got {len(texts)}")
     rng = random.Random(f"{seed}:{kind}")

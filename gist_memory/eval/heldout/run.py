@@ -38,7 +38,7 @@ KIND_TITLES = {
     "common_distractors": "common words, among 4 passages",
     "faq": "Python FAQ (real questions)",
 }
-GEN_TOKENS = {"planted": 16, "faq": 40}
+GEN_TOKENS = {"planted": 24, "faq": 40}
 
 
 def pool_config(method: str, ratio: float):  # noqa: ANN201 - GistConfig
@@ -96,7 +96,7 @@ def _context(gm, method: str, ratio: Optional[float], item: HeldoutItem) -> tupl
 
 
 def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence[HeldoutItem],
-             generate: bool = True) -> dict:  # noqa: ANN001 - GistModel  # fmt: skip
+             generate: Union[bool, str] = "single") -> dict:  # noqa: ANN001 - GistModel  # fmt: skip
     """Scores `items` of one kind with one method; returns the cell record (metrics, per-item results, timing)."""
     t0 = time.perf_counter()
     raw = kept = 0
@@ -110,10 +110,10 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
             rec["ll"] = gm.score(q, item.answer, states=states)
             rec["answer_tokens"] = len(gm.tokenizer(item.answer, add_special_tokens=False)["input_ids"])
         else:
-            scores = gm.score_choices(q, list(item.choices), states=states)
+            scores = gm.score_choices(q, list(item.continuations or item.choices), states=states)
             best = max(range(len(scores)), key=lambda i: (scores[i], -i))
             rec["correct"] = int(best == item.answer_index)
-        if generate:
+        if generate is True or generate == "all" or (generate == "single" and len(item.passages) == 1):
             out = gm.generate(q, states=states, max_new_tokens=GEN_TOKENS["faq" if kind == "faq" else "planted"])
             rec["generated"] = out[:300]
             rec["contains"] = int(contains(out, item.key_phrase))
@@ -127,7 +127,7 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
             metrics["mean_ll"] = sum(x["ll"] for x in per_item) / n
         else:
             metrics["mc_accuracy"] = sum(x["correct"] for x in per_item) / n
-        if generate:
+        if "contains" in per_item[0]:
             metrics["gen_contains"] = sum(x["contains"] for x in per_item) / n
             if kind != "faq":
                 metrics["gen_exact"] = sum(x["exact"] for x in per_item) / n
@@ -141,7 +141,7 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
 
 def _key(rec: dict) -> tuple:
     return (rec["method"], rec.get("ratio"), rec["kind"], rec.get("n_requested"), rec.get("seed"),
-            rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"))  # fmt: skip
+            rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"), rec.get("generate"))  # fmt: skip
 
 
 def read_results(path: Union[str, Path]) -> list[dict]:
@@ -185,7 +185,7 @@ def run_table(
     model: Optional[str] = None,
     seed: int = 0,
     n_requested: Optional[int] = None,
-    generate: bool = True,
+    generate: Union[bool, str] = "single",
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
@@ -197,7 +197,8 @@ def run_table(
         loader: `load(method, ratio) -> GistModel` (default: `default_loader(base, model)`).
         base / model: Recorded in each record (and used by the default loader).
         seed / n_requested: Recorded in each record (part of the resume key).
-        generate: Also score free generation (containment / exact match).
+        generate: Free generation (containment / exact match) on `single` items (one passage: the planted
+            `*_single` kinds and `faq`), `all` items, or none (False).
         log: Progress printer.
 
     Returns:
@@ -206,7 +207,7 @@ def run_table(
     loader = loader or default_loader(base, model)
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
-            "base": base or "embedded", "model": model_ref}  # fmt: skip
+            "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
     done = {_key(r): r for r in (read_results(out) if out else [])}
     records: list[dict] = []
     current: tuple = ()

@@ -1,0 +1,224 @@
+"""Held-out evaluation (issue 12): generators apart from training's, the FAQ asset, the table end to end (tiny)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from gist_memory.eval import qa
+from gist_memory.eval.heldout import faq, items, run
+from gist_memory.eval.heldout.items import (
+    COMMON_TEMPLATES,
+    COMMON_WORD_LISTS,
+    ENTITY_TEMPLATES,
+    KINDS,
+    PLANTED_KINDS,
+    TEMPLATES,
+    HeldoutError,
+    build_items,
+    build_planted,
+    make_planted,
+    prompt,
+)
+
+PASSAGES = [
+    f"Passage {i} tells of a quiet valley where farmers grew barley for many years. The old mill by the river "
+    f"was rebuilt after a flood. Visitors came in the summer to walk the hills and see the lakes. Local records "
+    f"describe fairs, markets and a small school that opened near the church."
+    for i in range(12)
+]
+
+
+def _words(template: str) -> list[str]:
+    t = template.replace("{S}", " X ").replace("{V}", " Y ")
+    return re.findall(r"[a-z']+|[XY]", t.lower().replace("x ", "X ").replace(" y ", " Y "))
+
+
+def _ngrams(template: str, n: int = 4) -> set[tuple[str, ...]]:
+    w = re.findall(r"[\w']+", template.replace("{S}", "SUBJ").replace("{V}", "VAL").lower())
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def test_no_template_or_question_pattern_shared_with_training():
+    train_strings = [t.sentence for t in qa.FACT_TEMPLATES] + [t.question for t in qa.FACT_TEMPLATES]
+    ours = [t.sentence for t in TEMPLATES] + [t.question for t in TEMPLATES]
+    assert not set(train_strings) & set(ours)
+    train_grams = set().union(*(_ngrams(s) for s in train_strings))
+    for s in ours:
+        shared = _ngrams(s) & train_grams
+        assert not shared, f"{s!r} shares {shared} with a training template"
+    # the question frame and the cloze frame of the trainer are not used
+    item = build_planted(PASSAGES, "entity_single", 1)[0]
+    assert not prompt(item).startswith("Question:") and "Answer:" not in prompt(item)
+    assert "Fill in the blank" not in prompt(item)
+    # nor the trainer's template names or value lists
+    assert not {t.name for t in TEMPLATES} & {t.name for t in qa.FACT_TEMPLATES}
+    assert not set(items._FIRST) & set(qa._FIRST)
+    assert not set(items._PLACE_HEAD) & set(qa._PLACE_A)
+    assert not set(items._PLACE_TAIL) & set(qa._PLACE_B)
+
+
+def test_generators_are_deterministic_and_produce_the_kinds():
+    for kind in PLANTED_KINDS:
+        a = build_planted(PASSAGES, kind, 6, seed=3)
+        b = build_planted(PASSAGES, kind, 6, seed=3)
+        c = build_planted(PASSAGES, kind, 6, seed=4)
+        assert [x.to_dict() for x in a] == [x.to_dict() for x in b]
+        assert [x.to_dict() for x in a] != [x.to_dict() for x in c]
+        for it in a:
+            assert it.kind == kind
+            assert len(it.passages) == (1 if kind.endswith("_single") else 4)
+            assert len(it.choices) == 4 == len(set(it.choices)) == len(it.continuations)
+            assert it.choices[it.answer_index] == it.answer == it.key_phrase
+            assert it.answer in it.passages[it.answer_passage]
+            assert it.answer in it.continuations[it.answer_index]
+            # wrong choices never occur in a passage unless planted there (distractors: the other passages' values)
+            planted = set()
+            for p in it.passages:
+                planted |= {c for c in it.choices if re.search(r"(?<!\w)" + re.escape(c) + r"(?!\w)", p, re.I)}
+            if kind.endswith("_single"):
+                assert planted == {it.answer}
+            else:
+                assert planted == set(it.choices)
+            fam = ENTITY_TEMPLATES if kind.startswith("entity") else COMMON_TEMPLATES
+            assert it.meta["template"] in {t.name for t in fam}
+
+
+def test_common_word_values_escape_the_anchor_rule():
+    from gist_memory.text.split import anchor_char_spans
+
+    for words in COMMON_WORD_LISTS.values():
+        for w in words:
+            assert w.islower() and w.isalpha()
+    for it in build_planted(PASSAGES, "common_single", 12, seed=1) + build_planted(PASSAGES, "common_distractors", 4):
+        for fact, text in zip(it.meta["facts"], it.passages):
+            start = text.index(fact)
+            spans = anchor_char_spans(text, [], "capitalized")
+            for v in it.choices:
+                m = re.search(r"(?<!\w)" + re.escape(v) + r"(?!\w)", fact)
+                if m is None:
+                    continue
+                a, b = start + m.start(), start + m.end()
+                assert not any(s < b and a < e for s, e, _ in spans), f"{v!r} selected as an anchor in {fact!r}"
+    # while the entity values are (at least partly) anchors
+    it = build_planted(PASSAGES, "entity_single", 1)[0]
+    spans = anchor_char_spans(it.passages[0], [], "capitalized")
+    a = it.passages[0].index(it.answer)
+    assert any(s < a + len(it.answer) and a < e for s, e, _ in spans)
+
+
+def test_bad_requests():
+    with pytest.raises(HeldoutError):
+        build_planted(PASSAGES, "cloze_swap", 2)
+    with pytest.raises(HeldoutError):
+        build_planted(PASSAGES[:2], "entity_distractors", 2)
+    with pytest.raises(HeldoutError):
+        make_planted("common_single", PASSAGES[:2], __import__("random").Random(0))
+    with pytest.raises(HeldoutError):
+        build_items(2, kinds=["nope"])
+
+
+def test_faq_asset_parses():
+    got = faq.load_faq()
+    assert len(got) >= 150
+    assert len({(x.question, x.meta["file"]) for x in got}) == len(got) == len({x.id for x in got})
+    for it in got:
+        assert it.kind == "faq" and it.question.endswith("?")
+        assert it.answer and it.answer in it.passages[0]
+        assert it.key_phrase and it.key_phrase.lower() in it.answer.lower()
+        assert it.meta["license"] == "PSF-2.0"
+        assert "``" not in it.passages[0] and ":func:`" not in it.passages[0]
+    attribution = (items.ASSETS / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    assert "Python Software Foundation" in attribution and "CC BY-SA 4.0" in attribution
+
+
+def test_shipped_passages_are_heldout():
+    from gist_memory.train.data import is_heldout
+
+    recs = items.load_wiki_passages()
+    assert len(recs) >= 200
+    assert all(is_heldout(r["doc_id"], 0.05, 0) for r in recs)
+    built = build_items(3, kinds=KINDS)
+    assert set(built) == set(KINDS) and all(len(v) == 3 for v in built.values())
+    assert [x.to_dict() for x in build_items(3, kinds=["common_distractors"])["common_distractors"]] == [
+        x.to_dict() for x in built["common_distractors"]
+    ]
+
+
+def test_faq_extraction_from_rst(tmp_path):
+    (tmp_path / "general.rst.txt").write_text(
+        "Title\n=====\n\nSection\n-------\n\nNot a question\n--------------\n\nText.\n\n"
+        ".. _label:\n\nHow do I copy a thing?\n----------------------\n\n"
+        "Yes.  Use :func:`copy.deepcopy` from the ``copy`` module for the general case::\n\n"
+        "   import copy\n   y = copy.deepcopy(x)\n\nSee `the docs <https://example.org>`_ for more.\n\n"
+        ".. XXX a comment\n\nWhy?\n----\n\n.. note::\n   Only a note.\n",
+        encoding="utf-8",
+    )
+    got = faq.extract_faq(tmp_path)
+    assert [x.question for x in got] == ["How do I copy a thing?"]
+    it = got[0]
+    assert it.answer == "Yes. Use copy.deepcopy from the copy module for the general case:"
+    assert it.key_phrase == "copy.deepcopy"
+    assert "y = copy.deepcopy(x)" in it.passages[0] and "See the docs for more." in it.passages[0]
+    assert "XXX" not in it.passages[0]
+    with pytest.raises(HeldoutError):
+        faq.extract_faq(tmp_path / "missing")
+
+
+def test_render_markdown_and_recovered_fraction():
+    def cell(method, ratio, kind, metrics, per_item, raw=100, kept=25):
+        return {"method": method, "ratio": ratio, "kind": kind, "n": len(per_item), "metrics": metrics,
+                "raw_tokens": raw, "kept_rows": kept, "achieved_ratio": raw / kept if kept else None, "seconds": 1.0,
+                "per_item": per_item, "version": 1}  # fmt: skip
+
+    recs = [
+        cell("full", None, "faq", {}, [{"id": "a", "ll": -10.0}, {"id": "b", "ll": -20.0}], 100, 100),
+        cell("none", None, "faq", {}, [{"id": "a", "ll": -30.0}, {"id": "b", "ll": -40.0}], 0, 0),
+        cell("pool+anchors", 4.0, "faq", {"gen_contains": 0.5}, [{"id": "a", "ll": -20.0}, {"id": "b", "ll": -30.0}]),
+        cell("pool+anchors", 4.0, "common_single", {"mc_accuracy": 0.75, "gen_contains": 0.5}, [{}] * 4),
+    ]
+    assert run.recovered_fraction(recs[2], recs[0], recs[1]) == pytest.approx(0.5)
+    md = run.render_markdown(recs)
+    assert run.LABEL in md
+    assert "| pool+anchors @4x | 4.00x | 0.75 / 0.50 | 0.50 / 0.50 |" in md
+    assert "| none | - |" in md
+    assert "pool+anchors @4x" in run.render_details(recs)
+
+
+def test_table_end_to_end_on_tiny_model(tiny_base_dir, tmp_path):
+    from gist_memory import GistConfig, GistModel
+
+    gist_dir = tmp_path / "gist"
+    GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4, anchors="capitalized", max_sentence_tokens=48),
+                        device="cpu").save_pretrained(gist_dir)  # fmt: skip
+    its = build_items(2, kinds=KINDS)
+    out = tmp_path / "res.jsonl"
+    logs: list[str] = []
+    recs = run.run_table(its, ratios=[4], out=out, base=tiny_base_dir, model=str(gist_dir), n_requested=2,
+                         loader=run.default_loader(tiny_base_dir, str(gist_dir), device="cpu"), log=logs.append)  # fmt: skip
+    n_cells = (2 + 5) * len(KINDS)  # full, none + 5 methods at one ratio
+    assert len(recs) == n_cells
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == n_cells and all(r["label"] == run.LABEL for r in lines)
+    by = {(r["method"], r["kind"]): r for r in lines}
+    for (m, k), r in by.items():
+        assert r["n"] == 2
+        if k == "faq":
+            assert "mean_ll" in r["metrics"] and "gen_contains" in r["metrics"]
+        else:
+            assert 0.0 <= r["metrics"]["mc_accuracy"] <= 1.0
+            assert ("gen_contains" in r["metrics"]) == k.endswith("_single")
+        if m not in ("none", "full"):
+            assert r["achieved_ratio"] > 1.5
+    assert by[("gist", "faq")]["model_anchors"] == "none"
+    assert by[("gist+anchors", "faq")]["model_anchors"] == "capitalized"
+    md = run.render_markdown(recs)
+    assert "gist+anchors @4x" in md and "Python FAQ" in md
+    # resume: nothing is rerun, no model is loaded
+    logs.clear()
+    again = run.run_table(its, ratios=[4], out=out, base=tiny_base_dir, model=str(gist_dir), n_requested=2,
+                          loader=lambda m, r: pytest.fail("resume loaded a model"), log=logs.append)  # fmt: skip
+    assert len(again) == n_cells and not logs
+    assert len(out.read_text().splitlines()) == n_cells
