@@ -110,7 +110,7 @@ def _norm(name: str) -> str:
 
 def check() -> None:
     """Run by the interpreter that creates the venv."""
-    if "%d.%d" % sys.version_info[:2] != PYTHON:
+    if "{}.{}".format(*sys.version_info[:2]) != PYTHON:
         sys.exit(f"requirements.lock is for Python {PYTHON} (torch's CPU wheel); this is {sys.version.split()[0]}: "
                  f"make PY=python{PYTHON} ...")
     if not LOCK.exists():

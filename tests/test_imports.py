@@ -79,7 +79,7 @@ def test_version_comes_from_package_metadata():
 
 
 def test_help_is_fast_and_loads_nothing_heavy():
-    got = _run("""
+    got = _run(f"""
         import json, sys, time
         t0 = time.perf_counter()
         from gist_memory.cli import main
@@ -95,9 +95,9 @@ def test_help_is_fast_and_loads_nothing_heavy():
             except SystemExit as e:
                 code = code or e.code
         print()
-        print(json.dumps({"code": code, "heavy": sorted(m for m in %r if m in sys.modules),
-                          "seconds": time.perf_counter() - t0}))
-    """ % (HEAVY,))
+        print(json.dumps({{"code": code, "heavy": sorted(m for m in {HEAVY!r} if m in sys.modules),
+                          "seconds": time.perf_counter() - t0}}))
+    """)
     assert got["code"] in (0, None)
     assert got["heavy"] == []
     assert got["seconds"] < 10  # typically well under a second; generous for a loaded CI machine
