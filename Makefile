@@ -45,7 +45,8 @@ lock-upgrade: $(UV)
 	UV=$(UV) $(PY) .ci/lock.py compile --upgrade
 
 $(UV):
-	$(PY) -m pip install -q --target $(VENV)/.uv uv==$(UV_VERSION)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --target $(VENV)/.uv uv==$(UV_VERSION)
 
 test: venv
 	$(BIN)/python -m pytest -q
