@@ -222,3 +222,14 @@ def test_table_end_to_end_on_tiny_model(tiny_base_dir, tmp_path):
                           loader=lambda m, r: pytest.fail("resume loaded a model"), log=logs.append)  # fmt: skip
     assert len(again) == n_cells and not logs
     assert len(out.read_text().splitlines()) == n_cells
+
+
+def test_unloadable_model_is_skipped_not_fatal(tmp_path):
+    its = {"common_single": build_planted(PASSAGES, "common_single", 1)}
+    logs: list[str] = []
+
+    def load(method, ratio):
+        raise ValueError("adapter format 1")
+
+    recs = run.run_table(its, methods=["gist"], ratios=[4], out=tmp_path / "r.jsonl", loader=load, log=logs.append)
+    assert recs == [] and "skipped gist @4x" in logs[0] and not (tmp_path / "r.jsonl").exists()

@@ -202,7 +202,8 @@ def run_table(
         log: Progress printer.
 
     Returns:
-        All records for the requested cells (those found in `out` and those run now).
+        All records for the requested cells (those found in `out` and those run now). A method whose model
+        cannot be loaded is logged and skipped (nothing written, so a later run fills it in).
     """
     loader = loader or default_loader(base, model)
     model_ref = model or "shipped"
@@ -211,6 +212,7 @@ def run_table(
     done = {_key(r): r for r in (read_results(out) if out else [])}
     records: list[dict] = []
     current: tuple = ()
+    failed: set[tuple] = set()
     gm = None
     for method, ratio, kind in plan_cells(methods, ratios, list(items)):
         probe = {**meta, "method": method, "ratio": ratio, "kind": kind}
@@ -218,11 +220,19 @@ def run_table(
             records.append(done[_key(probe)])
             continue
         want = ("base",) if method in BASE_METHODS else (method, ratio)
+        if want in failed:
+            continue
         if want != current:
             gm = None
             gc.collect()
             t = time.perf_counter()
-            gm = loader(method, ratio)
+            try:
+                gm = loader(method, ratio)
+            except (OSError, ValueError, RuntimeError) as e:  # e.g. a model folder this version cannot read
+                failed.add(want)
+                current = ()
+                log(f"skipped {_row_name(method, ratio)}: cannot load its model ({e})")
+                continue
             current = want
             log(f"loaded {method}{'' if ratio is None else f' @{ratio:g}x'} in {time.perf_counter() - t:.1f}s")
         rec = {**meta, **run_cell(gm, method, ratio, kind, items[kind], generate=generate)}
