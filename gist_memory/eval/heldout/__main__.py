@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from gist_memory.eval.heldout.items import KINDS, HeldoutError, build_items
-from gist_memory.eval.heldout.run import METHODS, default_loader, read_results, render_details, render_markdown, run_table
+from gist_memory.eval.heldout.run import (
+    METHODS,
+    default_loader,
+    read_results,
+    render_details,
+    render_markdown,
+    run_table,
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,8 +37,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--generate", default="single", choices=["single", "all", "none"],
-                    help="free generation on one-passage items (default), on all items, or none")
+    ap.add_argument(
+        "--generate",
+        default="single",
+        choices=["single", "all", "none"],
+        help="free generation on one-passage items (default), on all items, or none",
+    )
     ap.add_argument("--out", default="heldout_results.jsonl", help="results, one JSON line per cell (resumable)")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--details", action="store_true", help="print the per-cell table too")

@@ -163,8 +163,13 @@ def key_phrase(question: str, sentence: str, literals: tuple[str, ...] = ()) -> 
     qwords = {w.lower() for w in re.findall(r"[\w']+", question)}
     for lit in literals:
         lit = lit.strip()
-        if (3 <= len(lit) <= 30 and len(lit.split()) <= 2 and re.search(r"\w", lit) and lit.lower() not in qwords
-                and re.search(r"(?<![\w.])" + re.escape(lit) + r"(?![\w])", sentence)):
+        if (
+            3 <= len(lit) <= 30
+            and len(lit.split()) <= 2
+            and re.search(r"\w", lit)
+            and lit.lower() not in qwords
+            and re.search(r"(?<![\w.])" + re.escape(lit) + r"(?![\w])", sentence)
+        ):
             return lit
     words: list[str] = []
     runs: list[list[re.Match[str]]] = []

@@ -161,7 +161,9 @@ def read_results(path: Union[str, Path]) -> list[dict]:
     return out
 
 
-def plan_cells(methods: Sequence[str], ratios: Sequence[float], kinds: Sequence[str]) -> list[tuple[str, Optional[float], str]]:
+def plan_cells(
+    methods: Sequence[str], ratios: Sequence[float], kinds: Sequence[str]
+) -> list[tuple[str, Optional[float], str]]:
     """Cells in run order: grouped by the model each needs (one model loaded at a time)."""
     cells = []
     for m in methods:
@@ -333,7 +335,7 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
 
 def render_details(results: Iterable[dict]) -> str:
     """One markdown row per cell: n, achieved ratio, every metric, seconds."""
-    out = [f"| method | kind | n | achieved ratio | metrics | seconds |", "|---|---|---|---|---|---|"]
+    out = ["| method | kind | n | achieved ratio | metrics | seconds |", "|---|---|---|---|---|---|"]
     for r in results:
         ach = r.get("achieved_ratio")
         mt = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
