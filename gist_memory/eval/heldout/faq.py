@@ -4,8 +4,9 @@
 (`/usr/share/doc/python3.11/html/_sources/faq/*.rst.txt`): every section whose title ends with `?` is one
 question; its body, with reST markup reduced to plain text and cut at a paragraph boundary near `max_words`, is
 the answer passage; the answer's first sentence (with the next one when the first is shorter than six words, as
-in "Yes. ...") is the reference answer; a key phrase is picked from it (the longest run of up to three content
-words not in the question, a literal such as `__init__` first).
+in "Yes. ...") is the reference answer; a key phrase is picked from it (a literal such as `__init__` first, else the
+run of one or two content words not in the question with the most letters, code-like words counting most and
+adverbs/participles not at all).
 
 Scoring (in `gist_memory.eval.heldout.run`): the passage is compressed; the reference answer is scored by
 log-likelihood given the states, given the passage as text, and given nothing; the fraction of full text's gain
@@ -36,7 +37,8 @@ _STOP = frozenset(
     "may more most no not of on one or other so some such than that the their them then there these they this to "
     "use used using was way we what when where which while who why will with would you your yes also only very "
     "there's it's don't you're isn't can't want need make makes get gets lot lots many much well like same "
-    "different another any all each should could might must python".split()
+    "different another any all each should could might must python being several possible ways easiest good best "
+    "new even often usually simply general case because although unless since though".split()
 )
 
 
@@ -158,6 +160,19 @@ def first_sentences(paragraph: str, min_words: int = 6) -> str:
     return out
 
 
+def _codeish(w: str) -> bool:
+    return bool(re.search(r"[._()\d]|[a-z][A-Z]", w)) or (w.isupper() and len(w) > 1)
+
+
+def _weight(w: str) -> int:
+    """How telling a word is as (part of) a key phrase: code-like words most, adverbs and participles not."""
+    if _codeish(w):
+        return 20 + len(w)
+    if re.search(r"(ly|ing|ed)$", w.lower()):
+        return 0
+    return len(w)
+
+
 def key_phrase(question: str, sentence: str, literals: tuple[str, ...] = ()) -> str:
     """A short phrase of `sentence` that the question does not give away (see the module docstring)."""
     qwords = {w.lower() for w in re.findall(r"[\w']+", question)}
@@ -182,7 +197,7 @@ def key_phrase(question: str, sentence: str, literals: tuple[str, ...] = ()) -> 
             runs.append(cur)
             cur = []
         prev_end = m.end()
-        if w.lower() in _STOP or w.isdigit() and len(w) < 2:
+        if w.lower() in _STOP or w.isdigit() and len(w) < 2 or _weight(w) == 0:
             if cur:
                 runs.append(cur)
             cur = []
@@ -198,7 +213,7 @@ def key_phrase(question: str, sentence: str, literals: tuple[str, ...] = ()) -> 
                 new = [w for w in span if w.lower() not in qwords]
                 if not new or span[0].lower() in qwords or span[-1].lower() in qwords:
                     continue
-                score = (sum(len(w) for w in new), -len(span))
+                score = (sum(_weight(w) for w in new), -len(span))
                 if score > best_score:
                     best, best_score = sentence[run[a].start() : run[b - 1].end()], score
     if not best:  # every content word is in the question: the longest content word
