@@ -19,75 +19,83 @@ TEXTS = [
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request, tiny_base_dir, tiny_qwen_dir):
     base = tiny_base_dir if request.param == "llama" else tiny_qwen_dir
-    return GistModel.from_base(base, GistConfig(gists_per_sentence=2, anchors="capitalized"), device="cpu")
+    m = GistModel.from_base(base, GistConfig(gists_per_sentence=2, anchors="capitalized"), device="cpu", lora_r=4)
+    with torch.no_grad():  # a writer LoRA that really changes the gist rows (B starts at zero)
+        for mod in m.writer.lora.values():
+            mod.lora_B.normal_(0, 0.5)
+    m.invalidate_fingerprint()
+    return m
 
 
 def _segments(m, texts):
-    return [m._segment(m.plan(t)) for t in texts]
+    return [m.segment(m.plan(t)) for t in texts]
 
 
 def _full_pass_logits(m, segs, tail):
-    lay = build_layout([segs], m.gist_token_ids, m._pad_id(), tails=[tail])
-    out = m._base_lm()(input_ids=lay.input_ids, attention_mask=lay.attention_mask(), position_ids=lay.position_ids)
-    return out.logits[0, -len(tail):], lay
+    lay = build_layout([segs], m._pad_id(), tails=[tail])
+    return m.forward_layout(lay)[0, -len(tail):], lay
+
+
+def _hidden(m, lay):
+    """Last hidden states of the reference single pass (writer on gist rows only)."""
+    emb = m.model.get_input_embeddings()(lay.input_ids)
+    is_gist = lay.kind == 1
+    emb = torch.where(is_gist[..., None], m.writer.embed(lay.gist_slot.clamp_min(0), emb.dtype), emb)
+    with m.writer.writing(gate=is_gist):
+        return m.model.get_decoder()(inputs_embeds=emb, attention_mask=lay.attention_mask(),
+                                     position_ids=lay.position_ids).last_hidden_state[0]
 
 
 @torch.no_grad()
 def test_compress_then_continue_equals_one_masked_pass(model):
     segs = _segments(model, TEXTS[:2])
-    tail = model._ids("\n\nWhat is the code? Answer:")
+    tail = model.encode("\n\nWhat is the code? Answer:")
     full, _ = _full_pass_logits(model, segs, tail)
     states = model.compress(TEXTS[:2])
     assert any(s.num_anchors for s in states), "anchors must be part of this check"
     layers, pos = kv.splice(None, 0, states, model.rope, "gapped")
-    logits, _ = model._forward(torch.as_tensor([tail]), layers, pos)
+    logits, _ = model.forward_ids(torch.as_tensor([tail]), layers, pos)
     assert (logits[0] - full).abs().max() <= 1e-3
 
 
 @torch.no_grad()
-def test_perturbing_raw_tokens_only_reaches_later_text_through_kept_rows(model):
-    # piece 0 keeps nothing (0 gists, no anchors): later pieces and the tail cannot depend on its raw tokens
-    ids = model._ids("Alpha beta gamma. delta epsilon zeta. eta theta.")
+def test_perturbing_raw_tokens_only_reaches_the_tail_through_kept_rows(model):
+    # piece 0 keeps nothing (0 gists, no anchors); gists of later pieces read it, the tail only through them
+    ids = model.encode("Alpha beta gamma. delta epsilon zeta. eta theta.")
     n = len(ids)
     pieces = [(0, 4), (4, 8), (8, n)]
-    other = Segment(ids=model._ids("unrelated text here."), pieces=[(0, len(model._ids("unrelated text here.")))], n_gists=[1])
+    o_ids = model.encode("unrelated text here.")
+    other = Segment(ids=o_ids, pieces=[(0, len(o_ids))], n_gists=[1])
 
-    def run(first_ids, other_seg):
-        s = Segment(ids=first_ids, pieces=pieces, n_gists=[0, 2, 1], anchors=[False] * n)
-        lay = build_layout([[other_seg, s]], model.gist_token_ids, model._pad_id(), tails=[[5, 6, 7]])
-        h = model._decoder()(input_ids=lay.input_ids, attention_mask=lay.attention_mask(), position_ids=lay.position_ids)
-        return h.last_hidden_state[0], lay
+    def run(first_ids, other_seg, n_gists=(0, 2, 1)):
+        s = Segment(ids=first_ids, pieces=pieces, n_gists=list(n_gists), anchors=[False] * n)
+        lay = build_layout([[other_seg, s]], model._pad_id(), tails=[[5, 6, 7]])
+        return _hidden(model, lay), lay
 
     h0, lay = run(ids, other)
     changed = list(ids)
     changed[1] = (changed[1] + 7) % 500
     h1, _ = run(changed, other)
-    later = (lay.segment[0] == 1) & (lay.piece[0] >= 2)  # pieces 1, 2 of segment 1 (piece ids are row-global)
     tail = lay.kind[0] == 2
-    assert (h0[later] - h1[later]).abs().max() == 0
-    assert (h0[tail] - h1[tail]).abs().max() == 0
-    # changing the other segment changes nothing in this one
-    o2 = Segment(ids=model._ids("different words there."), pieces=[(0, len(model._ids("different words there.")))], n_gists=[1])
-    h2, lay2 = run(ids, o2)
-    mine = lay2.segment[0] == 1
-    if lay2.input_ids.shape == lay.input_ids.shape:
-        assert (h0[mine] - h2[mine]).abs().max() <= 1e-5
-    # but a kept row does carry information: with a gist on piece 0 the tail moves
-    s_g = lambda first: Segment(ids=first, pieces=pieces, n_gists=[1, 2, 1])  # noqa: E731
-    a = build_layout([[s_g(ids)]], model.gist_token_ids, model._pad_id(), tails=[[5, 6]])
-    b = build_layout([[s_g(changed)]], model.gist_token_ids, model._pad_id(), tails=[[5, 6]])
-    ha = model._decoder()(input_ids=a.input_ids, attention_mask=a.attention_mask(), position_ids=a.position_ids)
-    hb = model._decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask(), position_ids=b.position_ids)
-    assert (ha.last_hidden_state[0, -2:] - hb.last_hidden_state[0, -2:]).abs().max() > 1e-6
+    assert (h0[tail] - h1[tail]).abs().max() > 1e-6  # the gists of pieces 1-2 saw the change
+    # with no gist at all, the tail cannot see the change
+    h0n, lay_n = run(ids, other, (0, 0, 0))
+    h1n, _ = run(changed, other, (0, 0, 0))
+    tail_n = lay_n.kind[0] == 2
+    assert (h0n[tail_n] - h1n[tail_n]).abs().max() <= 1e-6
+    # the other segment never sees this one
+    first = lay.segment[0] == 0
+    assert (h0[first] - h1[first]).abs().max() <= 1e-6
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("delta", [1, 37, 1000])
 def test_rerotation_equals_computing_at_shifted_positions(model, delta):
-    lay = build_layout([_segments(model, TEXTS[:1])], model.gist_token_ids, model._pad_id())
-    dec = model._decoder()
-    a = kv.cache_layers(dec(input_ids=lay.input_ids, attention_mask=lay.attention_mask(), position_ids=lay.position_ids, use_cache=True).past_key_values)
-    b = kv.cache_layers(dec(input_ids=lay.input_ids, attention_mask=lay.attention_mask(), position_ids=lay.position_ids + delta, use_cache=True).past_key_values)
+    ids = torch.as_tensor([model.encode(TEXTS[0])])
+    dec = model.model.get_decoder()
+    pos = torch.arange(ids.shape[1])[None]
+    a = kv.cache_layers(kv.out_cache(dec(input_ids=ids, position_ids=pos, use_cache=True)))
+    b = kv.cache_layers(kv.out_cache(dec(input_ids=ids, position_ids=pos + delta, use_cache=True)))
     for (ka, va), (kb, vb) in zip(a, b):
         assert (kv.rotate(ka, torch.tensor(delta), model.rope) - kb).abs().max() <= 1e-5
         assert (va - vb).abs().max() <= 1e-5
@@ -111,7 +119,6 @@ def test_long_text_chunked_equals_single_pass(model):
     old = model.chunk_tokens
     model.chunk_tokens = 64
     try:
-        assert len(model._chunks(model.plan(text))) > 3
         chunked = model.compress([text])[0]
     finally:
         model.chunk_tokens = old
@@ -171,8 +178,8 @@ def test_positions_and_compression_ratio(model):
     assert st.num_tokens == plan.num_tokens
     assert st.num_kept == plan.num_kept == st.num_gists
     assert st.compression_ratio == pytest.approx(plan.num_tokens / plan.num_kept)
-    assert st.span == plan.num_tokens + sum(plan.n_other)
-    assert torch.all(st.positions[1:] > st.positions[:-1])
+    assert st.span == plan.num_tokens  # gists sit at the positions of the text they stand for
+    assert torch.all(st.positions[1:] >= st.positions[:-1]) and int(st.positions.max()) < st.span
 
 
 @pytest.mark.parametrize("ratio", [2.0, 4.0, 8.0])
@@ -188,7 +195,7 @@ def test_target_ratio_lands_within_10_percent(tiny_base_dir, ratio):
 @pytest.mark.parametrize("compressor", ["pool", "pool+anchors"])
 def test_training_free_compressors(tiny_base_dir, compressor):
     m = GistModel.from_base(tiny_base_dir, GistConfig(compressor=compressor, target_ratio=4.0), device="cpu")
-    assert m.gist_token_ids == []
+    assert m.writer is None
     states = m.compress(TEXTS[:2])
     for st in states:
         assert 3.0 <= st.compression_ratio <= 5.0 or st.num_tokens < 16
@@ -204,7 +211,7 @@ def test_packed_positions_mode(tiny_base_dir):
     m = GistModel.from_base(tiny_base_dir, GistConfig(gists_per_sentence=1, position_mode="packed"), device="cpu")
     states = m.compress(TEXTS[:2])
     layers, nxt = m.prepare("q", states)[:2]
-    prefix_len = len(m._ids(m._template("q", True, None)[0]))
+    prefix_len = len(m.encode(m._template("q", True, None)[0]))
     assert nxt == prefix_len + sum(s.num_kept for s in states)
     assert layers[0][0].shape[2] == nxt
 
@@ -289,3 +296,71 @@ def test_system_prompt_given_twice_and_plain_models(tiny_model, tiny_base_dir):
     assert isinstance(plain.generate(conv, states=st, max_new_tokens=2), str)
     # a single message renders exactly as a plain prompt string
     assert plain._template([{"role": "user", "content": "Q"}], True, "S") == plain._template("Q", True, "S")
+
+
+@torch.no_grad()
+def test_without_states_the_reader_is_the_base_model_bit_for_bit(model, tiny_base_dir, tiny_qwen_dir):
+    """A trained writer (here a random, non-zero LoRA) changes nothing outside the compression pass."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_base_dir if model.model.config.model_type == "llama" else tiny_qwen_dir
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base.eval()
+    before, _ = model._template("Tell me about the archive.", False, None)
+    ids = torch.as_tensor([model.encode(before)])
+    model.compress(TEXTS[:1])  # a compression pass in between must leave no trace
+    assert torch.equal(model.model(input_ids=ids).logits, base(input_ids=ids).logits)
+    ours = model.generate("Tell me about the archive.", max_new_tokens=12)
+    ref = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                        eos_token_id=sorted(model._eos_ids(None)), pad_token_id=model._pad_id())
+    assert ours == model.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    lp = torch.log_softmax(base(input_ids=torch.as_tensor([model.encode(before + " Paris")])).logits[0].float(), -1)
+    cont = model.encode(" Paris")
+    ref_score = float(sum(lp[ids.shape[1] - 1 + t, c] for t, c in enumerate(cont)))
+    assert model.score("Tell me about the archive.", " Paris") == pytest.approx(ref_score, abs=1e-4)
+
+
+@torch.no_grad()
+def test_the_writer_acts_only_inside_writing(model):
+    st_a = model.compress(TEXTS[:1])[0]
+    saved = {k: (m.lora_B.clone()) for k, m in model.writer.lora.items()}
+    try:
+        for m in model.writer.lora.values():
+            m.lora_B.zero_()
+        st_b = model.compress(TEXTS[:1])[0]
+    finally:
+        for k, m in model.writer.lora.items():
+            m.lora_B.copy_(saved[k])
+    gist = st_a.kinds == 0
+    anchor = st_a.kinds == 1
+    assert (st_a.keys[:, :, gist] - st_b.keys[:, :, gist]).abs().max() > 1e-4  # LoRA moves the gist rows ...
+    assert torch.equal(st_a.keys[:, :, anchor], st_b.keys[:, :, anchor])  # ... never the raw anchor rows
+
+
+def test_stop_strings_never_leak_into_the_stream(tiny_model):
+    free = tiny_model.generate("Say something.", max_new_tokens=12)
+    if len(free) < 4:
+        pytest.skip("the tiny model stopped too early to test a split stop string")
+    stop = free[2:5]  # a stop string that appears after the first pieces, possibly split across tokens
+    pieces = list(tiny_model.stream("Say something.", max_new_tokens=12, stop=[stop]))
+    joined = "".join(pieces)
+    assert joined == free[: free.index(stop)]
+    assert stop not in joined and all(stop[:1] not in p or stop not in joined for p in pieces)
+
+
+def test_old_adapter_format_and_foreign_base_are_named(model, tmp_path, tiny_base_dir, tiny_qwen_dir):
+    import json
+
+    model.save_pretrained(tmp_path / "gm")
+    meta = json.loads((tmp_path / "gm" / "gist_adapter.json").read_text())
+    (tmp_path / "gm" / "gist_adapter.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(ValueError, match="format 1"):
+        GistModel.from_pretrained(tmp_path / "gm", device="cpu")
+    other = tiny_qwen_dir if meta["base"] == tiny_base_dir else tiny_base_dir
+    (tmp_path / "gm" / "gist_adapter.json").write_text(json.dumps({**meta, "base": other}))
+    with pytest.raises(ValueError, match="fingerprint"):
+        GistModel.from_pretrained(tmp_path / "gm", device="cpu")
+    (tmp_path / "gm" / "gist_adapter.json").write_text(json.dumps(meta))
+    (tmp_path / "gm" / "gist_adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="safetensors"):
+        GistModel.from_pretrained(tmp_path / "gm", device="cpu")

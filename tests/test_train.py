@@ -98,9 +98,9 @@ def test_init_from_warm_starts(trained, tiny_base_dir, tmp_path):
     tmp, _, _ = trained
     tr = Trainer(_cfg(tmp_path, tiny_base_dir, init_from=str(tmp / "run" / "checkpoint")), items=_items(), eval_items=[])
     trained_rows = GistModel.from_pretrained(tmp / "run" / "checkpoint", device="cpu")
-    emb_a = tr.model._base_lm().get_input_embeddings().weight[tr.model.gist_token_ids]
-    emb_b = trained_rows._base_lm().get_input_embeddings().weight[trained_rows.gist_token_ids]
-    assert torch.allclose(emb_a, emb_b)
+    assert torch.allclose(tr.model.writer.gist_embeddings, trained_rows.writer.gist_embeddings)
+    for k, mod in tr.model.writer.lora.items():
+        assert torch.allclose(mod.lora_B, trained_rows.writer.lora[k].lora_B)
     assert tr.step == 0
 
 
@@ -109,6 +109,10 @@ def test_bad_configs_and_corpora(tmp_path, tiny_base_dir):
         TrainConfig(out_dir=str(tmp_path), stage="magic")
     with pytest.raises(ValueError, match="weights"):
         TrainConfig(out_dir=str(tmp_path), w_qa=0, w_recon=0)
+    with pytest.raises(ValueError, match="no full-weight stage"):
+        TrainConfig(out_dir=str(tmp_path), stage="full")
+    with pytest.raises(ValueError, match="cont_items"):
+        TrainConfig(out_dir=str(tmp_path), w_cont=1.0, cont_items=0)
     empty = tmp_path / "corpus"
     empty.mkdir()
     (empty / "train.jsonl").write_text("")
@@ -132,3 +136,20 @@ def test_base_without_chat_template_trains(tmp_path, tiny_base_dir):
     assert not tr.model.tokenizer.chat_template
     hist = tr.train(progress=False)
     assert len([h for h in hist if "qa" in h]) == 2
+
+
+def test_continuation_distillation_trains_the_writer_and_leaves_the_reader(tmp_path, tiny_base_dir):
+    from transformers import AutoModelForCausalLM
+
+    texts = [P1 + " " + P2, P2 + " " + P1]
+    cfg = _cfg(tmp_path, tiny_base_dir, steps=6, w_qa=0.0, w_recon=0.0, w_cont=1.0, cont_items=2, cont_tokens=16)
+    tr = Trainer(cfg, items=_items(), eval_items=[])
+    tr.cont_texts = texts
+    g0 = tr.model.writer.gist_embeddings.detach().clone()
+    hist = tr.train(progress=False)
+    conts = [h["cont"] for h in hist if "cont" in h]
+    assert len(conts) == 6 and all(c >= 0 for c in conts)
+    assert not torch.equal(g0, tr.model.writer.gist_embeddings.detach())  # the writer learned
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
+    for (n, p), (_, q) in zip(sorted(base.named_parameters()), sorted(tr.model.model.named_parameters())):
+        assert torch.equal(p, q), n  # the reader did not

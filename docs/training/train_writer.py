@@ -1,0 +1,51 @@
+"""Train the frozen-reader gist writer on the bundled SmolLM2 (CPU, fp32), resumable; the recipe of the 0.3 adapter.
+
+    python docs/training/train_writer.py --out runs/writer-v3 --steps 2000 [--stop-at N] [--threads 2]
+
+Same as `gist-memory train` with the options below; kept as a script so a run can be relaunched unchanged.
+Snapshots every 25 steps under OUT/snapshots (for the learning curve), a checkpoint every 25 steps (--resume is
+automatic: rerun the same command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--stop-at", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init-from", default=None)
+    ap.add_argument("--w-qa", type=float, default=0.5)
+    ap.add_argument("--w-distill", type=float, default=1.0)
+    ap.add_argument("--w-cont", type=float, default=1.0)
+    ap.add_argument("--w-recon", type=float, default=0.0)
+    ap.add_argument("--batch-items", type=int, default=2)
+    ap.add_argument("--cont-items", type=int, default=4)
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from gist_memory.train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        out_dir=a.out, steps=a.steps, stop_at=a.stop_at, init_from=a.init_from, device=a.device,
+        gist={"target_ratio": 4.0, "anchors": "capitalized", "max_sentence_tokens": 48, "max_anchor_fraction": 0.75},
+        ratios=(4.0, 8.0), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
+        warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
+        w_cont=a.w_cont, w_recon=a.w_recon, eval_every=10**9, save_every=25, snapshot_every=25, log_every=1,
+        pool_items=3000,
+    )
+    Trainer(cfg).train(progress=False)
+
+
+if __name__ == "__main__":
+    main()
