@@ -431,14 +431,14 @@ def chat(
                 passages = mem.states_for(hits) if hits else []
             out.print("[bold]bot>[/bold] ", end="")
             pieces = []
-            gen: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+            gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "usage": demo.call_usage()}
             if system_prompt:
                 gen["system_prompt"] = system_prompt
             for piece in gm.stream(history.prompt(msg), states=passages + history.states, **gen):
                 pieces.append(piece)
                 out.print(escape(piece), end="")
             out.print()
-            u = gm.last_usage
+            u = gen["usage"].to_dict()
             reply = "".join(pieces).strip()
             history.add(msg, reply)
             ttft = u.get("ttft_s") or 0.0

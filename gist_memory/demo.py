@@ -71,7 +71,7 @@ class Usage:
 
     @classmethod
     def from_last_usage(cls, u: dict[str, Any], per_position: int) -> Usage:
-        """From `GistModel.last_usage`."""
+        """From a call's usage dict (`gist_memory.model.usage.Usage.to_dict()`)."""
         pos = int(u.get("positions_read", 0))
         return cls(
             positions=pos,
@@ -166,30 +166,39 @@ def compare(
     states = memory.states_for(hits) if hits else []
     per_pos = kv_bytes_per_position(model)
     pieces = []
-    for piece in model.stream(question, states=states, max_new_tokens=max_new_tokens):
+    used = call_usage()
+    for piece in model.stream(question, states=states, max_new_tokens=max_new_tokens, usage=used):
         pieces.append(piece)
         if on_token is not None:
             on_token(piece)
-    gist = Usage.from_last_usage(model.last_usage, per_pos)
-    raw = int(model.last_usage.get("raw_tokens", sum(s.num_tokens for s in states)))
-    kept = int(model.last_usage.get("kept_rows", sum(s.num_kept for s in states)))
+    u = used.to_dict()
+    gist = Usage.from_last_usage(u, per_pos)
+    raw = int(u.get("raw_tokens", sum(s.num_tokens for s in states)))
+    kept = int(u.get("kept_rows", sum(s.num_kept for s in states)))
     gist.ttft_s = _median_ttft(model, question, states, repeats, gist.ttft_s)
     out = Comparison(question, "".join(pieces).strip(), hits, raw, kept, gist)
     n_full = max_new_tokens if full_new_tokens is None else full_new_tokens
     if n_full > 0 and hits:
         prompt = full_text_prompt(question, [h.text for h in hits])
-        text = model.generate(prompt, max_new_tokens=n_full)
-        out.full = Usage.from_last_usage(model.last_usage, per_pos)
+        text, full = model.generate_with_usage(prompt, max_new_tokens=n_full)
+        out.full = Usage.from_last_usage(full.to_dict(), per_pos)
         out.full.ttft_s = _median_ttft(model, prompt, None, repeats, out.full.ttft_s)
         out.full_answer = text.strip() if n_full == max_new_tokens else ""
     return out
 
 
+def call_usage() -> Any:
+    """A fresh per-call `gist_memory.model.usage.Usage` (imported late: the demo module loads no torch)."""
+    from gist_memory.model.usage import Usage as CallUsage
+
+    return CallUsage()
+
+
 def _median_ttft(model: Any, prompt: str, states: Any, repeats: int, first: float) -> float:
     times = [first]
     for _ in range(max(0, repeats - 1)):
-        model.generate(prompt, states=states, max_new_tokens=1)
-        times.append(float(model.last_usage.get("ttft_s") or 0.0))
+        _, used = model.generate_with_usage(prompt, states=states, max_new_tokens=1)
+        times.append(float(used.ttft_s or 0.0))
     times.sort()
     return times[len(times) // 2]
 

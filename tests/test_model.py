@@ -364,3 +364,53 @@ def test_old_adapter_format_and_foreign_base_are_named(model, tmp_path, tiny_bas
     (tmp_path / "gm" / "gist_adapter.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="safetensors"):
         GistModel.from_pretrained(tmp_path / "gm", device="cpu")
+
+
+def test_usage_comes_back_with_each_call(tiny_model):
+    from gist_memory.model.usage import Usage
+
+    st = tiny_model.compress(TEXTS[1:2])
+    u = Usage()
+    text = tiny_model.generate("What is the code?", states=st, max_new_tokens=5, usage=u)
+    assert u.raw_tokens == st[0].num_tokens and u.kept_rows == st[0].num_kept
+    assert 0 <= u.new_tokens <= 5
+    assert u.prompt_tokens > 0 and u.positions_read >= u.prompt_tokens + st[0].num_kept
+    assert u.ttft_s is not None and 0 < u.ttft_s <= u.total_s
+    text2, u2 = tiny_model.generate_with_usage("What is the code?", states=st, max_new_tokens=5)
+    assert text2 == text and u2.positions_read == u.positions_read and u2.new_tokens == u.new_tokens
+    plain = Usage()
+    tiny_model.score("What is the code?", " QX", usage=plain)
+    assert plain.raw_tokens == 0 and plain.kept_rows == 0 and plain.new_tokens == 0 and plain.ttft_s is None
+    assert plain.positions_read == plain.prompt_tokens > 0 and plain.total_s > 0
+    choices = Usage()
+    tiny_model.score_choices("What is the code?", [" A", " B"], states=st, usage=choices)
+    assert choices.raw_tokens == st[0].num_tokens
+    streamed = Usage()
+    it = tiny_model.stream("What is the code?", states=st, max_new_tokens=5, usage=streamed)
+    assert streamed.total_s == 0  # filled when the stream ends, not before
+    assert "".join(it) == text and streamed.new_tokens == u.new_tokens
+    assert set(u.to_dict()) == {"raw_tokens", "kept_rows", "positions_read", "prompt_tokens", "new_tokens",
+                                "ttft_s", "total_s"}
+    with pytest.raises(TypeError, match="usage must be"):
+        tiny_model.generate("q", usage={}, max_new_tokens=1)
+
+
+def test_last_usage_is_per_thread(tiny_model):
+    import threading
+
+    st = tiny_model.compress(TEXTS[1:2])
+    tiny_model.generate("What is the code?", states=st, max_new_tokens=3)
+    mine = tiny_model.last_usage
+    assert mine["raw_tokens"] == st[0].num_tokens
+    seen = {}
+
+    def other() -> None:
+        seen["before"] = tiny_model.last_usage
+        tiny_model.score("Hello", " there")
+        seen["after"] = tiny_model.last_usage
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen["before"] == {} and seen["after"]["raw_tokens"] == 0
+    assert tiny_model.last_usage == mine  # the other thread's call did not overwrite this thread's usage

@@ -34,6 +34,7 @@ from gist_memory.layout import KIND_GIST_TOKEN, Layout, Segment, build_writer_ba
 from gist_memory.model import kv
 from gist_memory.model.base import BUNDLED, load_base
 from gist_memory.model.plan import Plan, make_plan
+from gist_memory.model.usage import LastUsage, Usage, check_usage
 from gist_memory.model.writer import LORA_TARGETS, Writer
 from gist_memory.state import KIND_ANCHOR, KIND_GIST, KIND_POOL, GistState
 from gist_memory.state.gist_state import text_hash
@@ -103,7 +104,10 @@ class GistModel:
         config: The `GistConfig`.
         writer: The `Writer` (gist embeddings + optional LoRA), None for training-free compressors.
         base_ref: What `save_pretrained` records as the base (`bundled:...`, a path or a hub id).
-        last_usage: After `generate`/`stream`/`score`: raw tokens stood for, positions read, timings.
+
+    Usage: every `generate`/`stream`/`score`/`score_choices` call takes `usage=` (a `Usage` it fills) and
+    `generate_with_usage` returns `(text, Usage)`. `last_usage` (deprecated; kept for 0.2 callers) is
+    the calling thread's last usage as a dict.
     """
 
     def __init__(self, model, tokenizer, config: GistConfig, base_ref: str, lora_r: int = 0,  # noqa: ANN001
@@ -116,7 +120,7 @@ class GistModel:
         self.rope = kv.rope_spec(self.model)
         self._fingerprint: Optional[str] = None
         self._prefix_cache: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.last_usage: dict[str, Any] = {}
+        self._last_usage = LastUsage()
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
         self._lock = threading.RLock()
         for p in self.model.parameters():
@@ -710,10 +714,14 @@ class GistModel:
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
         context_prefix: str = "",
+        usage: Optional[Usage] = None,
     ) -> float:
-        """Summed log-probability of `continuation` as the answer to `prompt` (reading `states` if given)."""
+        """Summed log-probability of `continuation` as the answer to `prompt` (reading `states` if given).
+
+        `usage`: a `Usage` this call fills (positions read, prompt tokens, time).
+        """
         return self.score_choices(prompt, [continuation], states=states, system_prompt=system_prompt,
-                                  context_prefix=context_prefix)[0]
+                                  context_prefix=context_prefix, usage=usage)[0]
 
     @torch.no_grad()
     def score_choices(
@@ -723,8 +731,14 @@ class GistModel:
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
         context_prefix: str = "",
+        usage: Optional[Usage] = None,
     ) -> list[float]:
-        """Summed log-probabilities of several continuations, sharing one prefill (a batch)."""
+        """Summed log-probabilities of several continuations, sharing one prefill (a batch).
+
+        `usage`: a `Usage` this call fills (positions read, prompt tokens, time).
+        """
+        check_usage(usage)
+        t0 = time.perf_counter()
         if not continuations:
             return []
         layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix)
@@ -753,42 +767,73 @@ class GistModel:
             tgt = torch.as_tensor(c, device=self.device)
             pos = len(head) - 1 + torch.arange(len(c), device=self.device)
             out.append(float(logp[i, pos, tgt].sum()))
-        self.last_usage = self._usage(states, layers, len(head))
+        self._report(usage, self._usage(states, layers, len(head), total_s=time.perf_counter() - t0))
         return out
 
-    def _usage(self, states, layers, fed: int, **extra: Any) -> dict[str, Any]:  # noqa: ANN001
+    @staticmethod
+    def _usage(states, layers, fed: int, **extra: Any) -> Usage:  # noqa: ANN001
         cached = 0 if layers is None else int(layers[0][0].shape[2])
         states = states or []
-        return {
-            "raw_tokens": int(sum(s.num_tokens for s in states)),
-            "kept_rows": int(sum(s.num_kept for s in states)),
-            "positions_read": cached + fed,
-            "prompt_tokens": fed,
+        return Usage(
+            raw_tokens=int(sum(s.num_tokens for s in states)),
+            kept_rows=int(sum(s.num_kept for s in states)),
+            positions_read=cached + fed,
+            prompt_tokens=fed,
             **extra,
-        }
+        )
+
+    def _report(self, usage: Optional[Usage], measured: Usage) -> None:
+        """Fill the caller's `usage` and this thread's (deprecated) `last_usage`."""
+        if usage is not None:
+            usage.update(measured)
+        self._last_usage.value = measured.to_dict()
+
+    @property
+    def last_usage(self) -> dict[str, Any]:
+        """Deprecated (use `usage=` or `generate_with_usage`): the calling thread's last call's usage, as a dict.
+
+        Per thread, so concurrent callers do not read each other's numbers; `{}` before a call in this thread.
+        """
+        return dict(self._last_usage.value)
+
+    @last_usage.setter
+    def last_usage(self, value: dict[str, Any]) -> None:
+        self._last_usage.value = dict(value)
 
     # ---- generation --------------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None, **kwargs: Any) -> str:
+    def generate(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None, *,
+                 usage: Optional[Usage] = None, **kwargs: Any) -> str:
         """Answer `prompt` reading `states` (chat template applied for chat models).
 
         Keyword args (as in HF `generate`): max_new_tokens (64), do_sample, temperature, top_k, top_p,
         repetition_penalty, eos_token_id, plus `stop` (strings), `seed`, `system_prompt` and `context_prefix`
-        (raw text placed right before the states).
+        (raw text placed right before the states), and `usage` (a `Usage` this call fills).
         """
-        return "".join(self.stream(prompt, states=states, **kwargs))
+        return "".join(self.stream(prompt, states=states, usage=usage, **kwargs))
 
-    def stream(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None, **kwargs: Any) -> Iterator[str]:
-        """Like `generate`, yielding text pieces as they are decoded."""
+    def generate_with_usage(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None,
+                            **kwargs: Any) -> tuple[str, Usage]:
+        """`generate`, returning `(text, Usage)` of this call."""
+        usage = Usage()
+        text = self.generate(prompt, states=states, usage=usage, **kwargs)
+        return text, usage
+
+    def stream(self, prompt: Prompt, states: Optional[Sequence[GistState]] = None, *,
+               usage: Optional[Usage] = None, **kwargs: Any) -> Iterator[str]:
+        """Like `generate`, yielding text pieces as they are decoded; `usage` is filled when the stream ends
+        (exhausted, closed, or failed)."""
         unknown = set(kwargs) - _GEN_KWARGS
         if unknown:
             raise TypeError(f"unsupported generation arguments: {sorted(unknown)}; supported: {sorted(_GEN_KWARGS)}")
-        return self._stream(prompt, states, **kwargs)
+        check_usage(usage)
+        return self._stream(prompt, states, usage, **kwargs)
 
     @torch.no_grad()
     def _stream(
         self,
         prompt: Prompt,
         states: Optional[Sequence[GistState]],
+        usage: Optional[Usage],
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -851,9 +896,9 @@ class GistModel:
                 yield text[len(emitted):]  # the held-back tail was no stop string after all
         finally:
             self.model.train(was)
-            self.last_usage = self._usage(
+            self._report(usage, self._usage(
                 states, layers, len(head), new_tokens=len(out_ids), ttft_s=ttft, total_s=time.perf_counter() - t0
-            )
+            ))
 
     def _eos_ids(self, eos_token_id: Optional[Union[int, list[int]]]) -> set[int]:
         if eos_token_id is not None:

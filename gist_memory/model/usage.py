@@ -1,0 +1,62 @@
+"""`Usage`: what one call to the model read and how long it took, returned with that call.
+
+    u = Usage()
+    text = model.generate("question", states=states, usage=u)    # u is filled when the call returns
+    text, u = model.generate_with_usage("question", states=states)
+
+Each call fills its own `Usage`, so many threads can share one `GistModel` and each still gets its own numbers.
+`GistModel.last_usage` (a dict of the calling thread's last call) remains for callers of 0.2, deprecated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class Usage:
+    """Tokens and timings of one `generate`/`stream`/`score`/`score_choices` call.
+
+    Attributes:
+        raw_tokens: Raw tokens the states stand for (0 without states).
+        kept_rows: Rows the states keep (gists + anchors; 0 without states).
+        positions_read: Positions the answer attended over: cached (prefix + states) plus fed prompt tokens.
+        prompt_tokens: Prompt tokens fed through the model (the part not taken from a cache).
+        new_tokens: Tokens generated (0 for scoring).
+        ttft_s: Seconds to the first generated token (None for scoring, or when no token was picked).
+        total_s: Seconds the whole call took.
+    """
+
+    raw_tokens: int = 0
+    kept_rows: int = 0
+    positions_read: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: Optional[float] = None
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (json-ready)."""
+        return dataclasses.asdict(self)
+
+    def update(self, other: Usage) -> None:
+        """Copy every field of `other` into this one (how a call fills the caller's out-parameter)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(other, f.name))
+
+
+def check_usage(usage: Any) -> Optional[Usage]:
+    """`usage` if it is None or a `Usage`; a TypeError naming what was passed otherwise."""
+    if usage is not None and not isinstance(usage, Usage):
+        raise TypeError(f"usage must be a gist_memory.model.usage.Usage (or None), got {type(usage).__name__}")
+    return usage
+
+
+class LastUsage(threading.local):
+    """Per-thread holder of the last call's usage (backs the deprecated `GistModel.last_usage`)."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, Any] = {}
