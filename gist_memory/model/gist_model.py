@@ -85,6 +85,7 @@ _GEN_KWARGS = {
     "context_prefix",
 }
 DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_PREFIX_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def _default_device() -> str:
@@ -119,10 +120,16 @@ class GistModel:
         self.splitter = SentenceSplitter.from_config(config)
         self.rope = kv.rope_spec(self.model)
         self._fingerprint: Optional[str] = None
+        # Shared mutable state, all guarded by `_lock`: the fingerprint cache, the prefix cache (LRU, bounded in
+        # bytes) and the count of calls running in eval mode. Everything else a call touches is its own.
+        self._lock = threading.RLock()
         self._prefix_cache: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._prefix_bytes = 0
+        self._prefix_budget = DEFAULT_PREFIX_CACHE_BYTES
+        self._eval_users = 0
+        self._eval_was_training = False
         self._last_usage = LastUsage()
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
-        self._lock = threading.RLock()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.writer: Optional[Writer] = None
@@ -295,24 +302,76 @@ class GistModel:
     @property
     def fingerprint(self) -> str:
         """Identity of base weights + writer + gist config + dtype; a state is served only to its writer."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(self.base_ref.encode())
-            h.update(self.base_fingerprint().encode())
-            if self.writer is not None:
-                with torch.no_grad():
-                    for name, p in sorted(self.writer.named_parameters(), key=lambda kv_: kv_[0]):
-                        _update_sample(h, name, p)
-                    h.update(self.writer.gist_embeddings.detach().float().cpu().numpy().tobytes())
-            h.update(self.config.fingerprint().encode())
-            h.update(str(self.dtype).encode())
-            self._fingerprint = h.hexdigest()[:32]
-        return self._fingerprint
+        fp = self._fingerprint
+        if fp is not None:
+            return fp
+        with self._lock:
+            if self._fingerprint is None:
+                self._fingerprint = self._compute_fingerprint()
+            return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.base_ref.encode())
+        h.update(self.base_fingerprint().encode())
+        if self.writer is not None:
+            with torch.no_grad():
+                for name, p in sorted(self.writer.named_parameters(), key=lambda kv_: kv_[0]):
+                    _update_sample(h, name, p)
+                h.update(self.writer.gist_embeddings.detach().float().cpu().numpy().tobytes())
+        h.update(self.config.fingerprint().encode())
+        h.update(str(self.dtype).encode())
+        return h.hexdigest()[:32]
 
     def invalidate_fingerprint(self) -> None:
         """Forget the cached fingerprint and prefix caches (call after changing the weights)."""
-        self._fingerprint = None
-        self._prefix_cache.clear()
+        with self._lock:
+            self._fingerprint = None
+            self._prefix_cache.clear()
+            self._prefix_bytes = 0
+
+    # ---- shared state ------------------------------------------------------------------------------
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Most bytes the prefix cache (K/V of chat-template openings) may hold; set it to resize (0: off)."""
+        return self._prefix_budget
+
+    @prefix_cache_bytes.setter
+    def prefix_cache_bytes(self, value: int) -> None:
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {value}")
+        with self._lock:
+            self._prefix_budget = value
+            self._evict_prefixes()
+
+    def cache_info(self) -> dict[str, int]:
+        """What the model's own caches hold now: prefix entries, their bytes and the budget."""
+        with self._lock:
+            return {"prefix_entries": len(self._prefix_cache), "prefix_bytes": self._prefix_bytes,
+                    "prefix_budget_bytes": self._prefix_budget}
+
+    def _evict_prefixes(self) -> None:
+        while self._prefix_cache and self._prefix_bytes > self._prefix_budget:
+            _, layers = self._prefix_cache.popitem(last=False)
+            self._prefix_bytes -= _layers_bytes(layers)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """The model in eval mode for the duration of a call; the mode it had comes back after the last call
+        running at the same time ends (calls from several threads overlap)."""
+        with self._lock:
+            if self._eval_users == 0:
+                self._eval_was_training = self.model.training
+                self.model.eval()
+            self._eval_users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._eval_users -= 1
+                if self._eval_users == 0 and self._eval_was_training:
+                    self.model.train(True)
 
     def normalize(self, text: str) -> str:
         """The normalisation applied before hashing and compressing."""
@@ -363,12 +422,8 @@ class GistModel:
         """
         if isinstance(texts, str):
             texts = [texts]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             return self.compress_with_grad(texts, batch_size=batch_size, device_out=device_out)
-        finally:
-            self.model.train(was_training)
 
     def compress_with_grad(
         self, texts: Sequence[str], batch_size: int = 8, device_out: Optional[str] = None,
@@ -648,19 +703,26 @@ class GistModel:
         if not prefix_ids:
             return None
         key = (tuple(prefix_ids), self.fingerprint)
-        hit = self._prefix_cache.get(key)
-        if hit is not None:
-            self._prefix_cache.move_to_end(key)
-            return hit
+        with self._lock:
+            hit = self._prefix_cache.get(key)
+            if hit is not None:
+                self._prefix_cache.move_to_end(key)
+                return hit
+        # computed outside the lock (two threads may both compute a new prefix; the results are equal)
         ids = torch.as_tensor([prefix_ids], device=self.device)
         with torch.no_grad():
             out = self.model.get_decoder()(input_ids=ids,
-                                       position_ids=torch.arange(len(prefix_ids), device=self.device)[None],
-                                       use_cache=True)
+                                           position_ids=torch.arange(len(prefix_ids), device=self.device)[None],
+                                           use_cache=True)
         layers = [(k.detach(), v.detach()) for k, v in kv.cache_layers(kv.out_cache(out))]
-        self._prefix_cache[key] = layers
-        while len(self._prefix_cache) > 16:
-            self._prefix_cache.popitem(last=False)
+        size = _layers_bytes(layers)
+        with self._lock:
+            if key in self._prefix_cache:
+                return self._prefix_cache[key]
+            if size <= self._prefix_budget and self._fingerprint == key[1]:  # not stale after invalidation
+                self._prefix_cache[key] = layers
+                self._prefix_bytes += size
+                self._evict_prefixes()
         return layers
 
     _prefix_kv = prefix_cache
@@ -752,12 +814,8 @@ class GistModel:
         ids = torch.full((len(conts), S), pad, dtype=torch.long, device=self.device)
         for i, c in enumerate(conts):
             ids[i, : len(head) + len(c)] = torch.as_tensor(head + c)
-        was = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             logits, _ = self.forward_ids(ids, layers, start)
-        finally:
-            self.model.train(was)
         logp = torch.log_softmax(logits.float(), -1)
         out = []
         for i, c in enumerate(conts):
@@ -852,12 +910,12 @@ class GistModel:
             raise ValueError("empty prompt: nothing to generate from")
         eos = self._eos_ids(eos_token_id)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        was = self.model.training
-        self.model.eval()
         ids = torch.as_tensor([head], device=self.device)
         out_ids: list[int] = []
         emitted = ""
         ttft = None
+        eval_mode = self._eval_mode()
+        eval_mode.__enter__()
         try:
             logits, cache = self.forward_ids(ids, layers, start)
             pos = start + len(head)
@@ -895,7 +953,7 @@ class GistModel:
             if _stop_index(text, stop) is None and len(text) > len(emitted) and not text.endswith("\ufffd"):
                 yield text[len(emitted):]  # the held-back tail was no stop string after all
         finally:
-            self.model.train(was)
+            eval_mode.__exit__(None, None, None)
             self._report(usage, self._usage(
                 states, layers, len(head), new_tokens=len(out_ids), ttft_s=ttft, total_s=time.perf_counter() - t0
             ))
@@ -939,6 +997,10 @@ class GistModel:
             logits[idx[drop]] = -math.inf
         probs = torch.softmax(logits, -1).cpu()
         return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _layers_bytes(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return int(sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers))
 
 
 def _held_back(text: str, stop: Optional[Sequence[str]]) -> int:
