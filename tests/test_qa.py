@@ -8,23 +8,25 @@ import re
 
 import pytest
 
-from gist_memory.eval import qa
-from gist_memory.eval.qa import (
+from gist_memory.data import qa_build
+from gist_memory.data.qa import (
+    ASSETS_DIR,
     BLANK,
     KINDS,
     QABuildError,
     QAItem,
     answer_in_prediction,
-    build_qa,
     choice_continuations,
     exact_match,
     load_qa,
     normalize_answer,
+    pick_choice,
     question_prompt,
     save_qa,
 )
+from gist_memory.data.qa_build import build_qa
 
-ASSETS = qa.ASSETS_DIR
+ASSETS = ASSETS_DIR
 
 
 def _occurs(needle: str, text: str) -> bool:
@@ -93,10 +95,10 @@ def test_items_hold_their_invariants(items):
 
 def test_planted_fact_at_sentence_boundary(passages):
     rng = random.Random(1)
-    it = qa.make_planted_single(passages[0]["text"], rng)
+    it = qa_build.make_planted_single(passages[0]["text"], rng)
     text = it.passages[0]
     k = it.meta["inserted_after_sentences"]
-    spans = qa.sentence_spans(text)
+    spans = qa_build.sentence_spans(text)
     assert text[spans[k][0] : spans[k][1]] == it.meta["fact"]
     assert text.replace(it.meta["fact"] + " ", "", 1).replace(" " + it.meta["fact"], "", 1) == passages[0]["text"]
 
@@ -132,14 +134,14 @@ def test_prompts_and_matching(items):
     assert not exact_match("QX-4472", "QX-4471")
     assert answer_in_prediction("The catalogue code is QX-4471.", "QX-4471")
     assert not answer_in_prediction("The code is QX-44710.", "QX-4471")
-    assert qa.pick_choice([-3.0, -1.0, -1.0, -2.0]) == 1
+    assert pick_choice([-3.0, -1.0, -1.0, -2.0]) == 1
 
 
 def test_swap_refuses_partial_tokens():
     text = "In the 1990s the band formed; by 1990 it toured widely across many countries."
-    assert qa.swap_entity(text, "1990", "year", "1955") is None
+    assert qa_build.swap_entity(text, "1990", "year", "1955") is None
     text2 = "Stanley Kubrick directed it in 1968. Kubrick later moved to England."
-    new = qa.swap_entity(text2, "Stanley Kubrick", "person", "Maren Vosswick")
+    new = qa_build.swap_entity(text2, "Stanley Kubrick", "person", "Maren Vosswick")
     assert new is not None and "Kubrick" not in new and new.count("Vosswick") == 2
 
 
@@ -152,7 +154,7 @@ def test_odd_text_does_not_crash():
     ]
     rng = random.Random(0)
     for t in texts:
-        assert qa.make_cloze_swap(t, rng) is None or qa.make_cloze_swap(t, rng).kind == "cloze_swap"
+        assert qa_build.make_cloze_swap(t, rng) is None or qa_build.make_cloze_swap(t, rng).kind == "cloze_swap"
     padded = [t + " " + " ".join(["word"] * 30) for t in texts]
     out = build_qa(padded, n=4, kinds=("planted_single", "planted_distractors"), seed=0, min_words=1, max_words=10_000)
     for it in out:
@@ -187,3 +189,11 @@ def test_shipped_assets():
     # the QA passages and the sample corpus come from different articles
     qa_docs = {d for it in dev for d in it.meta["doc_ids"]}
     assert not qa_docs & {"wiki:" + r["title"] for r in rows if r["source"] == "wiki"}
+
+
+def test_eval_qa_keeps_the_old_import_path():
+    """`gist_memory.eval.qa` (0.2) re-exports the QA items from `gist_memory.data`."""
+    from gist_memory.eval import qa as old
+
+    assert old.QAItem is QAItem and old.build_qa is build_qa and old.load_qa is load_qa
+    assert old.FACT_TEMPLATES is qa_build.FACT_TEMPLATES and old.ASSETS_DIR == ASSETS_DIR

@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 
 from gist_memory import GistModel
-from gist_memory.eval.qa import load_qa
+from gist_memory.data import load_qa
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import json
 import torch
 
 from gist_memory import GistConfig, GistModel
-from gist_memory.eval.qa import load_qa
+from gist_memory.data import load_qa
 from gist_memory.eval.retention import evaluate_retention
 
 DEFAULT = "gist_memory/assets/default_model"

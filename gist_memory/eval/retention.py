@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from gist_memory.eval.qa import QAItem, choice_continuations, question_prompt
+from gist_memory.data.qa import QAItem, choice_continuations, question_prompt
 
 METHODS = ("gist", "full", "none", "trunc")
 

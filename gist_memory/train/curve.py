@@ -26,7 +26,7 @@ def evaluate_curve(run_dir: Path, n: int = 40, ratios: tuple[float, ...] = (4.0,
                    include_start: bool = True, every: int = 1) -> list[dict]:
     """Rows `{step, tokens, ratio, achieved, acc, by_kind}` for the start point and each snapshot."""
     from gist_memory import GistConfig, GistModel
-    from gist_memory.eval.qa import load_qa
+    from gist_memory.data import load_qa
     from gist_memory.eval.retention import evaluate_retention
 
     items = load_qa()[:n]

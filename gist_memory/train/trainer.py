@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gist_memory.config import GistConfig
-from gist_memory.eval.qa import QAItem, build_qa, question_prompt
+from gist_memory.data import QAItem, build_qa, question_prompt
 from gist_memory.model import kv
 
 RECON_PROMPT = "Repeat the text above word for word."
@@ -109,7 +109,7 @@ class TrainConfig:
 
 def train_texts(corpus: Optional[str], max_texts: int = 20000) -> list[str]:
     """Training passages: `corpus/train.jsonl` if given, else the Wikipedia leads outside the held-out split."""
-    from gist_memory.train.data import chunk_paragraphs, is_heldout, iter_wiki, load_corpus
+    from gist_memory.data import chunk_paragraphs, is_heldout, iter_wiki, load_corpus
 
     if corpus:
         recs = load_corpus(corpus, "train")
@@ -187,7 +187,7 @@ class Trainer:
             self.cont_texts = train_texts(self.cfg.corpus) if self.cfg.w_cont else []
             random.Random(self.cfg.seed + 3).shuffle(self.cont_texts)
         if self.eval_set is None:
-            from gist_memory.eval.qa import load_qa
+            from gist_memory.data import load_qa
 
             dev = Path(__file__).resolve().parent.parent / "assets" / "qa_dev.jsonl"
             self.eval_set = load_qa(dev)[: self.cfg.eval_items] if dev.is_file() else []
@@ -202,7 +202,7 @@ class Trainer:
     def continuation_pair(self, text: str) -> Optional[tuple[str, list[int]]]:
         """(context text, continuation ids): the context ends at a sentence boundary past a third of the text,
         the continuation is up to `cont_tokens` tokens after it; None if the text is too short."""
-        from gist_memory.eval.qa import sentence_spans
+        from gist_memory.data import sentence_spans
 
         m = self.model
         spans = sentence_spans(text)
