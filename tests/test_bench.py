@@ -155,8 +155,17 @@ def test_config_validation_and_cli_args():
     assert not full.quick and full.model == "auto" and full.out_dir == str(B.DEFAULT_OUT) and full.ks == (2, 4, 8, 16)
 
 
+def test_untrained_gist_config_is_the_training_recipe():
+    """bench keeps its own copy of the trainer's default gist settings (eval sits below train): they agree."""
+    from gist_memory.train.trainer import TrainConfig
+
+    assert TrainConfig(out_dir="x").gist == B.TRAIN_GIST
+    cfg = B._gist_base_config((2.0, 8.0))
+    assert cfg.target_ratio == 8.0 and cfg.compressor == "gist" and cfg.anchors == B.TRAIN_GIST["anchors"]
+
+
 def test_select_items_balances_kinds():
-    from gist_memory.eval.qa import load_qa
+    from gist_memory.data.qa import load_qa
 
     items = load_qa()
     sel = B.select_items(items, 7)

