@@ -39,6 +39,7 @@ from gist_memory._options import (  # noqa: F401 - UserError, DTYPES, set_thread
     quiet_libraries,
     set_threads,
 )
+from gist_memory.train.options import TRAIN_OPTION_FIELDS
 
 app = typer.Typer(
     name="gist-memory",
@@ -546,15 +547,6 @@ def _rich_train_progress() -> Iterator[None]:
         tm._bar = orig
 
 
-_TRAIN_OPTS = {  # CLI parameter -> TrainConfig field (None: handled specially)
-    "base": "base", "corpus": "corpus", "steps": "steps", "batch_items": "batch_items", "grad_accum": "grad_accum",
-    "lr_lora": "lr_lora", "lr_gist": "lr_gist", "warmup": "warmup", "stage": "stage", "lora_r": "lora_r",
-    "lora_alpha": "lora_alpha", "w_qa": "w_qa", "w_recon": "w_recon", "w_distill": "w_distill", "w_lm": "w_lm",
-    "recon_tokens": "recon_tokens", "pool_items": "pool_items", "eval_items": "eval_items",
-    "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every", "seed": "seed",
-    "device": "device", "curriculum": "curriculum", "init_from": "init_from", "snapshot_every": "snapshot_every",
-    "stop_at": "stop_at",
-}
 _P = "Training"
 _O = "Objectives"
 
@@ -586,21 +578,27 @@ def train(
                                                  rich_help_panel=_P)] = None,
     batch_items: Annotated[Optional[int], typer.Option(help="QA items per micro-batch.", rich_help_panel=_P)] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per step.", rich_help_panel=_P)] = None,
-    lr_lora: Annotated[Optional[float], typer.Option(help="Learning rate of LoRA / full weights.",
+    lr_lora: Annotated[Optional[float], typer.Option(help="Learning rate of the writer's LoRA.",
                                                      rich_help_panel=_P)] = None,
     lr_gist: Annotated[Optional[float], typer.Option(help="Learning rate of the gist embeddings.",
                                                      rich_help_panel=_P)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warm-up steps.", rich_help_panel=_P)] = None,
-    stage: Annotated[Optional[str], typer.Option(help="gist (embeddings only), lora or full.",
-                                                 rich_help_panel=_P)] = None,
+    stage: Annotated[Optional[str], typer.Option(help="gist (gist embeddings only) or lora (gist embeddings + the "
+                                                 "writer's LoRA).", rich_help_panel=_P)] = None,
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.", rich_help_panel=_P)] = None,
     lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha.", rich_help_panel=_P)] = None,
     w_qa: Annotated[Optional[float], typer.Option(help="Weight of the QA loss.", rich_help_panel=_O)] = None,
     w_recon: Annotated[Optional[float], typer.Option(help="Weight of the reconstruction loss.",
                                                      rich_help_panel=_O)] = None,
-    w_distill: Annotated[Optional[float], typer.Option(help="Weight of distillation from the full-text teacher.",
+    w_distill: Annotated[Optional[float], typer.Option(help="Weight of KL to the base model reading the passages "
+                                                       "whole, on QA answers.", rich_help_panel=_O)] = None,
+    w_cont: Annotated[Optional[float], typer.Option(help="Weight of KL to the base model reading the whole text, on "
+                                                    "continuations of real passages (needs --cont-items >= 1).",
+                                                    rich_help_panel=_O)] = None,
+    cont_items: Annotated[Optional[int], typer.Option(help="Continuation passages per micro-batch (for --w-cont).",
+                                                      rich_help_panel=_O)] = None,
+    cont_tokens: Annotated[Optional[int], typer.Option(help="Continuation tokens scored per passage (for --w-cont).",
                                                        rich_help_panel=_O)] = None,
-    w_lm: Annotated[Optional[float], typer.Option(help="Weight of the masked LM loss.", rich_help_panel=_O)] = None,
     recon_tokens: Annotated[Optional[int], typer.Option(help="Tokens reconstructed per passage.",
                                                         rich_help_panel=_O)] = None,
     kinds: Annotated[Optional[str], typer.Option(help="QA kinds, comma-separated.", rich_help_panel=_O)] = None,
@@ -624,7 +622,8 @@ def train(
     dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (bf16 autocast; default: on CUDA only, AVX2-only CPUs run bf16 ~15x slower).",
                                                  rich_help_panel="Model")] = None,
 ) -> None:
-    """Train gist tokens (+ LoRA) on retention QA; the result loads with `--model OUT_DIR/checkpoint`.
+    """Train a gist writer (gist embeddings + LoRA) against the base model reading the whole text; the result loads
+    with `--model OUT_DIR/checkpoint`.
 
     Unset options take the TrainConfig defaults (see `--dry-run`).
     """
@@ -644,9 +643,9 @@ def train(
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose a new folder")
         kw["out_dir"] = str(out_dir)
         kw.pop("stop_at", None)  # a resumed run goes on to --steps unless told to stop again
-        for name, fld in _TRAIN_OPTS.items():
+        for name in TRAIN_OPTION_FIELDS:  # each option is named after its TrainConfig field
             if name in given:
-                kw[fld] = ctx.params[name]
+                kw[name] = ctx.params[name]
         if "ratios" in given:
             kw["ratios"] = _floats(ratios or "", "--ratios")
         if "kinds" in given:
@@ -745,7 +744,7 @@ def eval_cmd(
 ) -> None:
     """Retention QA (multiple choice): gist states vs full text vs no context vs truncation to the same size."""
     with user_errors():
-        from gist_memory.eval.qa import load_qa
+        from gist_memory.data.qa import load_qa
         from gist_memory.eval.retention import METHODS, evaluate_retention
 
         ms = [m.strip() for m in methods.split(",") if m.strip()]
@@ -819,8 +818,8 @@ def data_build(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
     max_docs: Annotated[Optional[int], typer.Option(help="At most N documents per source.")] = None,
 ) -> None:
-    """Build a training corpus from the offline sources (python -m gist_memory.train.data build)."""
-    from gist_memory.train import data
+    """Build a training corpus from the offline sources (python -m gist_memory.data build)."""
+    from gist_memory.data import command as data
 
     argv = ["build", str(out_dir), "--heldout-fraction", str(heldout_fraction), "--seed", str(seed)]
     if sources:

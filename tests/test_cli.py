@@ -282,6 +282,38 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--ratios", "a,b", "--dry-run"), "--ratios")
 
 
+def test_train_options_cover_train_config(runner, tmp_path):
+    """Every TrainConfig field is a `gist-memory train` option of the same name or set apart, and the model card's
+    command lines (train/ship.py) come from the same table: the continuation objective round-trips."""
+    import typer
+
+    from gist_memory.train.options import TRAIN_OPTION_FIELDS, option_name
+    from gist_memory.train.ship import Stage
+    from gist_memory.train.trainer import TrainConfig
+
+    cmd = typer.main.get_command(cli.app).commands["train"]
+    opts = {o for p in cmd.params for o in p.opts}
+    assert {p.name for p in cmd.params} >= set(TRAIN_OPTION_FIELDS)
+    assert all(option_name(f) in opts for f in TRAIN_OPTION_FIELDS if f != "curriculum")
+    apart = {"out_dir", "gist", "ratios", "kinds", "bf16"}  # argument, GistConfig options, lists, --dtype
+    assert set(TrainConfig.__dataclass_fields__) == set(TRAIN_OPTION_FIELDS) | apart
+    assert "--w-lm" not in opts
+    res = run(runner, "train", tmp_path / "c", "--w-cont", "1", "--cont-items", "2", "--cont-tokens", "16",
+              "--stage", "gist", "--dry-run")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert (cfg["w_cont"], cfg["cont_items"], cfg["cont_tokens"], cfg["stage"]) == (1.0, 2, 16, "gist")
+    line = Stage(folder=tmp_path / "c" / "checkpoint", config=cfg, step=None, tokens=None, seconds=None).command()
+    assert "--w-cont 1.0 --cont-items 2 --cont-tokens 16" in line and "--stage gist" in line
+    res = run(runner, "train", tmp_path / "again", *shlex.split(line)[3:], "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) | {"out_dir": cfg["out_dir"]} == cfg
+    assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "full", "--dry-run"), "stage")
+    assert_one_line_error(run(runner, "train", tmp_path / "x", "--w-cont", "1", "--dry-run"), "cont_items")
+    help_text = run(runner, "train", "--help").stdout
+    assert "--w-cont" in help_text and "--cont-items" in help_text and "--w-lm" not in help_text
+
+
 def test_bench_delegates(runner, monkeypatch):
     monkeypatch.setitem(sys.modules, "gist_memory.eval.bench", None)  # as if the module were absent
     assert_one_line_error(run(runner, "bench", "--quick"), "not installed")

