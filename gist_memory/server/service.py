@@ -1,8 +1,7 @@
-"""The server's state: the model, its memories, the documents added through the web page, and the one lock.
+"""The server's state: the model, its memories and the documents added through the web page.
 
-Every call into the model or a memory made by the server (the web page's routes and the OpenAI-compatible routes
-alike) runs inside `GistService.lock`, so concurrent requests queue instead of interleaving: `GistModel` is not yet
-safe to call from several threads at once. When it is, this lock is the one place to relax.
+Requests run concurrently: `GistModel` is safe to call from many threads (each call fills its own `Usage`) and
+`GistMemory` guards its own index and store, so the server holds no lock around model or memory calls.
 """
 
 from __future__ import annotations
@@ -27,12 +26,18 @@ DEFAULT_MEMORY = "default"
 
 
 def call_usage(model: Any) -> dict[str, Any]:
-    """What the model's last call cost (raw tokens, kept rows, positions read, new tokens, timings).
+    """Deprecated: the calling thread's last model call's usage (`GistModel.last_usage`).
 
-    The one place the server reads usage: today `GistModel.last_usage`, read under `GistService.lock` right after
-    the call it describes; when calls return their own usage object, only this function changes.
+    The server reads usage per call (`Answer.usage`, filled by the call itself); this remains for callers of 0.2.
     """
     return dict(getattr(model, "last_usage", None) or {})
+
+
+def _new_usage() -> Any:
+    """A `Usage` one model call fills (imported late: the server module loads no torch until a model is used)."""
+    from gist_memory.model.usage import Usage
+
+    return Usage()
 
 
 class BadInput(Exception):
@@ -66,8 +71,10 @@ def decode_text(data: bytes, name: str, limit: int) -> str:
 
 
 class GistService:
-    """The app's state: the model, its memories, the documents added through the page, and `lock`, the one lock
-    every model and memory call of the server runs under (concurrent requests queue instead of interleaving).
+    """The app's state: the model, its memories and the documents added through the page.
+
+    Requests are served concurrently (no lock around model or memory calls); `answers_in_flight` counts the
+    answers being decoded and `last_answer` is the most recently finished one (for monitoring and tests).
 
     Args:
         model: A `GistModel`.
@@ -97,9 +104,11 @@ class GistService:
         self.chunker = Chunker(max_passage_tokens, model.tokenizer)
         self.model_description = model_description or str(getattr(model, "name", "gist model"))
         self.per_position = kv_bytes_per_position(model)
-        self.lock = threading.Lock()
         self.docs: dict[str, dict[str, Any]] = {}
         self._warm = False
+        self._count_lock = threading.Lock()  # guards the two counters below only, never a model call
+        self._in_flight = 0
+        self.last_answer: Optional[Answer] = None
 
     # ---- documents --------------------------------------------------------------------------------------
     def add_document(self, title: str, text: str, source: str = "pasted") -> dict[str, Any]:
@@ -116,10 +125,9 @@ class GistService:
         ids = [f"{doc_id}#{i}" for i in range(len(chunks))]
         meta = [{"doc": doc_id, "title": title, "chunk": i, "source": source} for i in range(len(chunks))]
         t0 = time.perf_counter()
-        with self.lock:
-            self.memory.add_texts([t for t, _ in chunks], metadatas=meta, ids=ids, show_progress=False)
-            hits = [h for h in (self.memory.get(i) for i in ids) if h is not None]
-            states = self.memory.states_for(hits)
+        self.memory.add_texts([t for t, _ in chunks], metadatas=meta, ids=ids, show_progress=False)
+        hits = [h for h in (self.memory.get(i) for i in ids) if h is not None]
+        states = self.memory.states_for(hits)
         raw = sum(s.num_tokens for s in states)
         kept = sum(s.num_kept for s in states)
         rec = {"id": doc_id, "title": title, "source": source, "passages": len(ids), "tokens": raw,
@@ -132,19 +140,17 @@ class GistService:
         """Add corpus records (`id`, `title`, `text`, ...) as documents of one passage each; returns added."""
         from gist_memory.demo import add_records
 
-        with self.lock:
-            n = add_records(self.memory, records, progress)
-            for r in records:
-                self.docs[r["id"]] = {"id": r["id"], "title": clean_title(r.get("title", r["id"])),
-                                      "source": r.get("source", "sample"), "passages": 1, "tokens": None,
-                                      "kept_rows": None, "ratio": None}
+        n = add_records(self.memory, records, progress)
+        for r in records:
+            self.docs[r["id"]] = {"id": r["id"], "title": clean_title(r.get("title", r["id"])),
+                                  "source": r.get("source", "sample"), "passages": 1, "tokens": None,
+                                  "kept_rows": None, "ratio": None}
         return n
 
     def delete_document(self, doc_id: str) -> int:
         """Remove a document's passages; returns how many were removed."""
-        with self.lock:
-            ids = self.memory.ids(filter={"doc": doc_id}) or ([doc_id] if doc_id in self.memory else [])
-            n = self.memory.delete(ids) if ids else 0
+        ids = self.memory.ids(filter={"doc": doc_id}) or ([doc_id] if doc_id in self.memory else [])
+        n = self.memory.delete(ids) if ids else 0
         if not n and doc_id not in self.docs:
             raise BadInput(404, f"no document {doc_id!r}")
         self.docs.pop(doc_id, None)
@@ -160,14 +166,13 @@ class GistService:
         k = self.k if k is None else int(k)
         if not 1 <= k <= 16:
             raise BadInput(400, "k must be between 1 and 16")
-        with self.lock:
-            if len(self.memory) == 0:
-                raise BadInput(400, "add a document first")
-            if not self._warm:  # one untimed pass: first-call costs (prefix cache, kernels) would skew the timings
-                compare(self.model, self.memory, question.strip(), k=k, max_new_tokens=1, full_new_tokens=1)
-                self._warm = True
-            c = compare(self.model, self.memory, question.strip(), k=k, max_new_tokens=self.max_new_tokens,
-                        full_new_tokens=self.max_new_tokens if full_answer else 1)
+        if len(self.memory) == 0:
+            raise BadInput(400, "add a document first")
+        if not self._warm:  # one untimed pass: first-call costs (prefix cache, kernels) would skew the timings
+            compare(self.model, self.memory, question.strip(), k=k, max_new_tokens=1, full_new_tokens=1)
+            self._warm = True
+        c = compare(self.model, self.memory, question.strip(), k=k, max_new_tokens=self.max_new_tokens,
+                    full_new_tokens=self.max_new_tokens if full_answer else 1)
         d = c.to_dict()
         d["kv_bytes_per_position"] = self.per_position
         for s in d["sources"]:
@@ -207,12 +212,15 @@ class GistService:
                 if on_text is not None:
                     on_text(text)
 
-        with self.lock:
-            if cancelled():  # the client left while this request waited for the lock
-                return Answer("", {}, [], "stop")
+        if cancelled():  # the client left before decoding began
+            return Answer("", {}, [], "stop")
+        with self._count_lock:
+            self._in_flight += 1
+        try:
             hits = mem.search(query, k=k, filter=filter) if mem is not None and query.strip() else []
             states = mem.states_for(hits) if hits else []
-            it: Iterator[str] = self.model.stream(prompt, states=states, **gen)
+            used = _new_usage()
+            it: Iterator[str] = self.model.stream(prompt, states=states, usage=used, **gen)
             try:
                 for piece in it:
                     emit(stop.feed(piece))
@@ -221,12 +229,23 @@ class GistService:
             finally:
                 close = getattr(it, "close", None)
                 if close is not None:
-                    close()  # the model's stream records its usage when it ends
-            usage = call_usage(self.model)
-        emit(stop.flush())
-        limit = int(gen.get("max_new_tokens", 64))
-        ended = "stop" if stop.stopped or int(usage.get("new_tokens", 0)) < limit else "length"
-        return Answer("".join(pieces), usage, hits, ended)
+                    close()  # the model's stream fills `used` when it ends
+            usage = used.to_dict()
+            emit(stop.flush())
+            limit = int(gen.get("max_new_tokens", 64))
+            ended = "stop" if stop.stopped or int(usage.get("new_tokens", 0)) < limit else "length"
+            answer = Answer("".join(pieces), usage, hits, ended)
+            self.last_answer = answer
+            return answer
+        finally:
+            with self._count_lock:
+                self._in_flight -= 1
+
+    @property
+    def answers_in_flight(self) -> int:
+        """Answers being decoded right now."""
+        with self._count_lock:
+            return self._in_flight
 
 
 @dataclass

@@ -110,6 +110,22 @@ def render_line(msg: BaseMessage, role: str, text: str) -> str:
     return f"{role.capitalize()}: {text}"
 
 
+def core_message(msg: BaseMessage, role: str, text: str) -> Optional[dict[str, str]]:
+    """One message as `GistModel` reads it in a chat (`{"role": "user"|"assistant", "content": ...}`), or None.
+
+    The model's chat template knows user and assistant turns; a tool result (or a message of another role) is a
+    user message that names where it came from, and an assistant's tool calls are written out after its text.
+    """
+    line = render_line(msg, role, text)
+    if not line:
+        return None
+    if role == "assistant":
+        return {"role": "assistant", "content": line[len("Assistant: "):]}
+    if role == "user" and not getattr(msg, "name", None):
+        return {"role": "user", "content": text.strip()}
+    return {"role": "user", "content": line}
+
+
 @dataclass
 class Turn:
     """Consecutive non-system messages opened by a human message (or the messages before the first one)."""
@@ -117,6 +133,17 @@ class Turn:
     lines: list[str] = field(default_factory=list)
     message_ids: list[str] = field(default_factory=list)
     gist: Optional[dict[str, Any]] = None  # a middleware marker: {"keys": [...], "texts": [...]}
+    messages: list[dict[str, str]] = field(default_factory=list)  # the same messages as `core_message`s
+
+    def chat(self) -> list[dict[str, str]]:
+        """The turn as chat messages for the model (consecutive messages of one role joined by a newline)."""
+        out: list[dict[str, str]] = []
+        for m in self.messages:
+            if out and out[-1]["role"] == m["role"]:
+                out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n" + m["content"]}
+            else:
+                out.append(dict(m))
+        return out
 
     @property
     def text(self) -> str:
@@ -160,6 +187,9 @@ def split_conversation(messages: Sequence[BaseMessage], texts: Sequence[str]) ->
             cur = Turn()
             turns.append(cur)
         cur.lines.append(render_line(msg, role, text))
+        cm = core_message(msg, role, text)
+        if cm is not None:
+            cur.messages.append(cm)
         if msg.id:
             cur.message_ids.append(str(msg.id))
     only = None

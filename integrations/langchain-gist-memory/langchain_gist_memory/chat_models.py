@@ -4,7 +4,9 @@
     chat.invoke(messages)                              # turns older than the last 4 are read from their states
     chat.invoke(messages, gist_ids=["doc-1", "doc-7"])  # direct route: passages of `memory` by id
 
-The model's prompt is laid out as `[system prompt][compressed turns][retrieved passages]["\\n\\n" + recent turns]`.
+The model's prompt is laid out as `[system prompt][compressed turns][retrieved passages]["\\n\\n" + recent turns]`;
+the recent turns go to the model as chat messages (user/assistant, through its chat template), and the states sit
+at the start of the first of them.
 Each turn is compressed once (keyed by content hash + model fingerprint) and kept in an LRU and, when a
 `state_store` is given, persistently, so a restarted app reads old turns without compressing them again.
 """
@@ -12,9 +14,7 @@ Each turn is compressed once (keyed by content hash + model fingerprint) and kep
 from __future__ import annotations
 
 import re
-import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -38,28 +38,34 @@ _CALL_KWARGS = {
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
 _TURN_STOPS = ("\nUser:", "\nUser (")
-_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
 
 
-def _model_lock(model: Any) -> threading.Lock:
-    """One lock per GistModel: generation reads `model.last_usage`, which is per model, not per call.
+def _new_usage() -> Any:
+    """A `gist_memory` `Usage` for one call: the model fills it (one model serves many threads; usage is per call)."""
+    from gist_memory.model.usage import Usage
 
-    A plain Lock, not an RLock: LangChain's async streaming advances a sync generator from whichever executor
-    thread is free, so the thread that releases it may not be the one that took it.
-    """
-    with _LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.Lock()
-        return lock
+    return Usage()
+
+
+def _chat_messages(turns: Sequence[Turn]) -> Any:
+    """The recent turns as the model's chat messages; a str when they do not end with the user (flattened)."""
+    msgs: list[dict[str, str]] = []
+    for t in turns:
+        for m in t.chat():
+            if msgs and msgs[-1]["role"] == m["role"]:
+                msgs[-1] = {"role": m["role"], "content": msgs[-1]["content"] + "\n" + m["content"]}
+            else:
+                msgs.append(m)
+    if msgs and msgs[-1]["role"] == "user":
+        return msgs
+    return "\n".join(t.text for t in turns)
 
 
 @dataclass
 class _Plan:
     """What one call reads: the prompt text, the system prompt, the states, and what they stand for."""
 
-    prompt: str
+    prompt: Any  # str, or chat messages ({role, content})
     system_prompt: Optional[str]
     states: list[GistState]
     gen_kwargs: dict[str, Any]
@@ -82,8 +88,8 @@ class ChatGist(BaseChatModel):
         max_prompt_tokens: The most tokens read as text. When the recent turns are longer, more of them are
             compressed; when the current message alone is longer, its head is compressed and its last
             `max_prompt_tokens // 2` tokens are read as text.
-        stop_at_next_turn: Stop when the model starts writing the user's next turn (`\nUser:`); the conversation
-            is rendered to the model as `User: ...` / `Assistant: ...` lines.
+        stop_at_next_turn: Stop when the model starts writing the user's next turn (`\nUser:`): compressed turns
+            are written as `User: ...` / `Assistant: ...` lines (recent turns go to the model as chat messages).
         memory: A `GistMemory` whose passages `invoke(..., gist_ids=[...])` reads.
         registry: Where known passages are looked up (default: the registry `GistRetriever` fills).
         splice_passages: Cut known passages out of the messages and read their states.
@@ -122,7 +128,7 @@ class ChatGist(BaseChatModel):
 
     @model_validator(mode="after")
     def _check(self) -> ChatGist:
-        for attr in ("compress", "stream", "state_key", "fingerprint", "tokenizer", "last_usage"):
+        for attr in ("compress", "stream", "state_key", "fingerprint", "tokenizer"):
             if not hasattr(self.model, attr):
                 raise ValueError(f"model has no {attr!r}: ChatGist needs a gist_memory.GistModel")
         if self.state_store is not None and not isinstance(self.state_store, StateStore):
@@ -275,7 +281,8 @@ class ChatGist(BaseChatModel):
         if raw and sizes[0] > self.max_prompt_tokens:
             *head, tail = self._pieces(raw[0].text)
             chunks += [(piece, []) for piece in head]
-            raw = [Turn(lines=[tail.strip()], message_ids=raw[0].message_ids)]
+            raw = [Turn(lines=[tail.strip()], message_ids=raw[0].message_ids,
+                        messages=[{"role": "user", "content": tail.strip()}])]
         turn_states: list[GistState] = []
         stats: dict[str, Any] = {"cached": 0, "loaded": 0, "compressed": 0, "compress_s": 0.0}
         if chunks:
@@ -290,8 +297,8 @@ class ChatGist(BaseChatModel):
         if conv.only_human_text is not None and len(turns) == 1 and not states:
             prompt = conv.only_human_text
         else:
-            prompt = "\n".join(t.text for t in raw)
-            if self.stop_at_next_turn and raw:  # the conversation is rendered as "User: ..." lines
+            prompt = _chat_messages(raw)  # the recent turns as real chat messages
+            if self.stop_at_next_turn and raw:  # old turns are read as "User: ..." lines: never continue them
                 stops += [s for s in _TURN_STOPS if s not in stops]
         gen = {
             "max_new_tokens": int(kwargs.get("max_tokens", self.max_tokens)),
@@ -374,19 +381,18 @@ class ChatGist(BaseChatModel):
     # ---- generation ----------------------------------------------------------------------------------
     def _run(self, plan: _Plan) -> Iterator[tuple[str, Optional[dict[str, Any]]]]:
         """Yield (text piece, None) while generating, then ("", usage) once."""
-        with _model_lock(self.model):
-            pieces = self.model.stream(
-                plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt, **plan.gen_kwargs
-            )
-            try:
-                for piece in pieces:
-                    yield piece, None
-            finally:
-                close = getattr(pieces, "close", None)
-                if close is not None:
-                    close()
-            usage = dict(self.model.last_usage)
-        yield "", usage
+        usage = _new_usage()
+        pieces = self.model.stream(
+            plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt, usage=usage, **plan.gen_kwargs
+        )
+        try:
+            for piece in pieces:
+                yield piece, None
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()  # ends the model's stream, which fills `usage`
+        yield "", usage.to_dict()
 
     def _metadata(self, plan: _Plan, usage: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
         read = int(usage.get("positions_read", 0))

@@ -200,3 +200,49 @@ def test_direct_route_with_states(llm, registry, li_tiny_model, passages):
     assert r.text == li_tiny_model.generate("Who became curator?", states=states, max_new_tokens=8)
     none = llm.complete_with_states("Who became curator?", [])
     assert none.additional_kwargs["gist"]["context"] == "none"
+
+
+def test_chat_reaches_the_model_as_messages(llm, li_tiny_model, monkeypatch):
+    seen = []
+    inner = li_tiny_model.stream
+
+    def spy(prompt, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(prompt)
+        return inner(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(li_tiny_model, "stream", spy)
+    msgs = [
+        ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
+        ChatMessage(role=MessageRole.USER, content="Who is the curator?"),
+        ChatMessage(role=MessageRole.ASSISTANT, content="Maren Voss."),
+        ChatMessage(role=MessageRole.TOOL, content="lookup: since 1912"),
+        ChatMessage(role=MessageRole.USER, content="Since when?"),
+    ]
+    r = llm.chat(msgs)
+    assert seen[-1] == [
+        {"role": "user", "content": "Who is the curator?"},
+        {"role": "assistant", "content": "Maren Voss."},
+        {"role": "user", "content": "tool: lookup: since 1912\nSince when?"},
+    ]
+    want = li_tiny_model.generate(seen[-1], system_prompt="Be brief.", max_new_tokens=llm.max_new_tokens)
+    assert r.message.content == want
+    llm.chat(msgs[1:2])
+    assert seen[-1] == "Who is the curator?"  # a lone user message stays a plain prompt
+    llm.chat(msgs[1:3])  # ends with the assistant: the model cannot answer that turn, so it is flattened
+    assert seen[-1] == "user: Who is the curator?\nassistant: Maren Voss."
+
+
+def test_concurrent_calls_need_no_lock_and_match_calls_alone(llm, registry, passages):
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry.add_texts(passages)
+    prompts = [_prompt(passages[i:] + passages[:i], q=f"Question {i}?") for i in range(3)] + ["Plain question?"]
+    alone = [(r.text, r.additional_kwargs["gist"]) for r in (llm.complete(p, formatted=True) for p in prompts)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda p: llm.complete(p, formatted=True), prompts * 4))
+    for i, r in enumerate(together):
+        text, g = alone[i % len(prompts)]
+        got = r.additional_kwargs["gist"]
+        assert r.text == text
+        assert (got["positions_read"], got["raw_tokens"], got["passages"]) == (
+            g["positions_read"], g["raw_tokens"], g["passages"])

@@ -262,3 +262,59 @@ def test_fifty_thousand_token_message_is_compressed_once(gist_tiny, counter):
     # the head pieces are reused: only the last piece (+ the reply) is new work
     assert g2["new_compressions"] == 1 and len(counter.texts) == n_first + 1
     assert g2["compressed_turns"] == n_first + 1
+
+
+def test_recent_turns_reach_the_model_as_chat_messages(gist_tiny, monkeypatch):
+    seen = []
+    inner = gist_tiny.stream
+
+    def spy(prompt, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append((prompt, kwargs.get("system_prompt")))
+        return inner(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(gist_tiny, "stream", spy)
+    chat = ChatGist(model=gist_tiny, keep_recent=5, max_tokens=3)
+    msgs = [
+        SystemMessage("Be brief."),
+        HumanMessage("What is the weather in Paris?"),
+        AIMessage("", tool_calls=[{"name": "weather", "args": {"city": "Paris"}, "id": "c1"}]),
+        ToolMessage("Sunny, 21 degrees.", tool_call_id="c1", name="weather"),
+        AIMessage("It is sunny in Paris."),
+        HumanMessage("And tomorrow?"),
+    ]
+    r = chat.invoke(msgs)
+    prompt, system = seen[-1]
+    assert system == "Be brief."
+    assert prompt == [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": '[calls weather({"city": "Paris"})]'},
+        {"role": "user", "content": "Tool (weather): Sunny, 21 degrees."},
+        {"role": "assistant", "content": "It is sunny in Paris."},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    gen = {"max_new_tokens": 3, "stop": ["\nUser:", "\nUser ("]}
+    assert r.content == gist_tiny.generate(prompt, system_prompt="Be brief.", **gen)
+    chat.invoke([HumanMessage("Hello there")])
+    assert seen[-1][0] == "Hello there"  # a lone human message stays a plain prompt
+
+
+def test_concurrent_invokes_need_no_lock_and_match_calls_alone(gist_tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    chat = ChatGist(model=gist_tiny, keep_recent=1, max_tokens=4)
+    convs = []
+    for k in range(4):
+        msgs: list[BaseMessage] = [SystemMessage("Be brief.")]
+        for t in range(1, 3 + k):
+            msgs += [HumanMessage(user(t + 10 * k)), AIMessage(reply(t + 10 * k))]
+        msgs.append(HumanMessage(f"Last question {k}?"))
+        convs.append(msgs)
+    alone = [chat.invoke(c) for c in convs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(chat.invoke, convs * 4))
+    for i, r in enumerate(together):
+        a = alone[i % len(convs)]
+        assert r.content == a.content
+        g, ga = r.response_metadata["gist"], a.response_metadata["gist"]
+        assert (g["positions_read"], g["raw_tokens"], g["kept_rows"]) == (
+            ga["positions_read"], ga["raw_tokens"], ga["kept_rows"])

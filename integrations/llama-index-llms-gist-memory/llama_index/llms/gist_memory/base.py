@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -37,22 +35,20 @@ logger = logging.getLogger(__name__)
 GEN_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
 _SYSTEM_ROLES = {MessageRole.SYSTEM, MessageRole.DEVELOPER}
 _END = object()
-_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
+_ASSISTANT_ROLES = {MessageRole.ASSISTANT, MessageRole.CHATBOT, MessageRole.MODEL}
 
 
-def _model_lock(model: Any) -> threading.Lock:
-    with _LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.Lock()
-        return lock
+def _new_usage() -> Any:
+    """A `gist_memory` `Usage` for one call: the model fills it (the model is shared; usage is per call)."""
+    from gist_memory.model.usage import Usage
+
+    return Usage()
 
 
 class _Plan:
-    """What one call reads: the system prompt, the remaining prompt text and the spliced states."""
+    """What one call reads: the system prompt, the prompt (text or chat messages) and the spliced states."""
 
-    def __init__(self, prompt: str, system_prompt: Optional[str], keys: list[str], states: list[Any]) -> None:
+    def __init__(self, prompt: Any, system_prompt: Optional[str], keys: list[str], states: list[Any]) -> None:
         self.prompt = prompt
         self.system_prompt = system_prompt
         self.keys = keys
@@ -148,10 +144,7 @@ class GistLLM(CustomLLM):
                     sys_parts.append(rest)
             else:
                 turns.append((m.role, rest))
-        if len(turns) == 1 and turns[0][0] == MessageRole.USER:
-            prompt = turns[0][1]
-        else:  # history flattened into the one user turn the model takes (see docs: core API gap)
-            prompt = "\n".join(f"{role.value}: {text}" for role, text in turns)
+        prompt = _core_messages(turns)
         system = "\n\n".join(sys_parts) or None
         return _Plan(prompt, system, keys, self.registry.states(keys) if keys else [])
 
@@ -164,8 +157,8 @@ class GistLLM(CustomLLM):
                 logger.debug("GistLLM ignores the argument %r", k)
         return out
 
-    def _usage(self, plan: _Plan) -> dict[str, Any]:
-        u = dict(getattr(self.model, "last_usage", {}) or {})
+    def _usage(self, plan: _Plan, call_usage: Any) -> dict[str, Any]:
+        u = call_usage.to_dict()
         u.update(
             passages=len(plan.states),
             state_keys=list(plan.keys),
@@ -183,20 +176,24 @@ class GistLLM(CustomLLM):
 
     # ---- generation -----------------------------------------------------------------------------------
     def _run(self, plan: _Plan, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        with _model_lock(self.model):
-            text = self.model.generate(
-                plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt, **self._gen_kwargs(kwargs)
-            )
-            return text, self._usage(plan)
+        usage = _new_usage()
+        text = self.model.generate(plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt,
+                                   usage=usage, **self._gen_kwargs(kwargs))
+        return text, self._usage(plan, usage)
 
     def _run_stream(self, plan: _Plan, kwargs: dict[str, Any]) -> Iterator[tuple[str, Optional[dict]]]:
         """(delta, None) per piece, then ("", usage) once the model is done."""
-        gen = self.model.stream(
-            plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt, **self._gen_kwargs(kwargs)
-        )
-        for piece in gen:
-            yield piece, None
-        yield "", self._usage(plan)
+        usage = _new_usage()
+        gen = self.model.stream(plan.prompt, states=plan.states or None, system_prompt=plan.system_prompt,
+                                usage=usage, **self._gen_kwargs(kwargs))
+        try:
+            for piece in gen:
+                yield piece, None
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()  # a consumer that stops early still ends the model's stream (and fills `usage`)
+        yield "", self._usage(plan, usage)
 
     def _complete_plan(self, prompt: str, formatted: bool) -> _Plan:
         if not formatted:
@@ -317,6 +314,32 @@ class GistLLM(CustomLLM):
                 yield CompletionResponse(text=acc, delta=delta, additional_kwargs=extra)
 
         return gen()
+
+
+def _core_messages(turns: Sequence[tuple[Any, str]]) -> Any:
+    """The conversation as `GistModel` takes it: a str for a lone user message, else {role, content} messages.
+
+    The model knows system (passed apart), user and assistant; a tool or function result is read as a user message
+    naming its role. Consecutive messages of one role are joined. A conversation that does not end with the user
+    (the model answers the user) is flattened into one user message, as before 0.3.
+    """
+    if len(turns) == 1 and turns[0][0] == MessageRole.USER:
+        return turns[0][1]
+    msgs: list[dict[str, str]] = []
+    for role, text in turns:
+        if role in _ASSISTANT_ROLES:
+            core, content = "assistant", text
+        elif role == MessageRole.USER:
+            core, content = "user", text
+        else:
+            core, content = "user", f"{role.value}: {text}"
+        if msgs and msgs[-1]["role"] == core:
+            msgs[-1]["content"] += "\n" + content
+        else:
+            msgs.append({"role": core, "content": content})
+    if not msgs or msgs[-1]["role"] != "user":
+        return "\n".join(f"{role.value}: {text}" for role, text in turns)
+    return msgs
 
 
 async def _athread(it: Iterator[Any]):  # noqa: ANN202 - async generator
