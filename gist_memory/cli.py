@@ -130,11 +130,16 @@ def check_store(path: Path, create: bool) -> Path:
 
 def open_store(model: Any, path: Path, create: bool = False) -> Any:
     """Open (or create) the `GistMemory` at `path` with `model`."""
+    import sqlite3
+
     from gist_memory.store import GistMemory
 
     path = check_store(path, create)
     with err.status("opening memory ...", spinner="dots"):
-        return GistMemory(model, path) if create else GistMemory.load(path, model=model)
+        try:
+            return GistMemory(model, path) if create else GistMemory.load(path, model=model)
+        except sqlite3.DatabaseError as e:  # a damaged or foreign docstore
+            raise UserError(f"{path} is not a readable gist memory: {e}") from e
 
 
 def store_stats(path: Path) -> dict[str, Any]:

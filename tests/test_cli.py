@@ -314,6 +314,15 @@ def test_train_options_cover_train_config(runner, tmp_path):
     assert "--w-cont" in help_text and "--cont-items" in help_text and "--w-lm" not in help_text
 
 
+def test_damaged_store_is_one_line(runner, tiny_base_dir, tmp_path):
+    """A memory whose docstore is not a database (damaged, or another file under its name): one line, no traceback."""
+    store = tmp_path / "mem"
+    store.mkdir()
+    (store / "memory.sqlite").write_bytes(b"not a database at all" * 100)
+    res = run(runner, "ask", "Who became curator?", "--store", store, "--base", tiny_base_dir)
+    assert_one_line_error(res, "not a readable gist memory", str(store))
+
+
 def test_bench_delegates(runner, monkeypatch):
     monkeypatch.setitem(sys.modules, "gist_memory.eval.bench", None)  # as if the module were absent
     assert_one_line_error(run(runner, "bench", "--quick"), "not installed")
