@@ -3,24 +3,19 @@ deterministic hashing embedder, and the bundled SmolLM2 (slow tests only)."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
-import re
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from gist_memory.testing import HashingEmbedder, build_tiny_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _HERE = Path(__file__).resolve().parent
-_REPO = _HERE.parents[2]  # integrations/langchain-gist-memory/tests -> repo root (holds tests/tiny.py)
-if (_REPO / "tests" / "tiny.py").is_file() and str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
 
 
 @pytest.hookimpl(hookwrapper=True, trylast=True)
@@ -50,8 +45,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def gist_tiny_dir(tmp_path_factory) -> str:  # noqa: ANN001
     """Folder of the tiny random Llama (with the byte-level BPE tokenizer and chat template)."""
-    from tests.tiny import build_tiny_base
-
     return build_tiny_base(tmp_path_factory.mktemp("lc-tiny-llama"), "llama")
 
 
@@ -63,26 +56,10 @@ def gist_tiny(gist_tiny_dir):  # noqa: ANN001, ANN201
     return GistModel.from_base(gist_tiny_dir, GistConfig(gists_per_sentence=2), device="cpu")
 
 
-class HashEmbedder:
-    """Deterministic bag-of-words embedder: each lower-cased word hashes to one of `dim` buckets."""
-
-    name = "hash-bow-256"
-
-    def __init__(self, dim: int = 256) -> None:
-        self.dim = dim
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"\w+", t.lower()):
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-            out[i, 0] += 1e-3  # never all-zero
-        return out
-
-
 @pytest.fixture
-def hash_embedder() -> HashEmbedder:
-    return HashEmbedder()
+def hash_embedder() -> HashingEmbedder:
+    """The shared deterministic bag-of-words embedder of `gist_memory.testing`."""
+    return HashingEmbedder(dim=256)
 
 
 DOCS = [

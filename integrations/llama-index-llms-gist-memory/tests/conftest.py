@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_ROOT = Path(__file__).resolve().parents[3]  # the gist-memory checkout (for tests.tiny)
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 PASSAGES = [
     "Maren Voss became the chief curator in 1912. The archive code is QX-4471!",
@@ -26,7 +21,7 @@ PASSAGES = [
 def li_tiny_model(tmp_path_factory):
     """A tiny GistModel (fp32, CPU, 2 gists per sentence) over a random Llama with a ChatML template."""
     from gist_memory import GistConfig, GistModel
-    from tests.tiny import build_tiny_base
+    from gist_memory.testing import build_tiny_base
 
     base = build_tiny_base(tmp_path_factory.mktemp("li-llm-tiny"), "llama")
     return GistModel.from_base(base, GistConfig(gists_per_sentence=2), device="cpu")

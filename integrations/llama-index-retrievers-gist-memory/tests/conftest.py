@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import re
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 from llama_index.core.base.embeddings.base import BaseEmbedding
+
+from gist_memory.testing import HashingEmbedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_ROOT = Path(__file__).resolve().parents[3]  # the gist-memory checkout (for tests.tiny)
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 TEXTS = [
     ("Maren Voss became the chief curator in 1912. The archive code is QX-4471!", "archive"),
@@ -28,7 +23,7 @@ TEXTS = [
 
 
 class HashEmbedding(BaseEmbedding):
-    """Deterministic bag-of-words embedding (hashed words, 64 dims, unit norm): offline and meaningful."""
+    """`gist_memory.testing.HashingEmbedder` as a LlamaIndex embedding (64 dims, unit norm): offline, meaningful."""
 
     dim: int = 64
 
@@ -37,13 +32,8 @@ class HashEmbedding(BaseEmbedding):
         return "HashEmbedding"
 
     def _vec(self, text: str) -> list[float]:
-        v = [0.0] * self.dim
-        for w in re.findall(r"\w+", text.lower()):
-            v[int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-        if not any(v):  # no words: a fixed direction instead of a zero vector (cosine would be NaN)
-            v[0] = 1.0
-        n = math.sqrt(sum(x * x for x in v))
-        return [x / n for x in v]
+        v = HashingEmbedder(dim=self.dim).encode([text])[0].astype(np.float64)
+        return (v / np.linalg.norm(v)).tolist()
 
     def _get_query_embedding(self, query: str) -> list[float]:
         return self._vec(query)
@@ -59,7 +49,7 @@ class HashEmbedding(BaseEmbedding):
 def li_tiny_model(tmp_path_factory):
     """A tiny GistModel (fp32, CPU, 2 gists per sentence) over a random Llama with a ChatML template."""
     from gist_memory import GistConfig, GistModel
-    from tests.tiny import build_tiny_base
+    from gist_memory.testing import build_tiny_base
 
     base = build_tiny_base(tmp_path_factory.mktemp("li-retriever-tiny"), "llama")
     return GistModel.from_base(base, GistConfig(gists_per_sentence=2), device="cpu")
