@@ -663,11 +663,11 @@ def kv_after_prompt(gm, prompt: str, states=None) -> tuple[int, int]:  # noqa: A
 
 
 def _time_once(gm, prompt: str, states, new_tokens: int) -> dict[str, float]:  # noqa: ANN001
-    gm.generate(prompt, states=states, max_new_tokens=new_tokens, eos_token_id=-1)
-    u = gm.last_usage
-    steps = max(1, int(u["new_tokens"]) - 1)
-    return {"ttft_s": float(u["ttft_s"]), "total_s": float(u["total_s"]),
-            "decode_tps": steps / max(1e-9, float(u["total_s"]) - float(u["ttft_s"]))}
+    _, u = gm.generate_with_usage(prompt, states=states, max_new_tokens=new_tokens, eos_token_id=-1)
+    steps = max(1, int(u.new_tokens) - 1)
+    ttft = float(u.ttft_s or 0.0)
+    return {"ttft_s": ttft, "total_s": float(u.total_s),
+            "decode_tps": steps / max(1e-9, float(u.total_s) - ttft)}
 
 
 def speed_points(bench: Bench, methods: Sequence[Method], passages: Sequence[str]) -> list[dict[str, Any]]:
