@@ -233,3 +233,14 @@ def test_unloadable_model_is_skipped_not_fatal(tmp_path):
 
     recs = run.run_table(its, methods=["gist"], ratios=[4], out=tmp_path / "r.jsonl", loader=load, log=logs.append)
     assert recs == [] and "skipped gist @4x" in logs[0] and not (tmp_path / "r.jsonl").exists()
+
+
+def test_more_items_keep_the_fewer_items():
+    small, large = build_items(5), build_items(12)
+    for kind in KINDS:
+        ids_small = [x.to_dict() for x in small[kind]]
+        ids_large = [x.to_dict() for x in large[kind]]
+        if kind == "faq":
+            assert all(x in ids_large for x in ids_small)
+        else:
+            assert ids_large[:5] == ids_small

@@ -4,7 +4,7 @@
 - `faq`: real questions over real text (the Python FAQ), shipped as `assets/heldout/python_faq.jsonl`.
 - `run`: the method x kind x ratio table through `GistModel`'s public API; `render_markdown(results)`.
 
-Command: `python -m gist_memory.eval.heldout --ratios 4 8 --items 20 --out results.jsonl` (see
+Command: `python -m gist_memory.eval.heldout --ratios 4 8 --out results.jsonl` (see
 docs/evaluation.md). Rebuild the shipped data: `python -m gist_memory.eval.heldout.build_assets`.
 """
 

@@ -1,7 +1,7 @@
 """`python -m gist_memory.eval.heldout`: run (or resume) the held-out table and print it as markdown.
 
 Examples:
-    python -m gist_memory.eval.heldout --ratios 4 8 --items 20 --out results.jsonl
+    python -m gist_memory.eval.heldout --ratios 4 8 --out results.jsonl
     python -m gist_memory.eval.heldout --model runs/x/checkpoint --out results.jsonl --markdown table.md
     python -m gist_memory.eval.heldout --methods full none pool+anchors --ratios 4 --items 20 --out short.jsonl
     python -m gist_memory.eval.heldout --render-only --out results.jsonl
@@ -33,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--model", default=None, help="saved gist model folder for gist/gist+anchors (default: shipped)")
     ap.add_argument("--base", default=None, help="base LM for full/none/trunc/pool (default: embedded SmolLM2)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0])
-    ap.add_argument("--items", type=int, default=20, help="items per kind (FAQ: a seeded sample of this many)")
+    ap.add_argument("--items", type=int, default=16, help="items per kind (FAQ: a seeded sample of this many)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--seed", type=int, default=0)

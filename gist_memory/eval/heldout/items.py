@@ -398,7 +398,9 @@ def build_items(n: int, seed: int = 0, kinds: Sequence[str] = KINDS,
 
             pool = list(faq_items) if faq_items is not None else load_faq()
             rng = random.Random(f"{seed}:faq")
-            idx = sorted(rng.sample(range(len(pool)), min(n, len(pool))))
+            order = list(range(len(pool)))
+            rng.shuffle(order)  # a fixed order: the first n of it, so a larger n keeps the smaller set's items
+            idx = sorted(order[:n])
             out[kind] = [pool[i] for i in idx]
         else:
             src = passages if passages is not None else load_wiki_passages()
