@@ -15,7 +15,7 @@ What it does, within `--time-budget` seconds of its own wall time (loading, trai
    `adapter/` (gist_adapter.safetensors, gist_adapter.json, gist_config.json: format 2, `save_pretrained`,
    reloadable with `GistModel.from_pretrained`), `snapshots.tar` (intermediate adapters, LoRA in bf16),
    `log.jsonl` (the trainer's log), `heldout.jsonl` (held-out cells, the table's results format),
-   `report.md` (dev and held-out numbers), `summary.json`;
+   `report.md` (a json summary, dev and held-out numbers), `train_config.json` (for `ship`'s model card);
 5. prints the dev numbers (trainer kinds, 4x/8x) and the held-out table (kinds training never generated).
 
 See docs/gpu.md for the whole procedure (prepare here, upload the parts, train, ship).
@@ -31,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,10 +336,14 @@ def main(argv=None) -> int:  # noqa: ANN001
     lines = [f"# Device training run (step {tr.step})", "", "```", json.dumps({**info, **env}, indent=1), "```", "",
              "## Dev (trainer kinds; multiple choice)", "", "```", json.dumps(dev_res, indent=1), "```", "", table,
              "", render_details(records) if records else ""]  # fmt: skip
-    (out / "report.md").write_text("\n".join(lines))
     summary = {"train": info, "env": env, "last_log": last, "dev": dev_res, "snapshots": snaps,
                "adapter": str(adapter), "base_digest_ok": same, "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines[2:6] = ["<!-- summary -->", "```json", json.dumps(summary, indent=1), "```"]
+    (out / "report.md").write_text("\n".join(lines))
+    # beside adapter/ and log.jsonl, what `python -m gist_memory.train.ship OUT/adapter` reads for the model card
+    tc = {**asdict(cfg), "ratios": list(cfg.ratios), "kinds": list(cfg.kinds), "out_dir": str(out),
+          "device_run": {"time_budget": a.time_budget, **env}}
+    (out / "train_config.json").write_text(json.dumps(tc, indent=2))
     print(table, flush=True)
     files = [p for p in out.rglob("*") if p.is_file()]
     big = [f"{p} ({p.stat().st_size} bytes)" for p in files if p.stat().st_size > FILE_LIMIT]

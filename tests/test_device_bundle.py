@@ -133,14 +133,15 @@ def test_device_train_runs_without_spacy(device_dir, tmp_path):
     r = subprocess.run([sys.executable, "-c", boot], env=env, capture_output=True, text=True, timeout=600,
                        cwd=str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    summary = json.loads(report.split("```json", 1)[1].split("```", 1)[0])
     assert summary["train"]["final_step"] == 4 and summary["base_digest_ok"]
     assert summary["dev"]["4.0"]["n"] == 2
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
     names = {p.relative_to(out).as_posix() for p in files}
     assert {"adapter/gist_adapter.safetensors", "adapter/gist_adapter.json", "adapter/gist_config.json",
-            "snapshots.tar", "log.jsonl", "report.md", "summary.json", "heldout.jsonl"} <= names  # fmt: skip
+            "snapshots.tar", "log.jsonl", "report.md", "train_config.json", "heldout.jsonl"} <= names  # fmt: skip
     with tarfile.open(out / "snapshots.tar") as tf:
         assert any(n.endswith("step-00004/gist_adapter.safetensors") for n in tf.getnames())
     steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -151,6 +152,12 @@ def test_device_train_runs_without_spacy(device_dir, tmp_path):
     assert st.num_kept < st.num_tokens
     meta = json.loads((out / "adapter" / "gist_adapter.json").read_text())
     assert meta["trained_on"]["steps"] == 4 and meta["format_version"] == 2
+    from gist_memory.train.ship import ship, stages
+
+    chain = stages(out / "adapter")
+    assert len(chain) == 1 and chain[0].step == 4 and chain[0].config["w_cont"] == 1.0
+    shipped = ship(out / "adapter", tmp_path / "shipped")
+    assert (shipped / "MODEL_CARD.md").is_file() and GistModel.from_pretrained(shipped, device="cpu").has_lora
 
 
 def test_split_groups_respects_the_limit():
@@ -159,6 +166,9 @@ def test_split_groups_respects_the_limit():
         groups = B._split_groups(sizes, limit, n_min)
         assert [x for g in groups for x in g] == [n for n, _ in sizes]
         assert all(sum(dict(sizes)[x] for x in g) <= limit for g in groups) and len(groups) >= n_min
+    groups = B._split_groups(sizes, 60, last_limit=20)  # the last part travels beside the bundle
+    assert [x for g in groups for x in g] == [n for n, _ in sizes]
+    assert sum(dict(sizes)[x] for x in groups[-1]) <= 20 and all(sum(dict(sizes)[x] for x in g) <= 60 for g in groups)
 
 
 def test_dequantize_matches_gguf():

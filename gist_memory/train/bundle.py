@@ -495,13 +495,34 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _split_groups(sizes: list[tuple[str, int]], limit: int, n_min: int = 1) -> list[list[str]]:
-    """Tensors (in order) into consecutive groups (at least `n_min`), as few as the limit allows, balanced."""
+def _split_groups(sizes: list[tuple[str, int]], limit: int, n_min: int = 1,
+                  last_limit: Optional[int] = None) -> list[list[str]]:  # fmt: skip
+    """Tensors (in order) into consecutive groups of at most `limit` bytes.
+
+    Without `last_limit`: at least `n_min` groups, as few as the limit allows, balanced by bytes. With it: the
+    last group holds at most `last_limit` (it travels with the bundle), filled from the end, the others up to
+    `limit` each (fewest groups for a contiguous split).
+    """
     total = sum(s for _, s in sizes)
+    if last_limit is not None:
+        groups: list[list[str]] = [[]]
+        acc, cap = 0, last_limit
+        for name, s in reversed(sizes):
+            if s > limit:
+                raise BundleError(f"tensor {name} ({s} bytes) is larger than a part may be ({limit})")
+            if groups[-1] and acc + s > cap:
+                groups.append([])
+                acc, cap = 0, limit
+            elif not groups[-1] and s > cap:  # not even one tensor fits beside the bundle
+                groups.append([])
+                acc, cap = 0, limit
+            groups[-1].append(name)
+            acc += s
+        return [list(reversed(g)) for g in reversed(groups) if g]
     n = max(1, n_min, math.ceil(total / limit))
     while True:
         target = total / n
-        groups: list[list[str]] = [[]]
+        groups = [[]]
         acc = 0
         for name, s in sizes:
             if groups[-1] and (acc + s > limit or (acc >= target and len(groups) < n)):
@@ -515,11 +536,14 @@ def _split_groups(sizes: list[tuple[str, int]], limit: int, n_min: int = 1) -> l
 
 
 def _save_parts(out: Path, tensors: dict[str, np.ndarray], meta: dict, limit: int, sidecar: Path,
-                n_min: int = 1) -> dict:
+                n_min: int = 1, last_limit: Optional[int] = None) -> dict:
     from safetensors.numpy import save_file
 
     names = list(tensors)
-    groups = _split_groups([(k, tensors[k].nbytes) for k in names], limit - min(2**20, limit // 16), n_min)
+    room = min(2**20, limit // 16)  # safetensors headers
+    groups = _split_groups([(k, tensors[k].nbytes) for k in names], limit - room, n_min,
+                           None if last_limit is None else last_limit - room)
+    groups = [g for g in groups if g]
     parts = []
     for i, g in enumerate(groups, 1):
         fn = f"base-part{i}.safetensors"
@@ -550,7 +574,7 @@ def _copy_side(src: Path, sidecar: Path) -> None:
 
 def pack_gguf(gguf_path: Union[str, Path], hf_dir: Union[str, Path], out_dir: Union[str, Path],
               sidecar: Union[str, Path], identity: dict, limit: int = PART_LIMIT,
-              n_min: int = 1) -> dict:  # fmt: skip
+              n_min: int = 1, last_limit: Optional[int] = None) -> dict:  # fmt: skip
     """The GGUF's raw tensor blocks in safetensors parts under `limit` bytes (+ config/tokenizer in `sidecar`).
 
     `hf_dir` is the converted copy (config and tokenizer files come from there); `identity` (`base_identity`
@@ -568,7 +592,8 @@ def pack_gguf(gguf_path: Union[str, Path], hf_dir: Union[str, Path], out_dir: Un
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _copy_side(Path(hf_dir), Path(sidecar))
-    return _save_parts(out, tensors, {"format": "gguf", "tensors": spec, **identity}, limit, Path(sidecar), n_min)
+    return _save_parts(out, tensors, {"format": "gguf", "tensors": spec, **identity}, limit, Path(sidecar), n_min,
+                       last_limit)
 
 
 def pack_state_dict(hf_dir: Union[str, Path], out_dir: Union[str, Path], sidecar: Union[str, Path],
