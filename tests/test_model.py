@@ -414,3 +414,16 @@ def test_last_usage_is_per_thread(tiny_model):
     t.join()
     assert seen["before"] == {} and seen["after"]["raw_tokens"] == 0
     assert tiny_model.last_usage == mine  # the other thread's call did not overwrite this thread's usage
+
+
+def test_base_fingerprint_ignores_where_and_how_the_weights_were_loaded(tiny_base_dir, tmp_path):
+    import shutil
+
+    a = GistModel.from_base(tiny_base_dir, GistConfig(), device="cpu")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_base_dir, moved)
+    b = GistModel.from_base(str(moved), GistConfig(), device="cpu", dtype="bfloat16")
+    assert a.base_fingerprint() == b.base_fingerprint()
+    with torch.no_grad():
+        next(b.model.parameters()).add_(1.0)
+    assert a.base_fingerprint() != b.base_fingerprint()

@@ -290,13 +290,19 @@ class GistModel:
         return f"{self.base_ref} [{self.config.compressor}]"
 
     def base_fingerprint(self) -> str:
-        """Identity of the base model's config and weights (a sample of every parameter)."""
+        """Identity of the base model's architecture and weights, the same on every machine.
+
+        Hashes the config without what varies with where and how the same weights were loaded (its path, the
+        transformers version, the load dtype) and a strided sample of every parameter rounded to bf16, so the
+        same checkpoint loaded in fp32 or bf16, from any folder, fingerprints alike.
+        """
         h = hashlib.sha256()
         lm = self.model
-        h.update(json.dumps(lm.config.to_dict(), sort_keys=True, default=str).encode())
+        cfg = {k: v for k, v in lm.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         with torch.no_grad():
             for name, p in sorted(lm.named_parameters(), key=lambda kv_: kv_[0]):
-                _update_sample(h, name, p)
+                _update_sample(h, name, p, torch.bfloat16)
         return h.hexdigest()[:24]
 
     @property
@@ -1042,14 +1048,21 @@ def default_model_dir() -> Path:
     return p
 
 
-def _update_sample(h, name: str, p: torch.Tensor) -> None:  # noqa: ANN001 - hashlib object
-    """Feed a strided sample of a parameter (257 values), its name and shape to a hash."""
+_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                                   "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"})
+
+
+def _update_sample(h, name: str, p: torch.Tensor, round_to: Optional[torch.dtype] = None) -> None:  # noqa: ANN001
+    """Feed a strided sample of a parameter (257 values, optionally rounded to `round_to`), its name and shape."""
     flat = p.detach().reshape(-1)
     k = min(257, flat.numel())
     idx = (torch.arange(k, device=flat.device) * (flat.numel() - 1)) // max(1, k - 1)
     h.update(name.encode())
     h.update(str(tuple(p.shape)).encode())
-    h.update(flat[idx].float().cpu().numpy().tobytes())
+    sample = flat[idx]
+    if round_to is not None:
+        sample = sample.to(round_to)
+    h.update(sample.float().cpu().numpy().tobytes())
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
