@@ -175,30 +175,21 @@ class ChatGist(BaseChatModel):
         return len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
     def _cut_passages(self, texts: list[str]) -> tuple[list[str], list[GistState]]:
-        """Cut registered passages out of message texts; returns the texts left and the passages' states."""
+        """Cut registered passages out of message texts; returns the texts left and the passages' states.
+
+        The rules are the core registry's (`gist_memory.registry`): a passage deleted from its memory since it
+        was retrieved is read as text.
+        """
         reg = self.registry if self.registry is not None else default_registry()
         if not self.splice_passages or not len(reg):
             return texts, []
-        fp = self.model.fingerprint
+        core = reg.for_model(self.model)
         out, states = [], []
         for text in texts:
-            spans = []
-            for start, end, entry in reg.find(text):
-                try:
-                    st = entry.load()
-                except (KeyError, ValueError):
-                    continue  # deleted from its memory since it was retrieved: read it as text
-                if st.model_fingerprint != fp:
-                    continue
-                spans.append((start, end))
-                states.append(st)
-            if spans:
-                pieces, pos = [], 0
-                for s, e in spans:
-                    pieces.append(text[pos:s])
-                    pos = e
-                pieces.append(text[pos:])
-                text = re.sub(r"\n{3,}", "\n\n", "".join(pieces)).strip()
+            sp, found = core.splice_states(text)
+            if sp.keys:
+                text = re.sub(r"\n{3,}", "\n\n", sp.text).strip()
+                states += found
             out.append(text)
         return out, states
 

@@ -123,22 +123,23 @@ class GistLLM(CustomLLM):
         return self.registry.register(obj, compress=compress)
 
     # ---- planning -------------------------------------------------------------------------------------
-    def _splice(self, text: str) -> tuple[str, list[str]]:
+    def _splice(self, text: str) -> tuple[str, list[str], list[Any]]:
         if not self.splice:
-            return text, []
-        sp = self.registry.splice(text)
-        return (sp.text if sp.keys else text), sp.keys
+            return text, [], []
+        sp, states = self.registry.splice_states(text)
+        return (sp.text if sp.keys else text), sp.keys, states
 
     def _plan_prompt(self, prompt: str, system_prompt: Optional[str]) -> _Plan:
-        rest, keys = self._splice(prompt)
-        return _Plan(rest, system_prompt, keys, self.registry.states(keys) if keys else [])
+        rest, keys, states = self._splice(prompt)
+        return _Plan(rest, system_prompt, keys, states)
 
     def _plan_messages(self, messages: Sequence[ChatMessage]) -> _Plan:
-        sys_parts, turns, keys = [], [], []
+        sys_parts, turns, keys, states = [], [], [], []
         for m in messages:
             content = m.content or ""
-            rest, k = self._splice(content)
+            rest, k, st = self._splice(content)
             keys += k
+            states += st
             if m.role in _SYSTEM_ROLES:
                 if rest.strip():
                     sys_parts.append(rest)
@@ -146,7 +147,7 @@ class GistLLM(CustomLLM):
                 turns.append((m.role, rest))
         prompt = _core_messages(turns)
         system = "\n\n".join(sys_parts) or None
-        return _Plan(prompt, system, keys, self.registry.states(keys) if keys else [])
+        return _Plan(prompt, system, keys, states)
 
     def _gen_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         out = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
