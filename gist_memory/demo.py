@@ -42,7 +42,7 @@ def kv_bytes_per_position(model: Any) -> int:
     """Bytes one position occupies in the model's KV cache: 2 (K, V) x layers x KV heads x head dim x dtype size."""
     import torch
 
-    lm = model._base_lm() if hasattr(model, "_base_lm") else model.model
+    lm = model.base_model if hasattr(model, "base_model") else model.model
     cfg = lm.config
     cfg = getattr(cfg, "text_config", None) or cfg
     layers = int(cfg.num_hidden_layers)

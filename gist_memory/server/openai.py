@@ -251,7 +251,7 @@ def _sse(obj: Any) -> str:
 
 
 async def _stream(svc: GistService, job: Job, chat: bool, model: str, include_usage: bool) -> StreamingResponse:
-    """Decode in a thread (under the service's lock) and relay the pieces as server-sent events.
+    """Decode in a thread and relay the pieces as server-sent events.
 
     The first event is awaited before the response starts, so a request the model refuses still gets a JSON
     error with its status; a client that goes away stops the decoding after the current piece.
