@@ -25,6 +25,11 @@ from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import BaseNode, Document, MetadataMode, NodeWithScore, QueryBundle, TextNode
 from llama_index.core.settings import Settings
 from llama_index.llms.gist_memory import METADATA_KEY, GistRegistry
+from llama_index.retrievers.gist_memory.embeddings import (
+    DEFAULT_EMBEDDER_NAME,
+    default_embed_model,
+    is_default_embed_model,
+)
 
 
 class LlamaIndexEmbedder:
@@ -32,11 +37,18 @@ class LlamaIndexEmbedder:
 
     Args:
         embed_model: Any LlamaIndex embedding model.
+        name: The name a `GistMemory` records for it (default: class and model name; the bundled MiniLM is
+            recorded under the name `GistMemory` and `gist-memory ingest` give it, so their memories open here).
     """
 
-    def __init__(self, embed_model: Any) -> None:
+    def __init__(self, embed_model: Any, name: Optional[str] = None) -> None:
         self.embed_model = embed_model
-        self.name = f"llama-index:{embed_model.class_name()}:{getattr(embed_model, 'model_name', '')}"
+        if name is None:
+            if is_default_embed_model(embed_model):
+                name = DEFAULT_EMBEDDER_NAME
+            else:
+                name = f"llama-index:{embed_model.class_name()}:{getattr(embed_model, 'model_name', '')}"
+        self.name = name
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(n, dim) float32 embeddings of `texts`."""
@@ -122,8 +134,8 @@ class GistCompressedRetriever(BaseRetriever):
             retriever: A retriever to wrap.
             model: The `GistModel` (required unless `memory` is given).
             similarity_top_k: Hits per query from the memory.
-            embed_model: LlamaIndex embedding for a new memory (default: `Settings.embed_model` if set, else
-                gist-memory's bundled all-MiniLM-L6-v2).
+            embed_model: LlamaIndex embedding for a new memory (default: `default_embed_model()`, the bundled
+                all-MiniLM-L6-v2, offline; pass `Settings.embed_model` to use the one you configured).
             transformations: Node parsers for `documents`.
             path: Folder for a persistent new memory (None: in RAM).
             registry: The `GistRegistry` to register into.
@@ -150,9 +162,8 @@ class GistCompressedRetriever(BaseRetriever):
 
                 nodes = run_transformations(list(documents), transformations or Settings.transformations)
             if embed_model is None:
-                embed_model = getattr(Settings, "_embed_model", None)
-            embedder = LlamaIndexEmbedder(embed_model) if embed_model is not None else None
-            memory = GistMemory(model=model, path=path, embedder=embedder)
+                embed_model = default_embed_model()
+            memory = GistMemory(model=model, path=path, embedder=LlamaIndexEmbedder(embed_model))
             add_nodes_to_memory(memory, nodes or [], show_progress=show_progress)
         return cls(model=model, memory=memory, registry=registry, similarity_top_k=similarity_top_k,
                    filters=filters, **kwargs)
