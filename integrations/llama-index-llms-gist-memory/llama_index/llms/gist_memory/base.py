@@ -9,8 +9,11 @@ are.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -36,6 +39,14 @@ GEN_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "r
 _SYSTEM_ROLES = {MessageRole.SYSTEM, MessageRole.DEVELOPER}
 _END = object()
 _ASSISTANT_ROLES = {MessageRole.ASSISTANT, MessageRole.CHATBOT, MessageRole.MODEL}
+
+
+class GistTextFallbackWarning(UserWarning):
+    """Known passages reached `GistLLM` in a form it cannot match (truncated or rewritten): read as text."""
+
+
+_CITATION_HEADER = re.compile(r"(?:^|\n)Source \d+:\n")
+_LIST_START = re.compile(r"\[['\"]")
 
 
 def _new_usage() -> Any:
@@ -86,6 +97,7 @@ class GistLLM(CustomLLM):
     context_window: Optional[int] = Field(default=None, description="Context window (default: the model's).")
 
     _last_usage: dict = PrivateAttr(default_factory=dict)
+    _warned: set = PrivateAttr(default_factory=set)
 
     def __init__(self, model: Any, registry: Optional[GistRegistry] = None, **kwargs: Any) -> None:
         if not hasattr(model, "generate") or not hasattr(model, "stream"):
@@ -126,8 +138,85 @@ class GistLLM(CustomLLM):
     def _splice(self, text: str) -> tuple[str, list[str], list[Any]]:
         if not self.splice:
             return text, [], []
+        path, lists = None, False
+        if "['" in text or '["' in text:  # response_mode="simple_summarize": the context arrives as str(list)
+            text, _ = self._decode_lists(text)
+            lists = True
+            path = "response_mode='simple_summarize' (its context was truncated to the context window)"
+        if _CITATION_HEADER.search(text):  # CitationQueryEngine: passages re-chunked into "Source N:" blocks
+            self._learn_citation_chunks(text)
+            path = path or "CitationQueryEngine (passages re-chunked into 'Source N:' blocks)"
         sp, states = self.registry.splice_states(text)
-        return (sp.text if sp.keys else text), sp.keys, states
+        rest = sp.text if sp.keys else text
+        cut_short = getattr(self.registry, "cut_short", None)
+        if cut_short is not None:
+            # a passage cut short inside a list literal is looked for in the literal's text
+            n_cut = cut_short(self.model.normalize(self._decode_lists(rest, known_only=False)[0] if lists else rest))
+            if n_cut:
+                self._warn_text_fallback(path or "a prompt whose passages were truncated or rewritten (e.g. by a "
+                                         "node postprocessor or a custom synthesizer)", n_cut)
+        return rest, sp.keys, states
+
+    def _decode_lists(self, text: str, known_only: bool = True) -> tuple[str, int]:
+        """Replace every Python list-of-str literal in `text` that holds a known passage by its items' text.
+
+        LlamaIndex's `SimpleSummarize` passes `context_str=[joined chunks]`, which a prompt template formats as the
+        list's repr (quotes, escaped newlines): no passage would match it. Literals holding no known passage (a
+        list a user wrote) are left as they are, unless `known_only` is False.
+        """
+        out, pos, n = [], 0, 0
+        for m in _LIST_START.finditer(text):
+            s = m.start()
+            if s < pos:
+                continue
+            quote = text[s + 1]
+            end = text.find(quote + "]", s + 2)
+            tries = 0
+            while end != -1 and tries < 64:
+                try:
+                    val = ast.literal_eval(text[s : end + 2])
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    val = None
+                if isinstance(val, list) and val and all(isinstance(v, str) for v in val):
+                    joined = "\n".join(val)
+                    if not known_only or self.registry.find(joined)[1]:
+                        out += [text[pos:s], joined]
+                        pos, n = end + 2, n + 1
+                    break
+                end, tries = text.find(quote + "]", end + 1), tries + 1
+        out.append(text[pos:])
+        return "".join(out), n
+
+    def _learn_citation_chunks(self, text: str) -> None:
+        """Register each "Source N:" chunk of a `CitationQueryEngine` prompt that is part of a known passage, so
+        it is read from a state (compressed on first use, cached after) instead of as text."""
+        holds = getattr(self.registry, "holds", None)
+        if holds is None:
+            return
+        norm = self.model.normalize(text)
+        heads = list(_CITATION_HEADER.finditer(norm))
+        for i, h in enumerate(heads):
+            block = norm[h.end() : heads[i + 1].start() if i + 1 < len(heads) else len(norm)]
+            block = block.split("\n------")[0]
+            paras = block.split("\n\n")
+            for j in range(len(paras), 0, -1):  # the next node's metadata lines may follow the chunk
+                chunk = "\n\n".join(paras[:j]).strip()
+                if len(chunk) < 32:
+                    break
+                if holds(chunk):
+                    self.registry.add_texts([chunk], compress=False)
+                    break
+
+    def _warn_text_fallback(self, path: str, n: int) -> None:
+        if path in self._warned:
+            return
+        self._warned.add(path)
+        warnings.warn(
+            f"GistLLM: {n} known passage(s) reached the model cut short or rewritten by {path}; they are read as "
+            f"text, not from their gist states (use GistSynthesizer, or a larger context_window, to read states)",
+            GistTextFallbackWarning,
+            stacklevel=4,
+        )
 
     def _plan_prompt(self, prompt: str, system_prompt: Optional[str]) -> _Plan:
         rest, keys, states = self._splice(prompt)

@@ -113,3 +113,29 @@ class GistRegistry(PassageRegistry):
             return self.add_texts(items, compress=compress)
         marked = self.add_nodes(items, compress=compress)
         return [getattr(m, "node", m).metadata[METADATA_KEY] for m in marked]
+
+    # ---- prompts that carry passages in another form -------------------------------------------------------
+    def holds(self, text: str) -> bool:
+        """Whether normalised `text` (>= `MIN_PASSAGE_CHARS`) lies inside a known passage (a chunk of one)."""
+        if len(text) < MIN_PASSAGE_CHARS:
+            return False
+        with self._lock:
+            texts = list(self._texts.values())
+        return any(text in t for t in texts)
+
+    def cut_short(self, text: str) -> int:
+        """How many known passages start in normalised `text` (their first `MIN_PASSAGE_CHARS` characters or more)
+        without appearing there whole: truncated or rewritten, so read as text."""
+        n, i, last = 0, 0, len(text) - PREFIX_CHARS
+        while i <= last:
+            bucket = self._prefix.get(text[i : i + PREFIX_CHARS])
+            if bucket:
+                heads = [t for t in (self._texts.get(k) for k in bucket) if t is not None]
+                if any(text.startswith(t[:MIN_PASSAGE_CHARS], i) for t in heads) and not any(
+                    text.startswith(t, i) for t in heads
+                ):
+                    n += 1
+                    i += MIN_PASSAGE_CHARS
+                    continue
+            i += 1
+        return n
