@@ -11,7 +11,18 @@ from langchain_gist_memory._states import StateCache, StateEntry, StateStore
 from langchain_gist_memory.history import GistChatMessageHistory, GistHistoryStore, HistoryError
 from langchain_gist_memory.registry import PassageRegistry, default_registry
 
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("langchain-gist-memory")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 
 def __getattr__(name: str):  # torch-heavy and optional parts load on first use

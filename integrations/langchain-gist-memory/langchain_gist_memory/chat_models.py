@@ -37,6 +37,16 @@ _CALL_KWARGS = {
     "state_store",
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
+_TOOLS_UNSUPPORTED = (
+    "ChatGist does not support tool calling yet ({what}): the local model is not constrained to emit valid tool "
+    "calls. Use instead: a tool-calling chat model (e.g. ChatOpenAI pointed at `gist-memory serve`, or any hosted "
+    "model) with GistMemoryMiddleware to keep its older turns as gist states, or ChatGist without tools"
+)
+_STRUCTURED_UNSUPPORTED = (
+    "ChatGist does not support with_structured_output yet (method={method!r}): it needs tool calling or JSON mode. "
+    "Use instead: `ChatGist | PydanticOutputParser(pydantic_object=...)` (put `parser.get_format_instructions()` "
+    "in the prompt) or JsonOutputParser, or a tool-calling chat model"
+)
 _TURN_STOPS = ("\nUser:", "\nUser (")
 
 
@@ -165,6 +175,15 @@ class ChatGist(BaseChatModel):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Any:
+        """Not supported yet: raises `NotImplementedError` saying what to use instead."""
+        names = [getattr(t, "name", None) or getattr(t, "__name__", None) or type(t).__name__ for t in tools]
+        raise NotImplementedError(_TOOLS_UNSUPPORTED.format(what=f"bind_tools({names})"))
+
+    def with_structured_output(self, schema: Any = None, *, include_raw: bool = False, **kwargs: Any) -> Any:
+        """Not supported yet: raises `NotImplementedError` saying what to use instead."""
+        raise NotImplementedError(_STRUCTURED_UNSUPPORTED.format(method=kwargs.get("method", "function_calling")))
+
     @property
     def state_cache(self) -> StateCache:
         """The in-RAM LRU of turn states (its `compressed_texts` counts the texts this chat compressed)."""
@@ -229,6 +248,9 @@ class ChatGist(BaseChatModel):
 
     def _plan(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict[str, Any]) -> _Plan:
         unknown = set(kwargs) - _CALL_KWARGS - _IGNORED_KWARGS - {"model"}
+        tooling = unknown & {"tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls"}
+        if tooling:
+            raise NotImplementedError(_TOOLS_UNSUPPORTED.format(what=f"call arguments {sorted(tooling)}"))
         if unknown:
             raise TypeError(f"ChatGist got unsupported arguments {sorted(unknown)}; supported: {sorted(_CALL_KWARGS)}")
         override = kwargs.get("model")

@@ -2,7 +2,8 @@
 
 The training-free `pool+anchors` compressor at ratio 4 (no trained adapter needed). Tool calling, structured
 output, JSON mode and image/audio/PDF input are beyond a 135M local text model: ChatGist does not declare them
-(no `bind_tools`, `supports_*_inputs` False), so the suite skips those tests itself.
+(`has_tool_calling`, `has_structured_output` and `supports_*_inputs` False; `bind_tools` raises saying what to use
+instead), so the suite skips those tests itself.
 """
 
 from __future__ import annotations
@@ -33,4 +34,17 @@ class TestChatGistIntegration(ChatModelIntegrationTests):
 
     @property
     def supports_json_mode(self) -> bool:
+        return False
+
+    # ChatGist defines bind_tools / with_structured_output only to raise a message saying what to use instead
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
         return False
