@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
+from llama_index.core.constants import DEFAULT_SIMILARITY_TOP_K
 from llama_index.core.schema import BaseNode, Document, MetadataMode, NodeWithScore, QueryBundle, TextNode
 from llama_index.core.settings import Settings
+from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilter, MetadataFilters
 from llama_index.llms.gist_memory import METADATA_KEY, GistRegistry
 from llama_index.retrievers.gist_memory.embeddings import (
     DEFAULT_EMBEDDER_NAME,
@@ -55,6 +58,58 @@ class LlamaIndexEmbedder:
         return np.asarray(self.embed_model.get_text_embedding_batch(list(texts)), dtype=np.float32)
 
 
+_FILTER_HELP = (
+    "GistCompressedRetriever serving from a GistMemory supports MetadataFilters with condition AND (nested AND too) "
+    "and the operators ==, in and contains; for other operators or OR, wrap a vector store retriever instead: "
+    "GistCompressedRetriever.from_defaults(retriever=index.as_retriever(filters=...), model=model)"
+)
+
+
+def memory_filter(filters: Any) -> Optional[dict[str, Any]]:
+    """`MetadataFilters` as the `{key: value | [values]}` filter `GistMemory.search` takes (None: no filter).
+
+    A plain dict (the form before 0.2) is accepted with a `DeprecationWarning`.
+
+    Raises:
+        ValueError: An operator or condition the memory cannot apply (the message says what to use instead).
+    """
+    if filters is None:
+        return None
+    if isinstance(filters, dict):
+        warnings.warn(
+            "filters as a dict is deprecated; pass llama_index.core.vector_stores.MetadataFilters, e.g. "
+            "MetadataFilters(filters=[MetadataFilter(key='topic', value='archive')])",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return dict(filters) or None
+    if isinstance(filters, MetadataFilter):
+        filters = MetadataFilters(filters=[filters])
+    if not isinstance(filters, MetadataFilters):
+        raise ValueError(f"filters must be MetadataFilters, got {type(filters).__name__}")
+    out: dict[str, Any] = {}
+
+    def add(fs: MetadataFilters) -> None:
+        if len(fs.filters) > 1 and fs.condition not in (None, FilterCondition.AND):
+            raise ValueError(f"condition {fs.condition.value!r} is not supported. {_FILTER_HELP}")
+        for f in fs.filters:
+            if isinstance(f, MetadataFilters):
+                add(f)
+                continue
+            if f.operator in (FilterOperator.EQ, FilterOperator.CONTAINS):
+                value: Any = f.value
+            elif f.operator == FilterOperator.IN:
+                value = list(f.value) if isinstance(f.value, (list, tuple)) else [f.value]
+            else:
+                raise ValueError(f"filter operator {f.operator.value!r} (key {f.key!r}) is not supported. {_FILTER_HELP}")
+            if f.key in out:
+                raise ValueError(f"two filters on key {f.key!r} are not supported (use one `in` filter). {_FILTER_HELP}")
+            out[f.key] = value
+
+    add(filters)
+    return out or None
+
+
 def _json_safe(md: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(md, default=str))
 
@@ -69,8 +124,9 @@ class GistCompressedRetriever(BaseRetriever):
         retriever: A LlamaIndex retriever to wrap.
         memory: A `GistMemory` to serve from.
         registry: Where states are registered (default: the model's shared registry, read by `GistLLM(model)`).
-        similarity_top_k: Hits per query when serving from `memory`.
-        filters: Metadata filter for `memory.search` (`{"key": value}` or `{"key": [v1, v2]}`).
+        similarity_top_k: Hits per query when serving from `memory` (default LlamaIndex's `DEFAULT_SIMILARITY_TOP_K`).
+        filters: `MetadataFilters` applied to `memory.search` (AND of `==`, `in`, `contains`); a plain dict
+            (`{"key": value}`) still works and is deprecated.
         compress: Compress missing states at retrieval time (default); False defers it to the LLM call.
         callback_manager: LlamaIndex callback manager.
         verbose: LlamaIndex verbosity flag.
@@ -82,8 +138,8 @@ class GistCompressedRetriever(BaseRetriever):
         retriever: Optional[BaseRetriever] = None,
         memory: Any = None,
         registry: Optional[GistRegistry] = None,
-        similarity_top_k: int = 4,
-        filters: Optional[dict[str, Any]] = None,
+        similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
+        filters: Optional[MetadataFilters] = None,
         compress: bool = True,
         callback_manager: Optional[CallbackManager] = None,
         verbose: bool = False,
@@ -105,6 +161,7 @@ class GistCompressedRetriever(BaseRetriever):
         self.registry = registry if registry is not None else GistRegistry.for_model(model)
         self.similarity_top_k = int(similarity_top_k)
         self.filters = filters
+        self._memory_filter = memory_filter(filters)
         self.compress = compress
 
     @classmethod
@@ -115,13 +172,13 @@ class GistCompressedRetriever(BaseRetriever):
         memory: Any = None,
         retriever: Optional[BaseRetriever] = None,
         model: Any = None,
-        similarity_top_k: int = 4,
+        similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
         *,
         embed_model: Any = None,
         transformations: Optional[list[Any]] = None,
         path: Optional[str] = None,
         registry: Optional[GistRegistry] = None,
-        filters: Optional[dict[str, Any]] = None,
+        filters: Optional[MetadataFilters] = None,
         show_progress: bool = False,
         **kwargs: Any,
     ) -> GistCompressedRetriever:
@@ -133,13 +190,14 @@ class GistCompressedRetriever(BaseRetriever):
             memory: An existing `GistMemory` (its model is used).
             retriever: A retriever to wrap.
             model: The `GistModel` (required unless `memory` is given).
-            similarity_top_k: Hits per query from the memory.
+            similarity_top_k: Hits per query from the memory (default `DEFAULT_SIMILARITY_TOP_K`, as LlamaIndex's
+                own retrievers).
             embed_model: LlamaIndex embedding for a new memory (default: `default_embed_model()`, the bundled
                 all-MiniLM-L6-v2, offline; pass `Settings.embed_model` to use the one you configured).
             transformations: Node parsers for `documents`.
             path: Folder for a persistent new memory (None: in RAM).
             registry: The `GistRegistry` to register into.
-            filters: Metadata filter for memory searches.
+            filters: `MetadataFilters` for memory searches (a dict still works, deprecated).
             show_progress: Progress bar while compressing.
             **kwargs: Passed to the constructor (`compress`, `callback_manager`, `verbose`).
 
@@ -184,7 +242,7 @@ class GistCompressedRetriever(BaseRetriever):
         return self.registry.add_nodes(nodes, compress=self.compress)
 
     def _from_memory(self, query: str) -> list[NodeWithScore]:
-        hits = self.memory.search(query, k=self.similarity_top_k, filter=self.filters)
+        hits = self.memory.search(query, k=self.similarity_top_k, filter=self._memory_filter)
         if hits and self.compress:
             self.memory.states_for(hits)  # one batched load
         out = []
