@@ -33,7 +33,7 @@ from langchain_gist_memory._states import StateCache, StateStore
 from langchain_gist_memory.registry import PassageRegistry, default_registry
 
 _CALL_KWARGS = {
-    "gist_ids", "gist_states", "keep_recent", "max_tokens", "temperature", "top_p", "repetition_penalty", "seed",
+    "gist_ids", "gist_states", "keep_recent", "raw_token_budget", "max_tokens", "temperature", "top_p", "repetition_penalty", "seed",
     "state_store",
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
@@ -89,6 +89,11 @@ class ChatGist(BaseChatModel):
         model: The `GistModel` (e.g. `GistModel.from_pretrained()`).
         keep_recent: Complete turns before the current one that are read as text; older ones are read from their
             gist states. A turn is a human message and the replies/tool results that follow it.
+        raw_token_budget: The most tokens of recent turns read as text (None: no budget, `keep_recent` alone
+            decides). Older recent turns are compressed until the rest fits; the current turn and the last complete
+            exchange before it always stay verbatim, whatever their size (`max_prompt_tokens` still bounds them).
+            A long chat then reads a small fraction of its raw tokens while the model still sees the last exchange
+            word for word.
         max_tokens: Tokens to generate at most.
         temperature: 0 decodes greedily; above 0 samples.
         top_p: Nucleus sampling (with temperature > 0).
@@ -113,6 +118,7 @@ class ChatGist(BaseChatModel):
 
     model: Any = Field(exclude=True)
     keep_recent: int = Field(default=4, ge=0)
+    raw_token_budget: Optional[int] = Field(default=None, ge=0)
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -158,6 +164,7 @@ class ChatGist(BaseChatModel):
         return {
             "model_name": self.model_name,
             "keep_recent": self.keep_recent,
+            "raw_token_budget": self.raw_token_budget,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
@@ -261,6 +268,9 @@ class ChatGist(BaseChatModel):
         keep_recent = int(kwargs.get("keep_recent", self.keep_recent))
         if keep_recent < 0:
             raise ValueError(f"keep_recent must be >= 0, got {keep_recent}")
+        budget = kwargs.get("raw_token_budget", self.raw_token_budget)
+        if budget is not None and int(budget) < 0:
+            raise ValueError(f"raw_token_budget must be >= 0 or None, got {budget}")
         store = kwargs.get("state_store", self.state_store)
         t0 = time.perf_counter()
 
@@ -281,6 +291,10 @@ class ChatGist(BaseChatModel):
         while len(raw) > 1 and sum(sizes) > self.max_prompt_tokens:
             old.append(raw.pop(0))
             sizes.pop(0)
+        if budget is not None:  # the token budget: never the current turn nor the last exchange before it
+            while len(raw) > 2 and sum(sizes) > int(budget):
+                old.append(raw.pop(0))
+                sizes.pop(0)
 
         # texts read from states, in order: old turns (long ones in pieces; markers expand to their own texts) and
         # the head of an over-long current turn
@@ -327,6 +341,7 @@ class ChatGist(BaseChatModel):
         info = {
             "compressed_turns": len(chunks),
             "raw_turns": len(raw),
+            "raw_turn_tokens": int(sum(sizes)),
             "passages": len(passage_states),
             "gist_ids": len(direct),
             "new_compressions": stats["compressed"],
