@@ -257,7 +257,8 @@ class ChatGist(BaseChatModel):
         unknown = set(kwargs) - _CALL_KWARGS - _IGNORED_KWARGS - {"model"}
         tooling = unknown & {"tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls"}
         if tooling:
-            raise NotImplementedError(_TOOLS_UNSUPPORTED.format(what=f"call arguments {sorted(tooling)}"))
+            raise TypeError(f"ChatGist got unsupported arguments {sorted(tooling)}: "
+                            + _TOOLS_UNSUPPORTED.format(what=f"call arguments {sorted(tooling)}"))
         if unknown:
             raise TypeError(f"ChatGist got unsupported arguments {sorted(unknown)}; supported: {sorted(_CALL_KWARGS)}")
         override = kwargs.get("model")

@@ -53,7 +53,7 @@ def test_bind_tools_names_what_is_unsupported_and_what_to_use(gist_tiny):
     assert "GistMemoryMiddleware" in str(e.value)
     with pytest.raises(NotImplementedError, match=r"with_structured_output.*PydanticOutputParser"):
         chat.with_structured_output({"title": "x", "type": "object", "properties": {}})
-    with pytest.raises(NotImplementedError, match=r"call arguments \['tools'\].*Use instead"):
+    with pytest.raises(TypeError, match=r"unsupported arguments \['tools'\].*tool calling.*Use instead"):
         chat.invoke([HumanMessage("hi")], tools=[{"type": "function"}])
     with pytest.raises(TypeError, match="unsupported arguments.*supported"):
         chat.invoke([HumanMessage("hi")], frobnicate=1)
