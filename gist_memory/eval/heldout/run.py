@@ -321,7 +321,7 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
                 vals.append(f"{_fmt(mt.get('mc_accuracy'))} / {_fmt(mt.get('gen_contains'))}")
         ns = sorted({c["n"] for c in cells if c})
         out.append("| " + " | ".join([_row_name(m, r), ach, *vals, "/".join(map(str, ns))]) + " |")
-    anchors = sorted({c.get("model_anchors", "") for c in latest.values() if c["method"].startswith("gist")} - {""})
+    anchors = sorted({c.get("model_anchors", "") for c in latest.values() if c["method"] == "gist+anchors"} - {""})
     out += [
         "",
         "Cells: multiple choice among 4 values (chance 0.25) / greedy answer contains the value; FAQ: fraction of "
