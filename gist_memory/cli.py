@@ -140,6 +140,64 @@ def open_store(model: Any, path: Path, create: bool = False) -> Any:
             return GistMemory(model, path) if create else GistMemory.load(path, model=model)
         except sqlite3.DatabaseError as e:  # a damaged or foreign docstore
             raise UserError(f"{path} is not a readable gist memory: {e}") from e
+        except ValueError as e:
+            diff = model_differences(path, model)
+            if "was written by model" in str(e) and diff:
+                raise UserError(
+                    f"{path} was written by model {_model_record(model).get('name')!r} with other settings "
+                    f"({diff}); gist states only work with the model that wrote them: open it with those settings, "
+                    f"or build a new memory"
+                ) from e
+            raise
+
+
+MODEL_RECORD = "model.json"
+"""A store's record of the settings of the model that wrote it (written by `gist-memory ingest`), so that a store
+refused for another model names the settings that differ."""
+
+
+def _model_record(model: Any) -> dict[str, Any]:
+    """The settings that make a model's fingerprint: base, dtype, gist config fields, writer (adapter)."""
+    from dataclasses import asdict, is_dataclass
+
+    rec: dict[str, Any] = {"name": str(getattr(model, "name", "")), "base": str(getattr(model, "base_ref", "")),
+                           "dtype": str(getattr(model, "dtype", "")).replace("torch.", "")}
+    cfg = getattr(model, "config", None)
+    if is_dataclass(cfg):
+        rec.update({k: v for k, v in asdict(cfg).items() if isinstance(v, (str, int, float, bool, type(None)))})
+    writer = getattr(model, "writer", None)
+    rec["adapter"] = "none" if writer is None else "trained writer"
+    try:
+        rec["base_weights"] = str(model.base_fingerprint())[:12]
+        rec["fingerprint"] = str(model.fingerprint)[:12]
+    except Exception:  # noqa: BLE001 - a stand-in model without fingerprints
+        pass
+    return rec
+
+
+def write_model_record(path: Path, model: Any) -> None:
+    """Record `model`'s settings in the store (once; the store's model never changes)."""
+    f = Path(path) / MODEL_RECORD
+    if not f.exists():
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(_model_record(model), indent=1, sort_keys=True))
+        os.replace(tmp, f)
+
+
+def model_differences(path: Path, model: Any) -> str:
+    """`field: store value (store) vs this value (now), ...` for the settings that differ; "" when unknown."""
+    try:
+        stored = json.loads((Path(path) / MODEL_RECORD).read_text())
+    except (OSError, ValueError):
+        return ""
+    now = _model_record(model)
+    skip = {"name", "fingerprint"}  # derived: they differ whenever anything else does
+    keys = [k for k in sorted(set(stored) | set(now)) if k not in skip and stored.get(k) != now.get(k)]
+    if keys == ["base_weights"] or not keys:
+        keys = keys or ([] if stored.get("fingerprint") == now.get("fingerprint") else ["adapter weights"])
+    return ", ".join(
+        f"{k}: {stored.get(k)!r} (store) vs {now.get(k)!r} (now)" if k in stored or k in now else k for k in keys
+    )
 
 
 def store_stats(path: Path) -> dict[str, Any]:
@@ -200,9 +258,11 @@ def ingest(
 ) -> None:
     """Compress files into a memory (resumable: passages already there are skipped)."""
     with user_errors():
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise UserError(f"no such file or folder: {', '.join(missing)}")
+        missing = [p for p in paths if not p.exists()]
+        if len(missing) == len(paths):
+            raise UserError(f"no such file or folder: {', '.join(map(str, missing))} (nothing to ingest)")
+        for p in missing:  # docs/store.md: missing paths are reported and skipped
+            err.print(f"warning: skipping {escape(str(p))}: no such file or folder", soft_wrap=True)
         if max_passage_tokens < 8 or batch_size < 1:
             raise UserError("--max-passage-tokens must be >= 8 and --batch-size >= 1")
         path = check_store(store or default_store(), create=True)
@@ -211,30 +271,51 @@ def ingest(
         from gist_memory.store import IngestSummary
         from gist_memory.store.ingest import iter_passages
 
-        mem = open_store(gm, path, create=True)
         summary = IngestSummary()
         t0 = time.perf_counter()
         exts = [e.strip() for e in extensions.split(",") if e.strip()]
-        with err.status("reading files ...", spinner="dots"):
-            files = list(iter_passages([str(p) for p in paths], max_passage_tokens, tokenizer=gm.tokenizer,
-                                       extensions=exts, summary=summary))
-        added_ids: list[str] = []
-        commit = max(1, batch_size * 4)
-        with progress_bar() as bar:
-            task = bar.add_task("compressing", total=sum(len(ps) for _, ps in files), info="")
-            for _path, passages in files:
-                present = mem.has_ids([p.id for p in passages])
-                todo = [p for p in passages if p.id not in present]
-                summary.passages_present += len(passages) - len(todo)
-                bar.update(task, advance=len(passages) - len(todo))
-                for i in range(0, len(todo), commit):
-                    group = todo[i : i + commit]
-                    mem.add_texts([p.text for p in group], metadatas=[p.metadata for p in group],
-                                  ids=[p.id for p in group], batch_size=batch_size, show_progress=False)
-                    summary.passages_added += len(group)
-                    summary.tokens_added += sum(p.num_tokens for p in group)
-                    added_ids += [p.id for p in group]
-                    bar.update(task, advance=len(group), info=f"{summary.tokens_added} tokens")
+        files = _read_files([p for p in paths if p.exists()], max_passage_tokens, gm.tokenizer, exts, summary,
+                            iter_passages)
+        for p in missing:
+            summary.files_skipped.append((str(p.absolute()), "no such file or folder"))
+        mem = open_store(gm, path, create=True)
+        write_model_record(path, gm)
+        all_ids = [p.id for _, ps in files for p in ps]
+        present_before = len(mem.has_ids(all_ids))
+        with _ingest_lock(path) as other:
+            if other is not None:  # the other process has finished: say what it did, skip what it stored
+                by_other = len(mem.has_ids(all_ids)) - present_before
+                err.print(
+                    f"another ingest (pid {other.get('pid', '?')}) wrote to this store meanwhile: it "
+                    f"{_owner_summary(_read_owner(path))}; {by_other} of this run's passages were stored by it "
+                    f"and are skipped", soft_wrap=True)
+            _write_owner(path, {"pid": os.getpid(), "started": time.time(), "files": [f for f, _ in files][:5],
+                                "state": "running"})
+            added_ids: list[str] = []
+            commit = max(1, batch_size * 4)
+            with _IngestProgress("compressing", sum(len(ps) for _, ps in files), unit="passages") as bar:
+                for _path, passages in files:
+                    present = mem.has_ids([p.id for p in passages])
+                    todo = [p for p in passages if p.id not in present]
+                    summary.passages_present += len(passages) - len(todo)
+                    bar.advance(len(passages) - len(todo), count=False)
+                    for i in range(0, len(todo), commit):
+                        group = todo[i : i + commit]
+                        late = mem.has_ids([p.id for p in group])  # stored by another writer since the file check
+                        if late:
+                            summary.passages_present += len(late)
+                            bar.advance(len(late), count=False)
+                            group = [p for p in group if p.id not in late]
+                        if not group:
+                            continue
+                        mem.add_texts([p.text for p in group], metadatas=[p.metadata for p in group],
+                                      ids=[p.id for p in group], batch_size=batch_size, show_progress=False)
+                        summary.passages_added += len(group)
+                        summary.tokens_added += sum(p.num_tokens for p in group)
+                        added_ids += [p.id for p in group]
+                        bar.advance(len(group), info=f"{summary.tokens_added} tokens")
+            _write_owner(path, {"pid": os.getpid(), "finished": time.time(), "state": "finished",
+                                "passages_added": summary.passages_added, "files": summary.files_read})
         summary.seconds = time.perf_counter() - t0
         ratio_seen = _ratio_of(mem, added_ids[:200])
         total = len(mem)
@@ -257,6 +338,128 @@ def ingest(
             note = " (first 200 added)" if len(added_ids) > 200 else ""
             out.print(f"compression ratio: {ratio_seen:.2f}x raw tokens per kept row{note}")
         out.print(f"store: {escape(str(path))} ({total} passage{'' if total == 1 else 's'})")
+
+
+def _read_files(paths: Sequence[Path], max_tokens: int, tokenizer: Any, exts: list[str], summary: Any,
+                iter_passages: Any) -> list[tuple[str, list[Any]]]:
+    """Read and chunk the input with a progress bar over its bytes (chunking a large file takes a while)."""
+    from gist_memory.store.ingest import _collect
+
+    sizes: dict[str, int] = {}
+    for f in _collect([str(p) for p in paths], exts, type(summary)()):
+        with contextlib.suppress(OSError):
+            sizes[f] = os.path.getsize(f)
+    files = []
+    with _IngestProgress("reading", sum(sizes.values()) or 1, unit="bytes") as bar:
+        for f, passages in iter_passages([str(p) for p in paths], max_tokens, tokenizer=tokenizer, extensions=exts,
+                                         summary=summary):
+            files.append((f, passages))
+            bar.advance(sizes.get(f, 0), info=f"{sum(len(ps) for _, ps in files)} passages")
+    return files
+
+
+class _IngestProgress:
+    """A progress bar with the rate (passages/s) and the time left; on a console that is not a terminal (a log,
+    a pipe) one plain line every 15 s instead, so a long step is never silent."""
+
+    EVERY_S = 15.0
+
+    def __init__(self, what: str, total: int, unit: str) -> None:
+        self.what, self.total, self.unit = what, max(1, int(total)), unit
+        self.done = self.counted = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar: Any = None
+
+    def __enter__(self) -> _IngestProgress:
+        if err.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.what, total=self.total, info="", rate="")
+        return self
+
+    def _rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.counted / dt if dt > 0 else 0.0
+
+    def advance(self, n: int, info: str = "", count: bool = True) -> None:
+        """`n` more done; `count=False` for work skipped (already stored), left out of the rate."""
+        self.done += n
+        self.counted += n if count else 0
+        rate = self._rate()
+        left = self.total - self.done
+        eta = left / rate if rate > 0 else None
+        text = f"{rate:.1f} {self.unit}/s" if self.unit != "bytes" else f"{rate / 1e6:.2f} MB/s"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, info=info, rate=text)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.EVERY_S or (self.done >= self.total and now - self.t0 >= self.EVERY_S):
+            self.last = now
+            eta_s = "?" if eta is None else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+            err.print(f"{self.what}: {self.done}/{self.total} {self.unit}, {text}, ETA {eta_s} {info}".rstrip())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+OWNER = "ingest.owner.json"
+LOCK = "ingest.lock"
+
+
+@contextlib.contextmanager
+def _ingest_lock(path: Path) -> Iterator[Optional[dict[str, Any]]]:
+    """Hold the store's ingest lock; yields None, or (when another ingest held it) what that one was doing.
+
+    Two ingests into one store would both compress everything: the second waits for the first (it says so),
+    then skips every passage the first stored.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(Path(path) / LOCK))
+    other = None
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        other = _read_owner(path) or {}
+        err.print(f"another ingest (pid {other.get('pid', '?')}) is writing to {escape(str(path))}; waiting for it "
+                  f"to finish, then passages it stored are skipped", soft_wrap=True)
+        lock.acquire()
+    try:
+        yield other
+    finally:
+        lock.release()
+
+
+def _read_owner(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / OWNER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_owner(path: Path, rec: dict[str, Any]) -> None:
+    f = Path(path) / OWNER
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, f)
+
+
+def _owner_summary(rec: dict[str, Any]) -> str:
+    if rec.get("state") == "finished":
+        return f"added {rec.get('passages_added', '?')} passages from {rec.get('files', '?')} file(s)"
+    return "stopped before finishing (its committed passages are kept)"
 
 
 def _ratio_of(mem: Any, ids: Sequence[str]) -> Optional[float]:

@@ -376,3 +376,79 @@ def test_serve_wires_the_web_app(runner, monkeypatch, tiny_base_dir, tmp_path):
     f.write_text("x")
     assert_one_line_error(run(runner, "serve", "--store", f), "is a file")
     assert_one_line_error(run(runner, "serve", "--app-dir", tmp_path), "source repository")
+
+
+# ---- ingest: missing paths, progress, concurrent runs, another model -------------------------------------------
+def test_ingest_skips_a_missing_path_with_a_warning(runner, docs, tiny_base_dir, tmp_path):
+    res = run(runner, "ingest", docs / "a.txt", tmp_path / "gone.txt", "--store", tmp_path / "m", "--base",
+              tiny_base_dir, "--max-passage-tokens", "32", "--json")
+    assert res.exit_code == 0, res.output
+    assert "warning: skipping" in res.stderr and "gone.txt: no such file or folder" in res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["files_read"] == 1 and summary["passages_added"] >= 1
+    assert [why for p, why in summary["files_skipped"] if p.endswith("gone.txt")] == ["no such file or folder"]
+
+
+def test_ingest_progress_shows_rate_and_eta_when_not_a_terminal(runner, docs, tiny_base_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli._IngestProgress, "EVERY_S", 0.0)  # a line at every step (default: every 15 s)
+    res = run(runner, "ingest", docs / "a.txt", docs / "b.md", "--store", tmp_path / "p", "--base", tiny_base_dir,
+              "--max-passage-tokens", "16", "--batch-size", "1")
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("compressing:")]
+    assert lines and all("passages/s" in ln and "ETA" in ln for ln in lines), res.stderr
+    assert any(ln.startswith("reading:") and "MB/s" in ln for ln in res.stderr.splitlines()), res.stderr
+
+
+def test_second_concurrent_ingest_waits_says_what_the_other_did_and_skips_it(docs, tiny_base_dir, tmp_path):
+    """Another ingest holds the store (here: this test, through the Python API, while a real `gist-memory ingest`
+    process waits): the second one says what the first did and compresses nothing it stored."""
+    import os
+    import subprocess
+
+    from filelock import FileLock
+
+    from gist_memory._options import ModelOptions
+    from gist_memory.store import GistMemory
+    from gist_memory.store.ingest import ingest
+
+    path = tmp_path / "shared"
+    gm, _ = ModelOptions(base=str(tiny_base_dir)).load()
+    mem = GistMemory(gm, path)
+    lock = FileLock(str(path / cli.LOCK))
+    lock.acquire()
+    cli._write_owner(path, {"pid": 4242, "state": "running"})
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gist_memory.cli", "ingest", str(docs / "a.txt"), "--store", str(path), "--base",
+         str(tiny_base_dir), "--max-passage-tokens", "32", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = ""
+        while "waiting for it" not in seen:
+            line = proc.stderr.readline()
+            assert line, f"the second ingest ended without waiting: {seen}"
+            seen += line
+        assert "another ingest (pid 4242) is writing to" in seen
+        done = ingest([docs / "a.txt"], mem, max_passage_tokens=32, show_progress=False)
+        assert done.passages_added >= 1
+        cli._write_owner(path, {"pid": 4242, "state": "finished", "passages_added": done.passages_added, "files": 1})
+    finally:
+        lock.release()
+    out, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 0, seen + rest
+    summary = json.loads(out)
+    assert summary["passages_added"] == 0 and summary["passages_present"] == done.passages_added
+    assert (f"it added {done.passages_added} passages from 1 file(s); {done.passages_added} of this run's "
+            f"passages were stored by it and are skipped") in rest
+    mem.close()
+
+
+def test_store_of_another_model_names_only_the_differing_fields(runner, store, tiny_base_dir):
+    res = run(runner, "ingest", store.parent / "nothing.txt", "--store", store, "--base", tiny_base_dir)
+    assert res.exit_code == 1  # the path is missing: refused before any model loads
+    (store.parent / "more.txt").write_text("The ferry leaves the harbour at nine. It returns at noon.")
+    res = run(runner, "ingest", store.parent / "more.txt", "--store", store, "--base", tiny_base_dir,
+              "--ratio", "2")
+    assert_one_line_error(res, "was written by model", "target_ratio: 4.0 (store) vs 2.0 (now)")
+    line = res.stderr.strip().splitlines()[-1]
+    assert "dtype" not in line and "compressor" not in line and "base:" not in line, line
