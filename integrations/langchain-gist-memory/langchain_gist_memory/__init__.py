@@ -12,7 +12,6 @@ from langchain_gist_memory.history import GistChatMessageHistory, GistHistorySto
 from langchain_gist_memory.registry import PassageRegistry, default_registry
 
 
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+import langchain_gist_memory
 import pytest
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
-
-import langchain_gist_memory
 
 EXPECTED_ALL = [
     "ChatGist",
