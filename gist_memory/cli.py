@@ -809,6 +809,9 @@ def train(
                                                        rich_help_panel=_O)] = None,
     recon_tokens: Annotated[Optional[int], typer.Option(help="Tokens reconstructed per passage.",
                                                         rich_help_panel=_O)] = None,
+    anchor_dropout: Annotated[Optional[float], typer.Option(help="Share of steps whose passages keep no anchors, so "
+                                                            "the gists alone must carry the values.",
+                                                            rich_help_panel=_O)] = None,
     kinds: Annotated[Optional[str], typer.Option(help="QA kinds, comma-separated.", rich_help_panel=_O)] = None,
     pool_items: Annotated[Optional[int], typer.Option(help="QA items built for training.",
                                                       rich_help_panel=_O)] = None,

@@ -153,3 +153,22 @@ def test_continuation_distillation_trains_the_writer_and_leaves_the_reader(tmp_p
     base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
     for (n, p), (_, q) in zip(sorted(base.named_parameters()), sorted(tr.model.model.named_parameters())):
         assert torch.equal(p, q), n  # the reader did not
+
+
+def test_anchor_dropout_compresses_some_steps_without_anchors(tmp_path, tiny_base_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_base_dir, steps=8, anchor_dropout=0.5, gist={"target_ratio": 4.0, "anchors": "capitalized"})
+    tr = Trainer(cfg, items=_items(), eval_items=[])
+    seen = []
+    orig = tr.losses
+
+    def spy(items, cont=()):
+        seen.append(tr.model.config.anchors)
+        return orig(items, cont)
+
+    monkeypatch.setattr(tr, "losses", spy)
+    tr.train(progress=False)
+    assert set(seen) == {"none", "capitalized"}
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "gist_config.json").read_text())
+    assert saved["anchors"] == "capitalized"  # what is saved is the model's policy, never a dropped step's
+    with pytest.raises(ValueError, match="anchor_dropout"):
+        TrainConfig(out_dir=str(tmp_path), anchor_dropout=1.5)

@@ -63,6 +63,7 @@ class TrainConfig:
     cont_items: int = 0
     cont_tokens: int = 48
     recon_tokens: int = 96
+    anchor_dropout: float = 0.0  # share of steps compressed with anchors off: the gists alone carry the values
     kinds: Sequence[str] = ("planted_single", "planted_distractors", "cloze_swap")
     pool_items: int = 3000
     bf16: Optional[bool] = None
@@ -88,6 +89,8 @@ class TrainConfig:
             self.w_qa + self.w_recon + self.w_distill + self.w_cont
         ) <= 0:
             raise ValueError("objective weights must be >= 0 and not all zero")
+        if not 0.0 <= self.anchor_dropout <= 1.0:
+            raise ValueError(f"anchor_dropout must be in [0, 1], got {self.anchor_dropout}")
         if self.w_cont and self.cont_items < 1:
             raise ValueError("w_cont > 0 needs cont_items >= 1 (continuation passages per step)")
         GistConfig(**self.gist)  # validate early
@@ -147,6 +150,7 @@ class Trainer:
         if cfg.stage == "lora" and not self.model.has_lora:
             raise ValueError("stage 'lora' needs a model built with lora_r > 0")
         self.gist_config = self.model.config
+        self.gist_config_anchors = self.model.config.anchors
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._setup_params()
@@ -289,6 +293,10 @@ class Trainer:
         while self.step < end:
             ratio = self._ratio(self.step)
             self.model.config.target_ratio = ratio
+            anchors_kept = self.gist_config_anchors
+            if c.anchor_dropout and random.random() < c.anchor_dropout:
+                anchors_kept = "none"
+            self.model.config.anchors = anchors_kept
             scale = self._lr_scale(self.step)
             for g, lr in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = lr * scale
@@ -352,7 +360,8 @@ class Trainer:
 
         assert self.eval_set is not None
         m = self.model
-        keep = m.config.target_ratio
+        keep, keep_anchors = m.config.target_ratio, m.config.anchors
+        m.config.anchors = self.gist_config_anchors
         res_by_ratio = {}
         m.model.eval()
         try:
@@ -364,7 +373,7 @@ class Trainer:
                 res_by_ratio[str(r)] = {"acc": round(res.accuracy["gist"], 4), "ratio": round(res.ratio, 2),
                                         "by_kind": res.by_kind}
         finally:
-            m.config.target_ratio = keep
+            m.config.target_ratio, m.config.anchors = keep, keep_anchors
             m.invalidate_fingerprint()
             m.model.train()
         rec = {"step": self.step, "tokens": tokens, "eval": res_by_ratio}
@@ -384,12 +393,13 @@ class Trainer:
         tmp = self.out / ".checkpoint-tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        keep = self.model.config.target_ratio
+        keep, keep_anchors = self.model.config.target_ratio, self.model.config.anchors
         self.model.config.target_ratio = self.cfg.gist.get("target_ratio") or keep
+        self.model.config.anchors = self.gist_config_anchors
         try:
             self.model.save_pretrained(tmp)
         finally:
-            self.model.config.target_ratio = keep
+            self.model.config.target_ratio, self.model.config.anchors = keep, keep_anchors
         torch.save({"opt": self.opt.state_dict(), "step": self.step}, tmp / "trainer_state.pt")
         (tmp / "recipe.json").write_text(json.dumps(self.cfg.recipe(), sort_keys=True, indent=2))
         final = self.out / "checkpoint"
