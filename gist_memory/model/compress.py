@@ -1,0 +1,280 @@
+"""Compression: texts -> plans -> gist states.
+
+Pass 1 (`text_pass`) reads each text's raw ids with the base weights; pass 2 keeps rows per the compressor:
+`gist` runs the writer (gist slots attend to the text rows and earlier gists; anchors kept raw), `pool+anchors`
+mean-pools the rest of each piece (training-free). Long texts are read window by window, in chunks.
+`forward_layout` is the single-pass reference over a whole layout that training and the invariant tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from gist_memory.layout import KIND_GIST_TOKEN, Layout, Segment, build_writer_batch, float_mask, window_starts
+from gist_memory.model import kv
+from gist_memory.model.plan import Plan, make_plan
+from gist_memory.state import KIND_ANCHOR, KIND_GIST, KIND_POOL, GistState
+from gist_memory.state.gist_state import text_hash
+from gist_memory.text.split import normalize_text
+
+
+class Compressing:
+    """Mixin of `GistModel`: `plan`, `compress` and the two passes behind it."""
+
+    def normalize(self, text: str) -> str:
+        """The normalisation applied before hashing and compressing."""
+        return normalize_text(text)
+
+    def state_key(self, text: str) -> str:
+        """Content key of the state `text` would get from this model."""
+        return hashlib.sha256(f"{text_hash(self.normalize(text))}:{self.fingerprint}".encode()).hexdigest()
+
+    # ---- compression -------------------------------------------------------------------------------
+    def plan(self, text: str) -> Plan:
+        """How `text` would be compressed (pieces, anchors, rows per piece), without running the model."""
+        norm = self.normalize(text)
+        if not norm:
+            raise ValueError("cannot compress an empty or whitespace-only text")
+        return make_plan(norm, self.tokenizer, self.config, self.splitter)
+
+    @torch.no_grad()
+    def compress(
+        self, texts: Union[str, Sequence[str]], batch_size: int = 8, device_out: Optional[str] = "cpu"
+    ) -> list[GistState]:
+        """Compress texts into gist states, one per text (batched; long texts window by window).
+
+        Args:
+            texts: Passages (a single str is accepted too).
+            batch_size: Passages per forward pass.
+            device_out: Where the returned states live (None: the model's device).
+
+        Raises:
+            ValueError: An empty/whitespace-only text.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        with self._eval_mode():
+            return self.compress_with_grad(texts, batch_size=batch_size, device_out=device_out)
+
+    def compress_with_grad(
+        self, texts: Sequence[str], batch_size: int = 8, device_out: Optional[str] = None,
+        plans: Optional[Sequence[Plan]] = None,
+    ) -> list[GistState]:
+        """`compress` without `no_grad`: gradients flow into the gist rows (used by training).
+
+        `plans` (from `plan`) may be given to skip re-planning the same texts.
+        """
+        plans = list(plans) if plans is not None else [self.plan(t) for t in texts]
+        return self._states(plans, self._compress_plans(plans, batch_size), device_out)
+
+    def compress_for_training(
+        self, plans: Sequence[Plan], batch_size: int = 64
+    ) -> tuple[list[GistState], list[GistState]]:
+        """(compressed states with gradients, uncompressed twins) sharing one text pass.
+
+        The twin of a text keeps every raw row the base model computed for it (ratio 1.0): reading it is what
+        reading the full text would give, so it is the teacher that the compressed state is trained to match.
+        """
+        plans = list(plans)
+        full: list = [None] * len(plans)
+        states = self._states(plans, self._compress_plans(plans, batch_size, full=full), None)
+        twins = self._states(plans, full, None)
+        return states, twins
+
+    def _states(self, plans: Sequence[Plan], results: Sequence, device_out: Optional[str]) -> list[GistState]:
+        fp = self.fingerprint
+        states = []
+        for plan, (keys, values, positions, kinds, span) in zip(plans, results):
+            st = GistState(
+                keys=keys,
+                values=values,
+                positions=positions.to(torch.int64),
+                kinds=kinds.to(torch.uint8),
+                span=int(span),
+                num_tokens=plan.num_tokens,
+                sentence_spans=plan.char_spans,
+                text_hash=text_hash(plan.text),
+                model_fingerprint=fp,
+                text=plan.text,
+                meta={"model_name": self.name, "compressor": self.config.compressor},
+            )
+            states.append(st.to(device_out) if device_out is not None else st)
+        return states
+
+    def segment(self, plan: Plan) -> Segment:
+        """The layout `Segment` of a plan (ids, pieces, gists per piece, anchors)."""
+        return Segment(ids=plan.ids.tolist(), pieces=list(plan.pieces), n_gists=list(plan.n_other),
+                       anchors=plan.anchors.tolist())
+
+    def _compress_plans(self, plans: list[Plan], batch_size: int, full: Optional[list] = None) -> list:
+        """Per plan (keys, values, positions, kinds, span) in plan order; `full` (a list as long as `plans`)
+        receives the same for every raw row (the uncompressed twin)."""
+        results: list = [None] * len(plans)
+        W = int(self.config.window_tokens)
+        short = [i for i, p in enumerate(plans) if p.num_tokens <= min(self.chunk_tokens, W)]
+        long_ = [i for i, p in enumerate(plans) if p.num_tokens > min(self.chunk_tokens, W)]
+        short.sort(key=lambda i: plans[i].num_tokens)  # similar lengths share a batch: less padding
+        for b0 in range(0, len(short), batch_size):
+            idx = short[b0 : b0 + batch_size]
+            segs = [self.segment(plans[i]) for i in idx]
+            with torch.no_grad():
+                text = self.text_pass([s.ids for s in segs])
+            for i, res in zip(idx, self._keep(plans, idx, segs, text)):
+                results[i] = res
+            if full is not None:
+                for b, i in enumerate(idx):
+                    full[i] = self._all_rows([(k[b : b + 1], v[b : b + 1]) for k, v in text], plans[i].num_tokens)
+        for i in long_:
+            seg = self.segment(plans[i])
+            with torch.no_grad():
+                text = self._text_pass_windows(seg)
+            results[i] = self._keep(plans, [i], [seg], text)[0]
+            if full is not None:
+                full[i] = self._all_rows(text, plans[i].num_tokens)
+        return results
+
+    def _all_rows(self, text, n: int) -> tuple:  # noqa: ANN001
+        K = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
+        V = torch.stack([v[0, :, :n] for _, v in text])
+        pos = torch.arange(n, device=K.device)
+        return K, V, pos, torch.full_like(pos, KIND_ANCHOR), n
+
+    def text_pass(self, rows: Sequence[Sequence[int]], start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass 1: the base model reads raw ids causally (right-padded batch, positions from `start`).
+
+        Returns per layer (keys, values), each (B, H, N, D), N the longest row. Rows never see their padding.
+        """
+        N = max(len(r) for r in rows)
+        ids = torch.full((len(rows), N), self._pad_id(), dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        pos = (start + torch.arange(N, device=self.device))[None].expand(len(rows), -1)
+        out = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=True)
+        return kv.cache_layers(kv.out_cache(out))
+
+    def _text_pass_windows(self, seg: Segment) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass 1 for a long text: each visibility window read alone (positions continue), in exact chunks."""
+        ids = list(seg.ids)
+        starts = window_starts(seg, self.config.window_tokens) + [len(ids)]
+        ks: list[list[torch.Tensor]] = []
+        vs: list[list[torch.Tensor]] = []
+        for w0, w1 in zip(starts[:-1], starts[1:]):
+            past = None
+            for c0 in range(w0, w1, self.chunk_tokens):
+                c1 = min(w1, c0 + self.chunk_tokens)
+                x = torch.as_tensor([ids[c0:c1]], device=self.device)
+                pos = torch.arange(c0, c1, device=self.device)[None]
+                out = kv.call(self.model.get_decoder(), cache=past, input_ids=x, position_ids=pos, use_cache=True)
+                past = kv.out_cache(out)
+            layers = kv.cache_layers(past)
+            if not ks:
+                ks, vs = [[] for _ in layers], [[] for _ in layers]
+            for li, (k, v) in enumerate(layers):
+                ks[li].append(k)
+                vs[li].append(v)
+        return [(torch.cat(k, 2), torch.cat(v, 2)) for k, v in zip(ks, vs)]
+
+    def _keep(self, plans: list[Plan], idx: list[int], segs: list[Segment], text) -> list:  # noqa: ANN001
+        if self.config.compressor == "gist":
+            return self._gist_rows(segs, text)
+        return [self._pool_rows(plans[i], [(k[b : b + 1], v[b : b + 1]) for k, v in text])
+                for b, i in enumerate(idx)]
+
+    def _gist_rows(self, segs: list[Segment], text) -> list:  # noqa: ANN001
+        """Pass 2 (the writer): gist slots attend to the text rows and earlier gists; anchors kept raw."""
+        assert self.writer is not None
+        dev = self.device
+        wb = build_writer_batch(segs, self._pad_id(), self.config.window_tokens, device=dev)
+        N = wb.text_ids.shape[1]
+        text = [(k[:, :, :N], v[:, :, :N]) for k, v in text]
+        G = wb.gist_slot.shape[1]
+        gist_k = gist_v = None
+        if G:
+            mask = float_mask(wb.gist_allowed(), self._mask_dtype())
+            embeds = self.writer.embed(wb.gist_slot, self.dtype)
+            cache = kv.cache_from_layers(text)
+            with self.writer.writing():
+                out = kv.call(self.model.get_decoder(), cache=cache, inputs_embeds=embeds, attention_mask=mask,
+                              position_ids=wb.gist_pos, use_cache=True)
+            layers = kv.cache_layers(kv.out_cache(out))
+            gist_k = torch.stack([k[:, :, N:] for k, _ in layers], 1)  # (B, L, H, G, D)
+            gist_v = torch.stack([v[:, :, N:] for _, v in layers], 1)
+        text_k = torch.stack([k for k, _ in text], 1)  # (B, L, H, N, D)
+        text_v = torch.stack([v for _, v in text], 1)
+        res = []
+        for b, s in enumerate(segs):
+            a = torch.nonzero(wb.anchors[b], as_tuple=False).reshape(-1)
+            g = torch.nonzero(wb.gist_valid[b], as_tuple=False).reshape(-1)
+            ks, vs = [text_k[b][:, :, a]], [text_v[b][:, :, a]]
+            if gist_k is not None:
+                ks.append(gist_k[b][:, :, g])
+                vs.append(gist_v[b][:, :, g])
+            pos = torch.cat([a, wb.gist_pos[b, g]])
+            kinds = torch.cat([torch.full_like(a, KIND_ANCHOR), torch.full_like(g, KIND_GIST)])
+            order = torch.argsort(pos * 2 + (kinds == KIND_GIST).long(), stable=True)
+            K, V = torch.cat(ks, 2)[:, :, order], torch.cat(vs, 2)[:, :, order]
+            res.append((K, V, pos[order], kinds[order], len(s.ids)))
+        return res
+
+    def _pool_rows(self, plan: Plan, text) -> tuple:  # noqa: ANN001
+        """Training-free: anchors kept raw, the rest of each piece mean-pooled (keys un-rotated, averaged,
+        re-rotated to the group's mean position)."""
+        dev = self.device
+        n = plan.num_tokens
+        K = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
+        V = torch.stack([v[0, :, :n] for _, v in text])
+        groups = np.empty(n, dtype=np.int64)
+        row_kind, nxt = [], 0
+        for (s, e), n_pool in zip(plan.pieces, plan.n_other):
+            anc = plan.anchors[s:e]
+            rest = np.flatnonzero(~anc)
+            if len(rest):
+                g = (np.arange(len(rest)) * n_pool) // len(rest)
+                groups[s + rest] = nxt + g
+                row_kind += [KIND_POOL] * n_pool
+                nxt += n_pool
+            for j in np.flatnonzero(anc):
+                groups[s + j] = nxt
+                row_kind.append(KIND_ANCHOR)
+                nxt += 1
+        g = torch.as_tensor(groups, device=dev)
+        counts = torch.bincount(g, minlength=nxt).clamp_min(1)
+        tok_pos = torch.arange(n, device=dev)
+        K0 = kv.rotate(K, -tok_pos, self.rope)
+        Ksum = torch.zeros(K.shape[0], K.shape[1], nxt, K.shape[3], dtype=torch.float32, device=dev)
+        Vsum = torch.zeros(V.shape[0], V.shape[1], nxt, V.shape[3], dtype=torch.float32, device=dev)
+        Ksum.index_add_(2, g, K0.float())
+        Vsum.index_add_(2, g, V.float())
+        gpos = torch.zeros(nxt, dtype=torch.float32, device=dev).index_add_(0, g, tok_pos.float())
+        gpos = torch.round(gpos / counts).long()
+        Kp = (Ksum / counts[None, None, :, None]).to(K.dtype)
+        Vp = (Vsum / counts[None, None, :, None]).to(V.dtype)
+        Kp = kv.rotate(Kp, gpos, self.rope)
+        order = torch.argsort(gpos, stable=True)
+        kinds = torch.as_tensor(row_kind, device=dev)[order]
+        return Kp[:, :, order], Vp[:, :, order], gpos[order], kinds, n
+
+    def forward_layout(self, lay: Layout) -> torch.Tensor:
+        """Logits of the reference single pass over a `build_layout` batch (text, gists, tail in one forward).
+
+        The writer acts on the gist rows only; text and tail rows run the base weights. Compressing each segment
+        alone and continuing from its spliced state gives the same tail logits (the invariant tests pin).
+        """
+        emb = self.model.get_input_embeddings()(lay.input_ids.clamp_min(0))
+        is_gist = lay.kind == KIND_GIST_TOKEN
+        if is_gist.any():
+            if self.writer is None:
+                raise ValueError("this layout has gist rows but the model has no writer")
+            g = self.writer.embed(lay.gist_slot.clamp_min(0), emb.dtype)
+            emb = torch.where(is_gist[..., None], g, emb)
+        mask = lay.attention_mask(self._mask_dtype())
+        ctx = self.writer.writing(gate=is_gist) if self.writer is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=lay.position_ids)
+        return out.logits
