@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from gist_memory import GistState
 from langchain_gist_memory._messages import Turn, message_text, role_of, split_conversation
-from langchain_gist_memory._states import StateCache, StateStore
+from langchain_gist_memory._states import DEFAULT_MAX_BYTES, StateCache, StateStore
 from langchain_gist_memory.registry import PassageRegistry, default_registry
 
 _CALL_KWARGS = {
@@ -109,7 +109,8 @@ class ChatGist(BaseChatModel):
         registry: Where known passages are looked up (default: the registry `GistRetriever` fills).
         splice_passages: Cut known passages out of the messages and read their states.
         state_store: Persistent home of turn states (`GistHistoryStore`, `LangGraphStateStore`, ...).
-        cache_size: Turn states kept in RAM.
+        cache_size: Turn states kept in RAM (at most).
+        cache_bytes: Bytes of turn states kept in RAM (at most; the least recently used go first).
         model_name: Name reported in metadata and traces (default: the GistModel's name).
         streaming: Stream by default in `invoke` (LangChain standard parameter).
         timeout / max_retries: Accepted for compatibility with LangChain's standard parameters; a local model is
@@ -131,6 +132,7 @@ class ChatGist(BaseChatModel):
     splice_passages: bool = True
     state_store: Any = Field(default=None, exclude=True)
     cache_size: int = Field(default=4096, ge=0)
+    cache_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=0)
     stop_at_next_turn: bool = True
     model_name: Optional[str] = None
     streaming: bool = False
@@ -152,6 +154,7 @@ class ChatGist(BaseChatModel):
         if self.model_name is None:
             self.model_name = str(getattr(self.model, "name", type(self.model).__name__))
         self._cache.max_states = self.cache_size
+        self._cache.max_bytes = self.cache_bytes
         return self
 
     # ---- LangChain plumbing -----------------------------------------------------------------------
@@ -193,7 +196,8 @@ class ChatGist(BaseChatModel):
 
     @property
     def state_cache(self) -> StateCache:
-        """The in-RAM LRU of turn states (its `compressed_texts` counts the texts this chat compressed)."""
+        """The in-RAM LRU of turn states (the core `TurnCompressor`; its `compressed_texts` counts the texts this
+        chat compressed)."""
         return self._cache
 
     # ---- planning ------------------------------------------------------------------------------------
