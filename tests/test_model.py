@@ -427,3 +427,24 @@ def test_base_fingerprint_ignores_where_and_how_the_weights_were_loaded(tiny_bas
     with torch.no_grad():
         next(b.model.parameters()).add_(1.0)
     assert a.base_fingerprint() != b.base_fingerprint()
+
+
+@torch.no_grad()
+def test_windows_of_a_long_text_equal_the_reference_pass(tiny_base_dir):
+    m = GistModel.from_base(tiny_base_dir, GistConfig(gists_per_sentence=2, anchors="capitalized", window_tokens=64,
+                                                     max_sentence_tokens=32), device="cpu", lora_r=2)
+    with torch.no_grad():
+        for mod in m.writer.lora.values():
+            mod.lora_B.normal_(0, 0.5)
+    m.invalidate_fingerprint()
+    text = " ".join(f"Sentence number {i} talks about Item{i}." for i in range(30))
+    m.chunk_tokens = 48
+    st = m.compress([text])[0]
+    seg = m.segment(m.plan(text))
+    tail = m.encode("\n\nWhich item?")
+    lay = build_layout([[seg]], m._pad_id(), tails=[tail], window_tokens=64)
+    assert int(lay.window.max()) >= 2  # several windows
+    ref = m.forward_layout(lay)[0, -len(tail):]
+    layers, pos = kv.splice(None, 0, [st], m.rope, "gapped")
+    logits, _ = m.forward_ids(torch.as_tensor([tail]), layers, pos)
+    assert (logits[0] - ref).abs().max() <= 1e-3

@@ -134,7 +134,10 @@ class Compressing:
             seg = self.segment(plans[i])
             with torch.no_grad():
                 text = self._text_pass_windows(seg)
-            results[i] = self._keep(plans, [i], [seg], text)[0]
+            if self.config.compressor == "gist":
+                results[i] = self._gist_rows_windows(seg, text)
+            else:
+                results[i] = self._keep(plans, [i], [seg], text)[0]
             if full is not None:
                 full[i] = self._all_rows(text, plans[i].num_tokens)
         return results
@@ -186,8 +189,25 @@ class Compressing:
         return [self._pool_rows(plans[i], [(k[b : b + 1], v[b : b + 1]) for k, v in text])
                 for b, i in enumerate(idx)]
 
-    def _gist_rows(self, segs: list[Segment], text) -> list:  # noqa: ANN001
-        """Pass 2 (the writer): gist slots attend to the text rows and earlier gists; anchors kept raw."""
+    def _gist_rows_windows(self, seg: Segment, text) -> tuple:  # noqa: ANN001
+        """Pass 2 for a long text, one visibility window at a time (memory linear in length, not quadratic)."""
+        starts = window_starts(seg, self.config.window_tokens) + [len(seg.ids)]
+        parts = []
+        for w0, w1 in zip(starts[:-1], starts[1:]):
+            pieces = [(s - w0, e - w0) for s, e in seg.pieces if w0 <= s < w1]
+            n_gists = [g for (s, _), g in zip(seg.pieces, seg.n_gists) if w0 <= s < w1]
+            anchors = list(seg.anchors[w0:w1]) if seg.anchors is not None else None
+            sub = Segment(ids=list(seg.ids[w0:w1]), pieces=pieces, n_gists=n_gists, anchors=anchors)
+            parts.append(self._gist_rows([sub], [(k[:, :, w0:w1], v[:, :, w0:w1]) for k, v in text], offset=w0)[0])
+        K = torch.cat([p[0] for p in parts], 2)
+        V = torch.cat([p[1] for p in parts], 2)
+        return K, V, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]), len(seg.ids)
+
+    def _gist_rows(self, segs: list[Segment], text, offset: int = 0) -> list:  # noqa: ANN001
+        """Pass 2 (the writer): gist slots attend to the text rows and earlier gists; anchors kept raw.
+
+        `offset`: position of the segments' first token (a window of a long text); text rows are already there.
+        """
         assert self.writer is not None
         dev = self.device
         wb = build_writer_batch(segs, self._pad_id(), self.config.window_tokens, device=dev)
@@ -201,7 +221,7 @@ class Compressing:
             cache = kv.cache_from_layers(text)
             with self.writer.writing():
                 out = kv.call(self.model.get_decoder(), cache=cache, inputs_embeds=embeds, attention_mask=mask,
-                              position_ids=wb.gist_pos, use_cache=True)
+                              position_ids=wb.gist_pos + offset, use_cache=True)
             layers = kv.cache_layers(kv.out_cache(out))
             gist_k = torch.stack([k[:, :, N:] for k, _ in layers], 1)  # (B, L, H, G, D)
             gist_v = torch.stack([v[:, :, N:] for _, v in layers], 1)
@@ -215,11 +235,11 @@ class Compressing:
             if gist_k is not None:
                 ks.append(gist_k[b][:, :, g])
                 vs.append(gist_v[b][:, :, g])
-            pos = torch.cat([a, wb.gist_pos[b, g]])
+            pos = torch.cat([a, wb.gist_pos[b, g]]) + offset
             kinds = torch.cat([torch.full_like(a, KIND_ANCHOR), torch.full_like(g, KIND_GIST)])
             order = torch.argsort(pos * 2 + (kinds == KIND_GIST).long(), stable=True)
             K, V = torch.cat(ks, 2)[:, :, order], torch.cat(vs, 2)[:, :, order]
-            res.append((K, V, pos[order], kinds[order], len(s.ids)))
+            res.append((K, V, pos[order], kinds[order], len(s.ids) + offset))
         return res
 
     def _pool_rows(self, plan: Plan, text) -> tuple:  # noqa: ANN001
