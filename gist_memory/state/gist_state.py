@@ -255,7 +255,7 @@ class GistState:
                 text=str(h.get("text", "")),
                 meta=dict(h.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise StateFormatError(f"{where}: bad state header: {e}") from e
 
 

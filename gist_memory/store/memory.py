@@ -879,11 +879,15 @@ class GistMemory:
 
         Raises:
             FileNotFoundError: No memory at `path`.
-            ValueError: It was written by another model or embedder.
+            ValueError: It was written by another model or embedder, or its database is damaged.
         """
         if not os.path.isfile(os.path.join(os.fspath(path), DB_NAME)):
             raise FileNotFoundError(f"no GistMemory at {path} (missing {DB_NAME})")
-        return cls(model, path, embedder=embedder, **kwargs)
+        try:
+            return cls(model, path, embedder=embedder, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path} is not a readable gist memory: its {DB_NAME} is damaged or not a "
+                             f"database ({e}); nothing was changed") from e
 
     def gc(self, min_age_s: float = 3600.0) -> dict[str, int]:
         """Remove states no passage refers to, and leftovers of killed writers (see `GistStore.gc`)."""

@@ -1,0 +1,47 @@
+"""The learning-curve table of the model card, from held-out results files of training snapshots.
+
+    python scripts/curve_table.py LABEL=FILE [LABEL=FILE ...] [--reference FILE]
+
+Each FILE is what `python -m gist_memory.eval.heldout --model SNAPSHOT --out FILE` wrote for one snapshot; the
+reference file holds the `full` and `none` FAQ cells the recovered fraction needs. Prints one row per snapshot:
+multiple-choice accuracy at 4x of `gist` (anchors off) and `gist+anchors` on the one-passage kinds, and the FAQ
+log-likelihood gain recovered. A missing cell prints as "".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gist_memory.eval.heldout.run import read_results, recovered_fraction
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="LABEL=FILE")
+    ap.add_argument("--reference", type=Path, required=True)
+    a = ap.parse_args(argv)
+    ref = {(r["method"], r["kind"]): r for r in read_results(a.reference) if r["method"] in ("full", "none")}
+    cols = [("gist", "entity_single"), ("gist", "common_single"), ("gist", "faq"),
+            ("gist+anchors", "entity_single"), ("gist+anchors", "common_single")]
+    print("| snapshot | " + " | ".join(f"{m} @4x {k}" for m, k in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for spec in a.runs:
+        label, path = spec.split("=", 1)
+        cells = {(r["method"], r["kind"]): r for r in read_results(path) if r.get("ratio") == 4.0}
+        vals = []
+        for m, k in cols:
+            c = cells.get((m, k))
+            if c is None:
+                vals.append("")
+            elif k == "faq":
+                f = recovered_fraction(c, ref.get(("full", "faq")), ref.get(("none", "faq")))
+                vals.append("" if f is None else f"{f:.2f} recovered")
+            else:
+                vals.append(f"{c['metrics']['mc_accuracy']:.2f}")
+        print(f"| {label} | " + " | ".join(vals) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
