@@ -30,7 +30,7 @@ from gist_memory.data.clean import (
     normalized_key,
     word_count,
 )
-from gist_memory.data.document import CorpusError, Document, SourceMissing
+from gist_memory.data.document import CorpusError, Document, SourceMissing, write_jsonl
 from gist_memory.data.sources import DEFAULT_SOURCES, SOURCE_HINTS, SOURCE_LICENSES, expand_sources, iter_source
 
 logger = logging.getLogger(__name__)
@@ -79,12 +79,7 @@ class CorpusSummary:
         return asdict(self)
 
 
-def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+_write_jsonl = write_jsonl
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -61,3 +61,18 @@ def _sources_cache_dirs() -> list[Path]:
         dirs.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
     dirs.append(Path("~/.cache/gist-memory/sources").expanduser())
     return dirs
+
+
+def write_jsonl(path, records) -> None:  # noqa: ANN001 - a str/Path and an iterable of json-able dicts
+    """Write records as JSON lines through a temporary file renamed into place (a reader never sees half)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -137,13 +137,9 @@ def pick_choice(scores: Sequence[float]) -> int:
 
 def save_qa(items: Iterable[QAItem], path: Union[str, Path]) -> None:
     """Writes items as JSON lines (temporary file renamed into place)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it.to_dict(), ensure_ascii=False) + "\n")
-    tmp.replace(p)
+    from gist_memory.data.document import write_jsonl
+
+    write_jsonl(path, (it.to_dict() for it in items))
 
 
 def load_qa(path: Optional[Union[str, Path]] = None) -> list[QAItem]:

@@ -304,13 +304,9 @@ def extract_faq(rst_dir: Union[str, Path] = DEFAULT_RST_DIR, max_words: int = 18
 
 def save_faq(items: list[HeldoutItem], path: Union[str, Path] = FAQ_ASSET) -> None:
     """Writes FAQ items as JSON lines."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it.to_dict(), ensure_ascii=False) + "\n")
-    tmp.replace(p)
+    from gist_memory.data.document import write_jsonl
+
+    write_jsonl(path, (it.to_dict() for it in items))
 
 
 def load_faq(path: Optional[Union[str, Path]] = None) -> list[HeldoutItem]:
