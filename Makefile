@@ -34,6 +34,12 @@ $(STAMP): $(LOCK) pyproject.toml $(wildcard integrations/*/pyproject.toml) const
 	  apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
 	  echo "note: could not install chromium; the browser test will be skipped"; fi
+	@# the Redis backend's tests start Debian's redis-server themselves (skipped with a reason when it is missing)
+	@if ! command -v redis-server >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing redis-server (apt) for the Redis backend tests"; \
+	  apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1) || \
+	  echo "note: could not install redis-server; the Redis backend tests will be skipped"; fi
 	touch $(STAMP)
 
 # regenerate requirements.lock from pyproject.toml + requirements-*.txt + constraints.txt, keeping every pin that
