@@ -38,7 +38,7 @@ MIN_PASSAGE_CHARS = 32
 DEFAULT_MAX_BYTES_IN_RAM = 512 * 2**20
 DEFAULT_MAX_PASSAGES = 65536
 
-_DEFAULTS: weakref.WeakKeyDictionary[Any, PassageRegistry] = weakref.WeakKeyDictionary()
+_DEFAULTS: weakref.WeakKeyDictionary[Any, dict[type, PassageRegistry]] = weakref.WeakKeyDictionary()
 _DEFAULTS_LOCK = threading.Lock()
 
 
@@ -97,10 +97,10 @@ class PassageRegistry:
     def for_model(cls, model: Any) -> PassageRegistry:
         """The default registry of `model`, shared by every `GistLLM` and retriever built on it."""
         with _DEFAULTS_LOCK:
-            reg = _DEFAULTS.get(model)
+            per_class = _DEFAULTS.setdefault(model, {})  # a subclass (e.g. LlamaIndex's) has its own default
+            reg = per_class.get(cls)
             if reg is None:
-                reg = cls(model)
-                _DEFAULTS[model] = reg
+                reg = per_class[cls] = cls(model)
             return reg
 
     # ---- registering ----------------------------------------------------------------------------------

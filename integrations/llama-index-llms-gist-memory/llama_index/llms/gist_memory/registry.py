@@ -13,8 +13,6 @@ by the text a synthesizer shows the LLM, and marked with their state key.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,8 +30,6 @@ __all__ = ["DEFAULT_MAX_BYTES_IN_RAM", "GistRegistry", "METADATA_KEY", "MIN_PASS
 METADATA_KEY = "gist_state_key"
 """Node metadata key holding the state key (excluded from the LLM and embedding views of the node)."""
 
-_DEFAULTS: weakref.WeakKeyDictionary[Any, GistRegistry] = weakref.WeakKeyDictionary()
-_DEFAULTS_LOCK = threading.Lock()
 
 
 def node_llm_text(node: Any) -> str:
@@ -69,16 +65,6 @@ class GistRegistry(PassageRegistry):
         max_passages: How many passages are known at most (the oldest registration is forgotten first).
         store: Optional `gist_memory.GistStore` that keeps states across processes.
     """
-
-    @classmethod
-    def for_model(cls, model: Any) -> GistRegistry:
-        """The default registry of `model`, shared by every `GistLLM` and retriever built on it."""
-        with _DEFAULTS_LOCK:
-            reg = _DEFAULTS.get(model)
-            if reg is None:
-                reg = cls(model)
-                _DEFAULTS[model] = reg
-            return reg
 
     def add_nodes(self, nodes: Iterable[Any], compress: bool = True) -> list[Any]:
         """Make nodes (or `NodeWithScore`s) known by the text a synthesizer shows the LLM; returns marked copies.
