@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -448,3 +450,29 @@ def test_windows_of_a_long_text_equal_the_reference_pass(tiny_base_dir):
     layers, pos = kv.splice(None, 0, [st], m.rope, "gapped")
     logits, _ = m.forward_ids(torch.as_tensor([tail]), layers, pos)
     assert (logits[0] - ref).abs().max() <= 1e-3
+
+
+@torch.no_grad()
+def test_an_adapted_reader_changes_only_what_reads_states_and_round_trips(model, tmp_path):
+    """The comparison variant: `reader_adapted` puts the LoRA on tokens read after states, never elsewhere."""
+    st = model.compress(TEXTS[:1])
+    q, a = "Who kept the archive?", " Mira"
+    base_no, base_with = model.score(q, a), model.score(q, a, states=st)
+    model.reader_adapted = True
+    try:
+        assert model.score(q, a) == base_no  # no states: the base model, adapted or not
+        adapted = model.score(q, a, states=st)
+        assert abs(adapted - base_with) > 1e-4  # with states the LoRA acts on the reading tokens
+        layers, start, head = model.prepare(q, st)
+        ids = torch.as_tensor([head])
+        frozen, _ = model.forward_ids(ids, layers, start, adapted=False)  # a training teacher forces the base
+        assert not torch.allclose(frozen, model.forward_ids(ids, layers, start)[0])
+        model.save_pretrained(tmp_path / "adapted")
+    finally:
+        model.reader_adapted = False
+    meta = json.loads((tmp_path / "adapted" / "gist_adapter.json").read_text())
+    assert meta["reader"] == "adapted"
+    meta["reader"] = "sideways"
+    (tmp_path / "adapted" / "gist_adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown reader"):
+        type(model).from_pretrained(tmp_path / "adapted")

@@ -172,3 +172,22 @@ def test_anchor_dropout_compresses_some_steps_without_anchors(tmp_path, tiny_bas
     assert saved["anchors"] == "capitalized"  # what is saved is the model's policy, never a dropped step's
     with pytest.raises(ValueError, match="anchor_dropout"):
         TrainConfig(out_dir=str(tmp_path), anchor_dropout=1.5)
+
+
+def test_an_adapted_reader_run_keeps_the_teacher_on_the_base_and_saves_its_reader(tmp_path, tiny_base_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_base_dir, steps=2, w_qa=0.0, w_recon=0.0, w_distill=1.0, reader="adapted")
+    tr = Trainer(cfg, items=_items(), eval_items=[])
+    calls = []
+    orig = tr.model.forward_ids
+
+    def spy(ids, layers, start, adapted=None):
+        calls.append(adapted)
+        return orig(ids, layers, start, adapted=adapted)
+
+    monkeypatch.setattr(tr.model, "forward_ids", spy)
+    tr.train(progress=False)
+    assert calls.count(False) == calls.count(None) > 0  # one base teacher per adapted student
+    assert json.loads((tmp_path / "run" / "checkpoint" / "gist_adapter.json").read_text())["reader"] == "adapted"
+    assert GistModel.from_pretrained(tmp_path / "run" / "checkpoint").reader_adapted
+    with pytest.raises(ValueError, match="stage 'lora'"):
+        TrainConfig(out_dir=str(tmp_path), stage="gist", reader="adapted")

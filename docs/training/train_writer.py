@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--cont-items", type=int, default=4)
     ap.add_argument("--device", default=None)
     ap.add_argument("--anchor-dropout", type=float, default=0.0)
+    ap.add_argument("--reader", choices=("base", "adapted"), default="base",
+                    help="adapted: the LoRA also acts where states are read (the frozen-vs-adapted comparison)")
     a = ap.parse_args()
 
     import torch
@@ -43,7 +45,7 @@ def main() -> None:
         ratios=(4.0, 8.0), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
         warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
         w_cont=a.w_cont, w_recon=a.w_recon, eval_every=10**9, save_every=25, snapshot_every=25, log_every=1,
-        pool_items=3000, anchor_dropout=a.anchor_dropout,
+        pool_items=3000, anchor_dropout=a.anchor_dropout, reader=a.reader,
     )
     Trainer(cfg).train(progress=False)
 

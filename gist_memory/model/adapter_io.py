@@ -127,6 +127,10 @@ class AdapterIO:
             )
         if gm.writer is not None:
             gm.writer.load_tensors(_load_tensors(path / ADAPTER_WEIGHTS), where=str(path))
+        reader = meta.get("reader", "base")
+        if reader not in ("base", "adapted"):
+            raise ValueError(f"{path}: unknown reader {reader!r} in {ADAPTER_META} (base or adapted)")
+        gm.reader_adapted = reader == "adapted" and gm.has_lora
         gm.invalidate_fingerprint()
         return gm
 
@@ -145,7 +149,7 @@ class AdapterIO:
         meta = {
             "base": self.base_ref,
             "format_version": FORMAT_VERSION,
-            "reader": "base",
+            "reader": "adapted" if getattr(self, "reader_adapted", False) else "base",
             "writer": self.writer.spec() if self.writer is not None else None,
             "base_fingerprint": self.base_fingerprint(),
         }

@@ -117,13 +117,14 @@ class Generating:
                 if not text.endswith("\ufffd") and safe > len(emitted):
                     yield text[len(emitted):safe]
                     emitted = text[:safe]
-                out = kv.call(
-                    self.model,
-                    cache=cache,
-                    input_ids=torch.as_tensor([[nxt]], device=self.device),
-                    position_ids=torch.as_tensor([[pos]], device=self.device),
-                    use_cache=True,
-                )
+                with self.reading(layers):
+                    out = kv.call(
+                        self.model,
+                        cache=cache,
+                        input_ids=torch.as_tensor([[nxt]], device=self.device),
+                        position_ids=torch.as_tensor([[pos]], device=self.device),
+                        use_cache=True,
+                    )
                 logits, cache = out.logits, kv.out_cache(out)
                 pos += 1
             else:

@@ -102,6 +102,9 @@ class GistModel(AdapterIO, Prompting, Compressing, Reading, Scoring, Generating)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.writer: Optional[Writer] = None
+        # False: the reader is the base model everywhere (the default, and every shipped adapter). True: an
+        # adapted reader whose writer LoRA also acts on tokens read after states (see `Reading.reading`).
+        self.reader_adapted = False
         if config.uses_gist_tokens:
             self.writer = Writer(self.model, config.num_gist_tokens, r=lora_r, alpha=lora_alpha, targets=lora_targets)
 

@@ -7,6 +7,7 @@ both read through here and report a `Usage` per call.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -122,18 +123,30 @@ class Reading:
         )
         return layers, pos, self.encode(after)
 
-    def forward_ids(self, ids: torch.Tensor, layers, start: int):  # noqa: ANN001, ANN201
+    def reading(self, layers, adapted: Optional[bool] = None):  # noqa: ANN001, ANN201
+        """Context for a reader call after `layers`: the base weights, except for an *adapted* reader (an
+        adapter saved with "reader": "adapted", kept for the frozen-vs-adapted comparison of the quality
+        evaluation), whose writer LoRA also acts on every token read after states. Without states (`layers`
+        None) every reader is the base model. `adapted` overrides the model's setting (a training teacher)."""
+        on = self.reader_adapted if adapted is None else adapted
+        if on and layers is not None and self.writer is not None and self.writer.r > 0:
+            return self.writer.writing()
+        return contextlib.nullcontext()
+
+    def forward_ids(self, ids: torch.Tensor, layers, start: int, adapted: Optional[bool] = None):  # noqa: ANN001, ANN201
         """Run the reader (the base LM) on ids (B, S) after cached per-layer K/V at position `start`.
 
         `layers`: per-layer (keys, values) of shape (1 or B, H, T, D) (e.g. from `prepare`), or None.
         Returns (logits (B, S, V), the updated cache). Gradients flow into `layers` if they carry any.
+        `adapted`: see `reading` (None: the model's own reader).
         """
         B, S = ids.shape
         cache = None
         if layers is not None:
             cache = kv.cache_from_layers([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in layers])
         pos = (start + torch.arange(S, device=ids.device))[None].expand(B, -1)
-        out = kv.call(self.model, cache=cache, input_ids=ids, position_ids=pos, use_cache=True)
+        with self.reading(layers, adapted):
+            out = kv.call(self.model, cache=cache, input_ids=ids, position_ids=pos, use_cache=True)
         return out.logits, kv.out_cache(out)
 
     _forward = forward_ids

@@ -76,11 +76,18 @@ class TrainConfig:
     device: Optional[str] = None
     init_from: Optional[str] = None
     stop_at: Optional[int] = None  # end this run after this step (the schedule still spans `steps`)
+    # "base": the reader is the frozen base model (the shipped default). "adapted": the writer's LoRA also acts
+    # on the tokens that read states (student side only; the teacher stays the base), for the comparison
+    reader: str = "base"
 
     def __post_init__(self) -> None:
         if self.stage not in ("gist", "lora"):
             raise ValueError(f"stage must be gist or lora; got {self.stage!r} (the reader stays the base model, "
                              "so there is no full-weight stage)")
+        if self.reader not in ("base", "adapted"):
+            raise ValueError(f"reader must be base or adapted, got {self.reader!r}")
+        if self.reader == "adapted" and self.stage != "lora":
+            raise ValueError("reader='adapted' needs stage 'lora' (the adapted reader is the writer's LoRA)")
         if self.steps < 1 or self.batch_items < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_items and grad_accum must be >= 1")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
@@ -149,6 +156,7 @@ class Trainer:
             raise ValueError("training needs the gist compressor (GistConfig(compressor='gist'))")
         if cfg.stage == "lora" and not self.model.has_lora:
             raise ValueError("stage 'lora' needs a model built with lora_r > 0")
+        self.model.reader_adapted = cfg.reader == "adapted"
         self.gist_config = self.model.config
         self.gist_config_anchors = self.model.config.anchors
         self.step = 0
@@ -222,18 +230,20 @@ class Trainer:
         return None
 
     # ---- losses ------------------------------------------------------------------------------------
-    def _answer_logits(self, prompt: str, states, target: list[int]) -> torch.Tensor:  # noqa: ANN001
-        """Reader logits predicting each target token after `prompt` (chat template) reading `states`."""
+    def _answer_logits(self, prompt: str, states, target: list[int], teacher: bool = False) -> torch.Tensor:  # noqa: ANN001
+        """Reader logits predicting each target token after `prompt` (chat template) reading `states`
+        (`teacher`: always the base reader)."""
         layers, start, head = self.model.prepare(prompt, states)
         ids = torch.as_tensor([head + target], device=self.model.device)
-        logits, _ = self.model.forward_ids(ids, layers, start)
+        logits, _ = self.model.forward_ids(ids, layers, start, adapted=False if teacher else None)
         return logits[0, len(head) - 1 : len(head) - 1 + len(target)].float()
 
-    def _cont_logits(self, state, cont: list[int]) -> torch.Tensor:  # noqa: ANN001
+    def _cont_logits(self, state, cont: list[int], teacher: bool = False) -> torch.Tensor:  # noqa: ANN001
         """Reader logits over a raw continuation right after one state (no template): predicts cont[1:]."""
         m = self.model
         layers, start = kv.splice(None, 0, [state], m.rope, m.config.position_mode, device=m.device, dtype=m.dtype)
-        logits, _ = m.forward_ids(torch.as_tensor([cont], device=m.device), layers, start)
+        logits, _ = m.forward_ids(torch.as_tensor([cont], device=m.device), layers, start,
+                                  adapted=False if teacher else None)
         return logits[0, :-1].float()
 
     @staticmethod
@@ -260,7 +270,7 @@ class Trainer:
                     out["qa"].append(F.cross_entropy(s_logits, torch.as_tensor(target, device=s_logits.device)))
                 if c.w_distill:
                     with torch.no_grad():
-                        t_logits = self._answer_logits(question_prompt(it), tw, target)
+                        t_logits = self._answer_logits(question_prompt(it), tw, target, teacher=True)
                     out["distill"].append(self._kl(s_logits, t_logits))
             if c.w_recon:
                 a = it.answer_passage
@@ -269,7 +279,7 @@ class Trainer:
                 out["recon"].append(F.cross_entropy(r_logits, torch.as_tensor(rec, device=r_logits.device)))
         for (_, ids), st, tw in zip(cont, states[i:], twins[i:]):
             with torch.no_grad():
-                t_logits = self._cont_logits(tw, ids)
+                t_logits = self._cont_logits(tw, ids, teacher=True)
             out["cont"].append(self._kl(self._cont_logits(st, ids), t_logits))
         return {k: torch.stack(v).mean() for k, v in out.items() if v}
 
