@@ -17,7 +17,9 @@ CONFIG_NAME = "gist_config.json"
 
 COMPRESSORS = ("gist", "pool", "pool+anchors")
 POSITION_MODES = ("gapped", "packed")
-ANCHOR_POLICIES = ("none", "entities", "capitalized")
+ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+surprisal")
+# policies whose ranking needs the base model's own reading of the text (token surprisal from pass 1)
+SCORED_ANCHOR_POLICIES = ("surprisal", "capitalized+surprisal")
 SPLITTERS = ("sentencizer", "senter")
 
 AnchorFn = Callable[[str], list[tuple[int, int]]]
@@ -35,8 +37,12 @@ class GistConfig:
         max_sentence_tokens: A sentence longer than this is cut into pieces, each with its own gists.
         anchors: Which raw tokens of a sentence keep their own K/V beside the gists: `none` (the paper),
             `entities` (numbers, dates, codes and capitalised names; spaCy NER spans too when the splitter
-            pipeline has an `ner` component), `capitalized` (capitalised words and numbers), or a callable
-            `text -> [(start, end), ...]` (not serialisable; such a config cannot be saved).
+            pipeline has an `ner` component), `capitalized` (capitalised words and numbers), `surprisal`
+            (training-free importance: whole words ranked by how surprising the base model found them while
+            reading the text, i.e. the summed -log p of their tokens, taken from the compression's own first
+            pass), `capitalized+surprisal` (the capitalised rule first, the rest of the anchor budget by
+            surprisal), or a callable `text -> [(start, end), ...]` (not serialisable; such a config cannot be
+            saved).
         max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
             whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
         anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the

@@ -244,3 +244,18 @@ def test_more_items_keep_the_fewer_items():
             assert all(x in ids_large for x in ids_small)
         else:
             assert ids_large[:5] == ids_small
+
+
+def test_an_anchor_policy_override_is_recorded_labelled_and_resumed_apart(tiny_base_dir, tmp_path):
+    its = {"common_single": build_planted(PASSAGES, "common_single", 1)}
+    out = tmp_path / "anchors.jsonl"
+    logs: list[str] = []
+    plain = run.run_table(its, methods=["pool+anchors"], ratios=[4], out=out, base=tiny_base_dir,
+                          loader=run.default_loader(tiny_base_dir, None, device="cpu"), log=logs.append)  # fmt: skip
+    sup = run.run_table(its, methods=["pool+anchors"], ratios=[4], out=out, base=tiny_base_dir, anchors="surprisal",
+                        loader=run.default_loader(tiny_base_dir, None, device="cpu", anchors="surprisal"),
+                        log=logs.append)  # fmt: skip
+    assert "anchors" not in plain[0] and sup[0]["anchors"] == "surprisal"
+    assert len(out.read_text().splitlines()) == 2  # the override is a new cell, not a resumed one
+    md = run.render_markdown(plain + sup)
+    assert "| pool+anchors @4x |" in md and "| pool+anchors (surprisal anchors) @4x |" in md

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -476,3 +477,21 @@ def test_an_adapted_reader_changes_only_what_reads_states_and_round_trips(model,
     (tmp_path / "adapted" / "gist_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unknown reader"):
         type(model).from_pretrained(tmp_path / "adapted")
+
+
+@pytest.mark.parametrize("policy", ["surprisal", "capitalized+surprisal"])
+def test_surprisal_anchors_from_the_first_pass_match_an_explicit_scoring_pass(tiny_base_dir, policy):
+    """`compress` ranks words from its own first pass; `plan` reads the text once more: the same anchors."""
+    m = GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4.0, anchors=policy, compressor="pool+anchors",
+                                                      max_anchor_fraction=0.75), device="cpu")  # fmt: skip
+    long_text = " ".join(TEXTS) * 6
+    m.chunk_tokens = 64  # the long text goes the windowed/chunked way
+    states = m.compress(TEXTS + [long_text])
+    for text, st in zip(TEXTS + [long_text], states):
+        plan = m.plan(text)
+        assert plan.scored
+        kept = st.positions[st.kinds == 1].tolist()
+        assert kept == np.flatnonzero(plan.anchors).tolist()
+        assert st.num_kept == plan.num_kept
+        s = m.token_surprisal(plan.ids)
+        assert s.shape == (plan.num_tokens,) and np.isfinite(s).all() and (s >= 0).all()

@@ -84,3 +84,30 @@ def test_anchor_budget_is_validated_and_serialised():
     d = GistConfig(target_ratio=4.0, anchor_budget="sentence").to_dict()
     assert GistConfig.from_dict(d).anchor_budget == "sentence"
     assert GistConfig().anchor_budget == "passage"
+
+
+def test_surprisal_ranks_whole_words_after_the_rule_and_waits_for_scores(tiny_model):
+    from gist_memory.model.plan import finish_plan
+
+    tok = tiny_model.tokenizer
+    text = "The shutters of the boathouse were painted teal. Harlow kept the key."
+    splitter = SentenceSplitter.from_config(GistConfig())
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = enc["offset_mapping"]
+    t0 = text.index("teal")
+    teal = [i for i, (s, e) in enumerate(spans) if s < t0 + 4 and e > t0]
+    scores = np.ones(len(spans))
+    scores[teal] = 9.0  # the model found "teal" surprising
+    for policy, rule_first in (("surprisal", False), ("capitalized+surprisal", True)):
+        cfg = GistConfig(target_ratio=4.0, anchors=policy, compressor="pool+anchors", max_anchor_fraction=0.75)
+        provisional = make_plan(text, tok, cfg, splitter)
+        assert not provisional.scored  # no scores yet: a provisional plan
+        final = finish_plan(provisional, cfg, splitter, scores)
+        assert final.scored and final.anchors[teal].all()  # every token of the surprising word, kept whole
+        harlow = [i for i, (s, e) in enumerate(spans) if text[s:e].strip() == "Harlow"]
+        assert bool(final.anchors[harlow].all()) or not rule_first
+        assert final.num_kept == provisional.num_kept  # the same row budget, spent differently
+    with pytest.raises(ValueError, match="token_scores"):
+        finish_plan(provisional, cfg, splitter, np.ones(3))
+    # a rule policy needs no scores
+    assert make_plan(text, tok, GistConfig(target_ratio=4.0, anchors="capitalized"), splitter).scored

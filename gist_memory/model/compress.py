@@ -18,7 +18,7 @@ import torch
 
 from gist_memory.layout import KIND_GIST_TOKEN, Layout, Segment, build_writer_batch, float_mask, window_starts
 from gist_memory.model import kv
-from gist_memory.model.plan import Plan, make_plan
+from gist_memory.model.plan import Plan, finish_plan, make_plan
 from gist_memory.state import KIND_ANCHOR, KIND_GIST, KIND_POOL, GistState
 from gist_memory.state.gist_state import text_hash
 from gist_memory.text.split import normalize_text
@@ -37,11 +37,52 @@ class Compressing:
 
     # ---- compression -------------------------------------------------------------------------------
     def plan(self, text: str) -> Plan:
-        """How `text` would be compressed (pieces, anchors, rows per piece), without running the model."""
+        """How `text` would be compressed (pieces, anchors, rows per piece). Runs no model, except for the
+        `surprisal` anchor policies, which read the text once to rank its words (`compress` reuses its own
+        first pass for that instead)."""
+        p = self._provisional_plan(text)
+        if not p.scored:
+            with torch.no_grad():
+                p = finish_plan(p, self.config, self.splitter, self.token_surprisal(p.ids))
+        return p
+
+    def _provisional_plan(self, text: str) -> Plan:
         norm = self.normalize(text)
         if not norm:
             raise ValueError("cannot compress an empty or whitespace-only text")
         return make_plan(norm, self.tokenizer, self.config, self.splitter)
+
+    @torch.no_grad()
+    def token_surprisal(self, ids: Sequence[int]) -> np.ndarray:
+        """Per token, -log p(token | the tokens before it) under the base model (the first token: the mean of
+        the others), read in chunks of `chunk_tokens` with a cache."""
+        ids = [int(i) for i in ids]
+        past, hidden = None, []
+        for c0 in range(0, len(ids), self.chunk_tokens):
+            c1 = min(len(ids), c0 + self.chunk_tokens)
+            x = torch.as_tensor([ids[c0:c1]], device=self.device)
+            pos = torch.arange(c0, c1, device=self.device)[None]
+            out = kv.call(self.model.get_decoder(), cache=past, input_ids=x, position_ids=pos, use_cache=True)
+            past = kv.out_cache(out)
+            hidden.append(out.last_hidden_state[0])
+        return self._surprisal(torch.cat(hidden), ids)
+
+    def _surprisal(self, hidden: torch.Tensor, ids: Sequence[int]) -> np.ndarray:
+        """Surprisal per token from the decoder's final hidden states (N, H) of the same tokens."""
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        n = len(ids)
+        out = np.zeros(n, dtype=np.float64)
+        tgt = torch.as_tensor(list(ids), device=hidden.device)
+        for c0 in range(0, n - 1, 256):
+            c1 = min(n - 1, c0 + 256)
+            logits = head(hidden[c0:c1].detach()).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            lp = torch.log_softmax(logits, -1).gather(-1, tgt[c0 + 1 : c1 + 1, None])[:, 0]
+            out[c0 + 1 : c1 + 1] = (-lp).cpu().double().numpy()
+        out[0] = out[1:].mean() if n > 1 else 0.0
+        return out
 
     @torch.no_grad()
     def compress(
@@ -70,8 +111,9 @@ class Compressing:
 
         `plans` (from `plan`) may be given to skip re-planning the same texts.
         """
-        plans = list(plans) if plans is not None else [self.plan(t) for t in texts]
-        return self._states(plans, self._compress_plans(plans, batch_size), device_out)
+        plans = list(plans) if plans is not None else [self._provisional_plan(t) for t in texts]
+        results = self._compress_plans(plans, batch_size)  # finishes provisional plans in place
+        return self._states(plans, results, device_out)
 
     def compress_for_training(
         self, plans: Sequence[Plan], batch_size: int = 64
@@ -83,7 +125,8 @@ class Compressing:
         """
         plans = list(plans)
         full: list = [None] * len(plans)
-        states = self._states(plans, self._compress_plans(plans, batch_size, full=full), None)
+        results = self._compress_plans(plans, batch_size, full=full)
+        states = self._states(plans, results, None)
         twins = self._states(plans, full, None)
         return states, twins
 
@@ -114,7 +157,8 @@ class Compressing:
 
     def _compress_plans(self, plans: list[Plan], batch_size: int, full: Optional[list] = None) -> list:
         """Per plan (keys, values, positions, kinds, span) in plan order; `full` (a list as long as `plans`)
-        receives the same for every raw row (the uncompressed twin)."""
+        receives the same for every raw row (the uncompressed twin). Provisional plans (a `surprisal` anchor
+        policy) are replaced in `plans` by their final ones, ranked from the first pass's own reading."""
         results: list = [None] * len(plans)
         W = int(self.config.window_tokens)
         short = [i for i, p in enumerate(plans) if p.num_tokens <= min(self.chunk_tokens, W)]
@@ -122,15 +166,22 @@ class Compressing:
         short.sort(key=lambda i: plans[i].num_tokens)  # similar lengths share a batch: less padding
         for b0 in range(0, len(short), batch_size):
             idx = short[b0 : b0 + batch_size]
-            segs = [self.segment(plans[i]) for i in idx]
+            score = [i for i in idx if not plans[i].scored]
             with torch.no_grad():
-                text = self.text_pass([s.ids for s in segs])
+                text, hidden = self._text_pass([plans[i].ids.tolist() for i in idx], want_hidden=bool(score))
+                for b, i in enumerate(idx):
+                    if not plans[i].scored:
+                        sup = self._surprisal(hidden[b, : plans[i].num_tokens], plans[i].ids.tolist())
+                        plans[i] = finish_plan(plans[i], self.config, self.splitter, sup)
+            segs = [self.segment(plans[i]) for i in idx]
             for i, res in zip(idx, self._keep(plans, idx, segs, text)):
                 results[i] = res
             if full is not None:
                 for b, i in enumerate(idx):
                     full[i] = self._all_rows([(k[b : b + 1], v[b : b + 1]) for k, v in text], plans[i].num_tokens)
         for i in long_:
+            if not plans[i].scored:
+                plans[i] = finish_plan(plans[i], self.config, self.splitter, self.token_surprisal(plans[i].ids))
             seg = self.segment(plans[i])
             with torch.no_grad():
                 text = self._text_pass_windows(seg)
@@ -153,13 +204,17 @@ class Compressing:
 
         Returns per layer (keys, values), each (B, H, N, D), N the longest row. Rows never see their padding.
         """
+        return self._text_pass(rows, start)[0]
+
+    def _text_pass(self, rows: Sequence[Sequence[int]], start: int = 0, want_hidden: bool = False) -> tuple:
+        """`text_pass` plus, if asked, the decoder's final hidden states (B, N, hidden) (else None)."""
         N = max(len(r) for r in rows)
         ids = torch.full((len(rows), N), self._pad_id(), dtype=torch.long, device=self.device)
         for b, r in enumerate(rows):
             ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         pos = (start + torch.arange(N, device=self.device))[None].expand(len(rows), -1)
         out = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=True)
-        return kv.cache_layers(kv.out_cache(out))
+        return kv.cache_layers(kv.out_cache(out)), (out.last_hidden_state if want_hidden else None)
 
     def _text_pass_windows(self, seg: Segment) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Pass 1 for a long text: each visibility window read alone (positions continue), in exact chunks."""

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from gist_memory.config import GistConfig
-from gist_memory.text.split import SentenceSplitter, anchor_char_spans, anchor_token_mask, token_pieces
+from gist_memory.config import SCORED_ANCHOR_POLICIES, GistConfig
+from gist_memory.text.split import (
+    SentenceSplitter,
+    anchor_char_spans,
+    anchor_token_mask,
+    token_pieces,
+    word_token_index,
+)
 
 
 @dataclass
@@ -25,6 +32,8 @@ class Plan:
         char_spans: Character spans of the pieces (for attribution).
         anchors: (N,) bool, tokens kept raw.
         n_other: Per piece, the gist tokens (`gist`) or pooled rows (`pool*`) it keeps.
+        scored: False for a provisional plan of a surprisal policy (anchors by the rule part only, waiting for
+            the model's token surprisal; `finish_plan` makes the final one).
     """
 
     text: str
@@ -33,6 +42,8 @@ class Plan:
     char_spans: list[tuple[int, int]]
     anchors: np.ndarray
     n_other: list[int]
+    scored: bool = True
+    offsets: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:
@@ -56,14 +67,58 @@ def piece_budgets(lengths: list[int], ratio: float) -> list[int]:
     return out
 
 
-def make_plan(text: str, tokenizer, config: GistConfig, splitter: SentenceSplitter) -> Plan:  # noqa: ANN001
-    """Tokenise, split into pieces and allocate rows for one normalised, non-empty text."""
+def needs_scores(config: GistConfig) -> bool:
+    """True when the config's anchor policy ranks words by the model's token surprisal."""
+    return config.compressor != "pool" and isinstance(config.anchors, str) and config.anchors in SCORED_ANCHOR_POLICIES
+
+
+def surprisal_priorities(prio: np.ndarray, offsets: np.ndarray, text: str, token_scores: np.ndarray) -> np.ndarray:
+    """Rule priorities extended by surprisal: every word the rule left out gets a priority after the rule's
+    (0-2), ranked by its summed token surprisal (highest first, ties by position); all tokens of a word share
+    it, so a kept word is kept whole."""
+    word = word_token_index(offsets, text)
+    scores = np.asarray(token_scores, dtype=np.float64).reshape(-1)
+    if scores.shape[0] != len(prio):
+        raise ValueError(f"token_scores has {scores.shape[0]} entries for {len(prio)} tokens")
+    out = prio.copy()
+    free = (word >= 0) & (prio < 0)
+    if not free.any():
+        return out
+    words = np.unique(word[free])
+    total = np.bincount(word[free], weights=scores[free], minlength=int(words.max()) + 1)[words]
+    rank = np.empty(len(words), dtype=np.int64)
+    rank[np.lexsort((words, -total))] = np.arange(len(words))
+    lookup = np.full(int(words.max()) + 1, -1, dtype=np.int64)
+    lookup[words] = rank
+    first = int(prio.max()) + 1 if (prio >= 0).any() else 0
+    out[free] = max(first, 3) + lookup[word[free]]
+    return out
+
+
+def make_plan(text: str, tokenizer, config: GistConfig, splitter: SentenceSplitter,  # noqa: ANN001
+              token_scores: Optional[np.ndarray] = None) -> Plan:  # fmt: skip
+    """Tokenise, split into pieces and allocate rows for one normalised, non-empty text.
+
+    `token_scores`: per-token surprisal (-log p under the base model) for the `surprisal` policies; without
+    them such a plan is provisional (`scored=False`, rule anchors only).
+    """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     if len(ids) == 0:
         raise ValueError("text produced no tokens")
     sents = splitter.split(text)
+    return _allocate(text, ids, offsets, sents, config, splitter, token_scores)
+
+
+def finish_plan(plan: Plan, config: GistConfig, splitter: SentenceSplitter, token_scores: np.ndarray) -> Plan:
+    """The final plan of a provisional one, given the model's per-token surprisal (same ids and pieces)."""
+    assert plan.offsets is not None
+    return _allocate(plan.text, plan.ids, plan.offsets, splitter.split(plan.text), config, splitter, token_scores)
+
+
+def _allocate(text: str, ids: np.ndarray, offsets: np.ndarray, sents, config: GistConfig,  # noqa: ANN001
+              splitter: SentenceSplitter, token_scores: Optional[np.ndarray]) -> Plan:  # fmt: skip
     ratio = config.target_ratio
     min_tokens = int(math.ceil(ratio)) if ratio else 1
     pieces = token_pieces(offsets, sents, config.max_sentence_tokens, min_tokens=min_tokens)
@@ -71,10 +126,24 @@ def make_plan(text: str, tokenizer, config: GistConfig, splitter: SentenceSplitt
 
     use_anchors = config.compressor != "pool" and config.anchors != "none"
     prio = np.full(len(ids), -1, dtype=np.int64)
+    scored = True
     if use_anchors:
         spans = anchor_char_spans(text, sents, config.anchors, splitter)
         prio = anchor_token_mask(offsets, spans, len(text))
+        if needs_scores(config):
+            if token_scores is None:
+                scored = False
+            else:
+                prio = surprisal_priorities(prio, offsets, text, token_scores)
+    plan = _rows(text, ids, pieces, char_spans, prio, config)
+    plan.scored, plan.offsets = scored, offsets
+    return plan
 
+
+def _rows(text: str, ids: np.ndarray, pieces: list[tuple[int, int]], char_spans: list[tuple[int, int]],
+          prio: np.ndarray, config: GistConfig) -> Plan:  # fmt: skip
+    ratio = config.target_ratio
+    use_anchors = config.compressor != "pool" and config.anchors != "none"
     lengths = [e - s for s, e in pieces]
     budgets = piece_budgets(lengths, ratio) if ratio else None
     if budgets is not None and use_anchors and config.anchor_budget == "passage":

@@ -123,13 +123,15 @@ def anchor_char_spans(
     """Character spans whose tokens keep their raw K/V, with a priority (lower is kept first).
 
     Policies: `none`; `capitalized` (numbers/codes first, then capitalised words that are not a stop word);
+    `surprisal` (no rule spans: words are ranked from the model's reading, see `word_token_index`);
+    `capitalized+surprisal` (the `capitalized` spans here; surprisal ranks the other words after them);
     `entities` (the same plus spaCy NER spans when the pipeline has `ner`); or a callable on the text.
 
     Returns:
         A list of `(start, end, priority)`.
     """
-    if policy == "none":
-        return []
+    if policy in ("none", "surprisal"):
+        return []  # `surprisal` ranks words later, from the model's reading (`word_token_index`)
     if callable(policy):
         out = []
         for s, e in policy(text):
@@ -147,6 +149,13 @@ def anchor_char_spans(
     if policy == "entities" and splitter is not None:
         out.extend((s, e, 1) for s, e in splitter.entity_spans(text))
     return out
+
+
+def word_token_index(offsets: np.ndarray, text: str) -> np.ndarray:
+    """Per token: the index of the word it belongs to (words as the anchor rules see them), -1 for none
+    (spaces, punctuation)."""
+    spans = [(m.start(), m.end(), i) for i, m in enumerate(_WORD.finditer(text))]
+    return anchor_token_mask(offsets, spans, len(text))
 
 
 def token_pieces(

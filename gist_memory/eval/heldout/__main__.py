@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from gist_memory.config import ANCHOR_POLICIES
 from gist_memory.eval.heldout.items import KINDS, HeldoutError, build_items
 from gist_memory.eval.heldout.run import (
     METHODS,
@@ -47,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--details", action="store_true", help="print the per-cell table too")
     ap.add_argument("--render-only", action="store_true", help="render --out without running anything")
+    ap.add_argument("--anchors", default=None, choices=list(ANCHOR_POLICIES),
+                    help="anchor policy for pool+anchors and gist+anchors instead of theirs (rows are labelled)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     a = ap.parse_args(argv)
@@ -64,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recs = run_table(
             items, methods=a.methods, ratios=a.ratios, out=a.out, base=a.base, model=a.model, seed=a.seed,
             n_requested=a.items, generate=False if a.generate == "none" else a.generate,
-            loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype),
+            loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors), anchors=a.anchors,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)

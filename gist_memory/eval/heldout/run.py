@@ -41,23 +41,28 @@ KIND_TITLES = {
 GEN_TOKENS = {"planted": 24, "faq": 40}
 
 
-def pool_config(method: str, ratio: float):  # noqa: ANN201 - GistConfig
-    """The training-free configs of the table (`pool`, `pool+anchors`)."""
+ANCHORED = ("pool+anchors", "gist+anchors")
+
+
+def pool_config(method: str, ratio: float, anchors: Optional[str] = None):  # noqa: ANN201 - GistConfig
+    """The training-free configs of the table (`pool`, `pool+anchors`; `anchors` overrides its policy)."""
     from gist_memory import GistConfig
 
     if method == "pool":
         return GistConfig(compressor="pool", target_ratio=ratio, max_sentence_tokens=48, anchors="none")
-    return GistConfig(compressor="pool+anchors", target_ratio=ratio, max_sentence_tokens=48, anchors="capitalized",
+    return GistConfig(compressor="pool+anchors", target_ratio=ratio, max_sentence_tokens=48,
+                      anchors=anchors or "capitalized",
                       max_anchor_fraction=0.75)  # fmt: skip
 
 
 def default_loader(base: Optional[str], model: Optional[str], device: Optional[str] = None,
-                   dtype: Any = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
+                   dtype: Any = None, anchors: Optional[str] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
     """`load(method, ratio) -> GistModel` for the table's methods.
 
     Args:
         base: Base LM for full/none/trunc/pool (None = the embedded SmolLM2).
         model: Saved gist model folder for gist/gist+anchors (None = the shipped adapter).
+        anchors: Anchor policy for `pool+anchors` and `gist+anchors` instead of theirs (e.g. `surprisal`).
     """
     from gist_memory import GistConfig, GistModel
 
@@ -66,10 +71,13 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
             return GistModel.from_base(base, GistConfig(compressor="pool", target_ratio=4.0, max_sentence_tokens=48),
                                        device=device, dtype=dtype)  # fmt: skip
         if method in ("pool", "pool+anchors"):
-            return GistModel.from_base(base, pool_config(method, float(ratio)), device=device, dtype=dtype)
+            return GistModel.from_base(base, pool_config(method, float(ratio), anchors if method in ANCHORED else None),
+                                       device=device, dtype=dtype)  # fmt: skip
         over: dict[str, Any] = {"target_ratio": float(ratio)}
         if method == "gist":
             over["anchors"] = "none"
+        elif anchors:
+            over["anchors"] = anchors
         return GistModel.from_pretrained(model, device=device, dtype=dtype, config_overrides=over)
 
     return load
@@ -141,7 +149,13 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
 
 def _key(rec: dict) -> tuple:
     return (rec["method"], rec.get("ratio"), rec["kind"], rec.get("n_requested"), rec.get("seed"),
-            rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"), rec.get("generate"))  # fmt: skip
+            rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"), rec.get("generate"),
+            rec.get("anchors"))  # fmt: skip
+
+
+def _label(rec: dict) -> str:
+    """The row a record belongs to: its method, plus the anchor policy when the run overrode it."""
+    return rec["method"] + (f" ({rec['anchors']} anchors)" if rec.get("anchors") else "")
 
 
 def read_results(path: Union[str, Path]) -> list[dict]:
@@ -189,6 +203,7 @@ def run_table(
     n_requested: Optional[int] = None,
     generate: Union[bool, str] = "single",
     log: Callable[[str], None] = print,
+    anchors: Optional[str] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -202,12 +217,14 @@ def run_table(
         generate: Free generation (containment / exact match) on `single` items (one passage: the planted
             `*_single` kinds and `faq`), `all` items, or none (False).
         log: Progress printer.
+        anchors: The anchor policy the loader gives `pool+anchors`/`gist+anchors` (recorded in their records and
+            shown in their row names); None: their own.
 
     Returns:
         All records for the requested cells (those found in `out` and those run now). A method whose model
         cannot be loaded is logged and skipped (nothing written, so a later run fills it in).
     """
-    loader = loader or default_loader(base, model)
+    loader = loader or default_loader(base, model, anchors=anchors)
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
@@ -218,6 +235,8 @@ def run_table(
     gm = None
     for method, ratio, kind in plan_cells(methods, ratios, list(items)):
         probe = {**meta, "method": method, "ratio": ratio, "kind": kind}
+        if anchors and method in ANCHORED:
+            probe["anchors"] = anchors
         if _key(probe) in done:
             records.append(done[_key(probe)])
             continue
@@ -238,6 +257,8 @@ def run_table(
             current = want
             log(f"loaded {method}{'' if ratio is None else f' @{ratio:g}x'} in {time.perf_counter() - t:.1f}s")
         rec = {**meta, **run_cell(gm, method, ratio, kind, items[kind], generate=generate)}
+        if anchors and method in ANCHORED:
+            rec["anchors"] = anchors
         if method.startswith("gist"):
             rec["model_anchors"] = str(getattr(getattr(gm, "config", None), "anchors", ""))
         records.append(rec)
@@ -291,12 +312,14 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
     recs = list(results)
     latest: dict[tuple, dict] = {}
     for r in recs:
-        latest[(r["method"], r.get("ratio"), r["kind"])] = r
+        latest[(_label(r), r.get("ratio"), r["kind"])] = r
     kinds = [k for k in (*PLANTED_KINDS, "faq") if any(key[2] == k for key in latest)]
     rows: list[tuple[str, Optional[float]]] = []
     for m in METHODS:
-        rs = sorted({key[1] for key in latest if key[0] == m}, key=lambda x: -1 if x is None else x)
-        rows += [(m, r) for r in rs]
+        labels = sorted({key[0] for key in latest if key[0] == m or key[0].startswith(m + " (")}, key=len)
+        for lab in labels:
+            rs = sorted({key[1] for key in latest if key[0] == lab}, key=lambda x: -1 if x is None else x)
+            rows += [(lab, r) for r in rs]
     title = title or f"Held-out evaluation: {LABEL}"
     out = [f"### {title}", ""]
     if note:
@@ -339,6 +362,6 @@ def render_details(results: Iterable[dict]) -> str:
     for r in results:
         ach = r.get("achieved_ratio")
         mt = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
-        out.append(f"| {_row_name(r['method'], r.get('ratio'))} | {r['kind']} | {r['n']} | "
+        out.append(f"| {_row_name(_label(r), r.get('ratio'))} | {r['kind']} | {r['n']} | "
                    f"{'-' if ach is None or r['method'] == 'none' else f'{ach:.2f}x'} | {mt} | {r['seconds']:.1f} |")  # fmt: skip
     return "\n".join(out) + "\n"
