@@ -86,11 +86,14 @@ class GistService:
         model_description: Shown on the page.
         memories: More memories the OpenAI routes can name (`model="gist-memory:<name>"`), by name; `memory` is
             always there as "default".
+        batch: Decode concurrent OpenAI-route answers together (`batcher`, prefill and decode batched); False:
+            each answer decodes alone in its own thread. Settable later as `batching`.
     """
 
     def __init__(self, model: Any, memory: Optional[Any] = None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  k: int = 3, max_new_tokens: int = 64, max_passage_tokens: int = 192,
-                 model_description: str = "", memories: Optional[Mapping[str, Any]] = None) -> None:
+                 model_description: str = "", memories: Optional[Mapping[str, Any]] = None,
+                 batch: bool = True) -> None:
         self.model = model
         self.memory = memory if memory is not None else GistMemory(model, None)
         self.memories: dict[str, Any] = {DEFAULT_MEMORY: self.memory}
@@ -109,6 +112,8 @@ class GistService:
         self._count_lock = threading.Lock()  # guards the two counters below only, never a model call
         self._in_flight = 0
         self.last_answer: Optional[Answer] = None
+        self.batching = bool(batch)
+        self._batcher: Optional[Any] = None
 
     # ---- documents --------------------------------------------------------------------------------------
     def add_document(self, title: str, text: str, source: str = "pasted") -> dict[str, Any]:
@@ -220,7 +225,7 @@ class GistService:
             hits = mem.search(query, k=k, filter=filter) if mem is not None and query.strip() else []
             states = mem.states_for(hits) if hits else []
             used = _new_usage()
-            it: Iterator[str] = self.model.stream(prompt, states=states, usage=used, **gen)
+            it: Iterator[str] = (self.batcher or self.model).stream(prompt, states=states, usage=used, **gen)
             try:
                 for piece in it:
                     emit(stop.feed(piece))
@@ -240,6 +245,19 @@ class GistService:
         finally:
             with self._count_lock:
                 self._in_flight -= 1
+
+    @property
+    def batcher(self) -> Optional[Any]:
+        """The `gist_memory.server.batcher.Batcher` decoding concurrent answers together (started on first use;
+        requests it does not take go to the model directly), or None when `batching` is off."""
+        if not self.batching:
+            return None
+        with self._count_lock:
+            if self._batcher is None:
+                from gist_memory.server.batcher import Batcher
+
+                self._batcher = Batcher(self.model)
+            return self._batcher
 
     @property
     def answers_in_flight(self) -> int:
