@@ -1,7 +1,11 @@
-"""Generation: the decode loop, sampling, end-of-turn ids and stop strings.
+"""Generation: the decode loop, sampling, end-of-turn ids, stop strings and constrained output.
 
 A stop string never reaches the caller: text that could be the start of one is held back until the next token
 decides, and the reply ends right before the first stop string.
+
+`schema=` (JSON) and `tools=` (tool calls) constrain the output with a grammar (`gist_memory.model.constrained`):
+each token is sampled among those the grammar allows, the output is closed in time to fit `max_new_tokens`, and
+the end of sequence comes only where the grammar accepts. Stop strings apply only to free text.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 
 from gist_memory.model import kv
+from gist_memory.model.constrained import Constraint, GrammarGuide, build_constraint, with_instructions
 from gist_memory.model.prompt import Prompt
 from gist_memory.model.usage import Usage, check_usage
 from gist_memory.state import GistState
@@ -30,6 +35,10 @@ _GEN_KWARGS = {
     "seed",
     "system_prompt",
     "context_prefix",
+    "schema",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
 
 
@@ -44,6 +53,21 @@ class Generating:
         Keyword args (as in HF `generate`): max_new_tokens (64), do_sample, temperature, top_k, top_p,
         repetition_penalty, eos_token_id, plus `stop` (strings), `seed`, `system_prompt` and `context_prefix`
         (raw text placed right before the states), and `usage` (a `Usage` this call fills).
+
+        Constrained output (see `gist_memory.model.constrained`):
+
+        - `schema`: a JSON-schema dict, a Pydantic model class or a TypedDict. The answer is one JSON value that
+          validates against it (read it with `constrained.parse_json(text, schema)` or `json.loads`).
+        - `tools`: OpenAI-style tool dicts (`{"type": "function", "function": {"name", "description",
+          "parameters"}}`), with `tool_choice` ("auto" by default, "none", "any"/"required" or a tool's name) and
+          `parallel_tool_calls` (True: one or more calls, one per line). Tool calls are written as
+          `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; read them with
+          `constrained.parse_tool_calls(text)`.
+
+        Both describe the schema / tools in the system prompt, and close the answer early rather than cut it when
+        `max_new_tokens` runs out (ValueError when even the shortest valid answer cannot fit). A ValueError names
+        bad input: schema and tools together, tool_choice without tools or naming an unknown tool, an invalid
+        schema.
         """
         return "".join(self.stream(prompt, states=states, usage=usage, **kwargs))
 
@@ -62,7 +86,27 @@ class Generating:
         if unknown:
             raise TypeError(f"unsupported generation arguments: {sorted(unknown)}; supported: {sorted(_GEN_KWARGS)}")
         check_usage(usage)
-        return self._stream(prompt, states, usage, **kwargs)
+        constraint = build_constraint(
+            schema=kwargs.pop("schema", None), tools=kwargs.pop("tools", None),
+            tool_choice=kwargs.pop("tool_choice", None), parallel_tool_calls=kwargs.pop("parallel_tool_calls", True),
+        )
+        guide = None
+        if constraint is not None:  # compiled and checked now, so bad input fails here, not on the first next()
+            guide = self.grammar_guide(constraint, kwargs.get("max_new_tokens", 64), kwargs.get("eos_token_id"))
+            prompt, kwargs["system_prompt"] = with_instructions(prompt, kwargs.get("system_prompt"), constraint)
+        return self._stream(prompt, states, usage, guide=guide, **kwargs)
+
+    def grammar_guide(self, constraint: Constraint, max_new_tokens: int = 64,
+                      eos_token_id: Optional[Union[int, list[int]]] = None) -> GrammarGuide:
+        """The per-call token mask and budget of `constraint` for this model's tokenizer and vocabulary.
+
+        Raises:
+            ValueError: The grammar engine refuses the schema, or its shortest output exceeds `max_new_tokens`.
+        """
+        emb = self.model.get_output_embeddings()
+        n_vocab = int(emb.weight.shape[0]) if emb is not None else int(self.model.config.vocab_size)
+        return GrammarGuide(constraint, self.tokenizer, sorted(self._eos_ids(eos_token_id)), n_vocab,
+                            int(max_new_tokens))
 
     @torch.no_grad()
     def _stream(
@@ -81,6 +125,7 @@ class Generating:
         seed: Optional[int] = None,
         system_prompt: Optional[str] = None,
         context_prefix: str = "",
+        guide: Optional[GrammarGuide] = None,
     ) -> Iterator[str]:
         t0 = time.perf_counter()
         layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix)
@@ -99,21 +144,32 @@ class Generating:
             pos = start + len(head)
             text = ""
             for _ in range(int(max_new_tokens)):
+                allowed = guide.allowed(logits.shape[-1]).to(logits.device) if guide is not None else None
                 nxt = self._pick(logits[0, -1], out_ids + head, do_sample, temperature, top_k, top_p,
-                                 repetition_penalty, gen)
+                                 repetition_penalty, gen, allowed)
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 if nxt in eos:
                     break
+                if guide is not None:
+                    nxt = guide.advance(nxt)  # the budget may close the output early instead
+                    if nxt is None:
+                        break
                 out_ids.append(nxt)
                 text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                cut = _stop_index(text, stop)
+                if guide is not None and guide.done:
+                    if len(text) > len(emitted):
+                        yield text[len(emitted):]
+                    emitted = text
+                    break
+                active = stop if guide is None or guide.constraint.allows_stop(text) else None  # free text only
+                cut = _stop_index(text, active)
                 if cut is not None:
                     if cut > len(emitted):
                         yield text[len(emitted):cut]
                     emitted = text[:cut]
                     break
-                safe = len(text) - _held_back(text, stop)  # a possible start of a stop string waits
+                safe = len(text) - _held_back(text, active)  # a possible start of a stop string waits
                 if not text.endswith("\ufffd") and safe > len(emitted):
                     yield text[len(emitted):safe]
                     emitted = text[:safe]
@@ -129,7 +185,9 @@ class Generating:
                 pos += 1
             else:
                 text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if _stop_index(text, stop) is None and len(text) > len(emitted) and not text.endswith("\ufffd"):
+            active = stop if guide is None or guide.constraint.allows_stop(text) else None
+            if (text != emitted and _stop_index(text, active) is None and len(text) > len(emitted)
+                    and not text.endswith("\ufffd")):
                 yield text[len(emitted):]  # the held-back tail was no stop string after all
         finally:
             eval_mode.__exit__(None, None, None)
@@ -155,12 +213,18 @@ class Generating:
 
     @staticmethod
     def _pick(logits: torch.Tensor, history: list[int], do_sample: bool, temperature: float, top_k: int,
-              top_p: float, repetition_penalty: float, gen: Optional[torch.Generator]) -> int:
+              top_p: float, repetition_penalty: float, gen: Optional[torch.Generator],
+              allowed: Optional[torch.Tensor] = None) -> int:
+        """The next token from `logits` (V,): greedy or sampled; `allowed` (V,) bool masks out the rest."""
         logits = logits.float().clone()
         if repetition_penalty != 1.0 and history:
             h = torch.as_tensor(sorted(set(history)), device=logits.device)
             sel = logits[h]
             logits[h] = torch.where(sel > 0, sel / repetition_penalty, sel * repetition_penalty)
+        if allowed is not None:
+            if not bool(allowed.any()):
+                raise RuntimeError("the grammar allows no token here")
+            logits = logits.masked_fill(~allowed, -math.inf)
         if not do_sample:
             return int(torch.argmax(logits))
         if temperature <= 0:
