@@ -428,8 +428,9 @@ def generate_batch(
         requests: `BatchRequest`s (a bare prompt is a request without states and with default arguments).
         max_batch: Most rows decoded at once (None: all); the others join as rows finish.
         prefill: See `Decoder`.
-        return_exceptions: A request that cannot be prepared (empty prompt, foreign states, unknown arguments)
-            gives its exception in place of its text; False: the first such error is raised before any decoding.
+        return_exceptions: A request that cannot be prepared (empty prompt, foreign states, unknown arguments) or
+            whose `on_text` raised gives its exception in place of its text; False: a bad request is raised before
+            any decoding, a failed callback once the batch is done.
 
     Raises:
         TypeError / ValueError: A bad request (unless `return_exceptions`), `max_batch` < 1, an unknown `prefill`,
@@ -460,7 +461,7 @@ def generate_batch(
             done.extend(r for r in new if r.done)
         done.extend(dec.step())
     for r in done:
-        if r.error is not None:
+        if r.error is not None and not return_exceptions:
             raise r.error
-        results[index[id(r)]] = r.answer
+        results[index[id(r)]] = r.error if r.error is not None else r.answer
     return results  # type: ignore[return-value]
