@@ -691,6 +691,9 @@ def serve(
     max_upload_kb: Annotated[int, typer.Option(help="Largest accepted document, in KiB.")] = 1024,
     k: Annotated[int, typer.Option("-k", "--k", help="Passages read per question.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
+    batch: Annotated[bool, typer.Option("--batch/--no-batch", help="Decode concurrent OpenAI-route answers "
+                                        "together (batched prefill and decode); --no-batch: one thread each.")
+                     ] = True,
     app_dir: Annotated[Optional[Path], typer.Option(help="Folder of the web app (default: examples/rag_web_app).",
                                                     show_default=False)] = None,
     opts: ModelOptions = ModelOptions(),
@@ -714,6 +717,9 @@ def serve(
         mem = open_store(gm, store, create=True) if store is not None else None
         application = webapp.create_app(gm, mem, max_upload_bytes=max_upload_kb * 1024, k=k,
                                         max_new_tokens=max_new_tokens, model_description=desc)
+        svc = getattr(application.state, "gist", None)
+        if svc is not None and hasattr(svc, "batching"):
+            svc.batching = batch
         if sample:
             with progress_bar() as bar:
                 application.state.gist.add_records(demo.load_sample(), progress=bar)

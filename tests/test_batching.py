@@ -294,3 +294,19 @@ def test_server_decodes_concurrent_clients_together(llama):
         if svc._batcher is not None:
             svc._batcher.close()
         mem.close()
+
+
+@pytest.mark.parametrize("flag, on", [(None, True), ("--no-batch", False), ("--batch", True)])
+def test_serve_batch_option(flag, on, monkeypatch, tiny_base_dir):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from gist_memory import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    args = ["serve", "--base", tiny_base_dir, "--port", "8124"] + ([flag] if flag else [])
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    svc = seen["app"].state.gist
+    assert svc.batching is on and (svc.batcher is not None) is on
