@@ -259,3 +259,5 @@ def test_an_anchor_policy_override_is_recorded_labelled_and_resumed_apart(tiny_b
     assert len(out.read_text().splitlines()) == 2  # the override is a new cell, not a resumed one
     md = run.render_markdown(plain + sup)
     assert "| pool+anchors @4x |" in md and "| pool+anchors (surprisal anchors) @4x |" in md
+    tagged = [{**sup[0], "method": "gist+anchors", "tag": "adapted reader"}]
+    assert "| gist+anchors (surprisal anchors, adapted reader) @4x |" in run.render_markdown(plain + tagged)

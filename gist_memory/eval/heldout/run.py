@@ -150,12 +150,14 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
 def _key(rec: dict) -> tuple:
     return (rec["method"], rec.get("ratio"), rec["kind"], rec.get("n_requested"), rec.get("seed"),
             rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"), rec.get("generate"),
-            rec.get("anchors"))  # fmt: skip
+            rec.get("anchors"), rec.get("tag"))  # fmt: skip
 
 
 def _label(rec: dict) -> str:
-    """The row a record belongs to: its method, plus the anchor policy when the run overrode it."""
-    return rec["method"] + (f" ({rec['anchors']} anchors)" if rec.get("anchors") else "")
+    """The row a record belongs to: its method, plus the anchor policy when the run overrode it and the run's
+    tag (e.g. "adapted reader")."""
+    extra = ([f"{rec['anchors']} anchors"] if rec.get("anchors") else []) + ([rec["tag"]] if rec.get("tag") else [])
+    return rec["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def read_results(path: Union[str, Path]) -> list[dict]:
@@ -204,6 +206,7 @@ def run_table(
     generate: Union[bool, str] = "single",
     log: Callable[[str], None] = print,
     anchors: Optional[str] = None,
+    tag: Optional[str] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -219,6 +222,8 @@ def run_table(
         log: Progress printer.
         anchors: The anchor policy the loader gives `pool+anchors`/`gist+anchors` (recorded in their records and
             shown in their row names); None: their own.
+        tag: A name for this run's learned rows (`gist`, `gist+anchors`), recorded and shown in their row names,
+            e.g. to put two models side by side in one table.
 
     Returns:
         All records for the requested cells (those found in `out` and those run now). A method whose model
@@ -237,6 +242,8 @@ def run_table(
         probe = {**meta, "method": method, "ratio": ratio, "kind": kind}
         if anchors and method in ANCHORED:
             probe["anchors"] = anchors
+        if tag and method.startswith("gist"):
+            probe["tag"] = tag
         if _key(probe) in done:
             records.append(done[_key(probe)])
             continue
@@ -259,6 +266,8 @@ def run_table(
         rec = {**meta, **run_cell(gm, method, ratio, kind, items[kind], generate=generate)}
         if anchors and method in ANCHORED:
             rec["anchors"] = anchors
+        if tag and method.startswith("gist"):
+            rec["tag"] = tag
         if method.startswith("gist"):
             rec["model_anchors"] = str(getattr(getattr(gm, "config", None), "anchors", ""))
         records.append(rec)
