@@ -12,7 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gist_memory.model.batching import BatchRequest, Decoder, Row, adapted_reader, batchable, generate_batch
+from gist_memory.model.batching import (
+    BatchRequest,
+    Decoder,
+    Row,
+    adapted_reader,
+    batchable,
+    generate_batch,
+    roomy_cache,
+)
 from gist_memory.model.usage import Usage
 
 PASSAGES = [
@@ -139,6 +147,31 @@ def test_finished_rows_leave_the_batch(llama):
     assert dec.forwards == 1 + 8  # one prefill, then one forward per step while any row still needs a token
     for r, req in zip(rows, reqs):
         assert r.answer == model.generate(req.prompt, states=req.states, **req.gen)
+
+
+def test_roomy_cache_grows_in_place_and_equals_concatenation():
+    from gist_memory.model import kv
+
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)) for _ in range(2)]
+    cache = roomy_cache(layers, spare=2)
+    ref = [list(x) for x in layers]
+    for step in range(7):  # past the 2 spare slots: the buffers grow
+        n = 1 if step % 3 else 3
+        for li in range(2):
+            k, v = torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)
+            got_k, got_v = cache.layers[li].update(k, v)
+            ref[li] = [torch.cat([ref[li][0], k], 2), torch.cat([ref[li][1], v], 2)]
+            assert torch.equal(got_k, ref[li][0]) and torch.equal(got_v, ref[li][1])
+    assert cache.get_seq_length() == ref[0][0].shape[2] == 5 + 3 * 3 + 4 * 1
+    assert all(torch.equal(a, b[0]) for (a, _), b in zip(kv.cache_layers(cache), ref))
+
+
+def test_long_answers_past_the_spare_room(llama):
+    model, st = llama
+    reqs = [BatchRequest("Go on", st, {"max_new_tokens": 150, "eos_token_id": NEVER}),
+            BatchRequest("Hi", None, {"max_new_tokens": 70, "eos_token_id": NEVER})]
+    assert generate_batch(model, reqs) == [model.generate(r.prompt, states=r.states, **r.gen) for r in reqs]
 
 
 def test_rows_join_a_running_batch(llama):

@@ -311,7 +311,7 @@ class Decoder:
             mine = _Part(self.rows, kv.cache_layers(self.cache), self.mask, self.pos, self.logits)
             merged = _concat([mine, part])
         self.rows = list(merged.rows)
-        self.cache = kv.cache_from_layers(merged.layers)
+        self.cache = roomy_cache(merged.layers)
         self.mask, self.pos, self.logits = merged.mask, merged.pos, merged.logits
         for r in part.rows:
             r.layers = None  # the batch's cache holds it now
@@ -358,8 +358,8 @@ class Decoder:
         self.mask = mask[:, first:]
         self.pos = self.pos.index_select(0, idx)
         self.logits = self.logits.index_select(0, idx)
-        self.cache = kv.cache_from_layers([(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-                                           for k, v in kv.cache_layers(self.cache)])
+        self.cache = roomy_cache([(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
+                                  for k, v in kv.cache_layers(self.cache)])
         self.rows = [self.rows[i] for i in keep]
 
     def _forward(self, nxt: list[int]) -> None:
@@ -381,6 +381,59 @@ class Decoder:
         for r in rows:
             r.finish(error=error)
         return rows
+
+
+def roomy_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int = 64):  # noqa: ANN201
+    """A `DynamicCache` of per-layer (B, H, L, D) K/V whose layers keep spare slots after the last position, so a
+    decoding step writes its new K/V in place instead of copying the whole cache (`DynamicLayer.update`
+    concatenates: at 16 rows that copy took a quarter of each step on CPU). Falls back to a plain `DynamicCache`
+    where this transformers has no `DynamicLayer`."""
+    cache = kv.cache_from_layers([])
+    if _RoomyLayer is None or not isinstance(getattr(cache, "layers", None), list):
+        return kv.cache_from_layers(layers)
+    cache.layers = [_RoomyLayer(k, v, spare) for k, v in layers]
+    return cache
+
+
+try:
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # pragma: no cover - older transformers
+    _DynamicLayer = None
+
+if _DynamicLayer is not None:
+
+    class _RoomyLayer(_DynamicLayer):
+        """A `DynamicLayer` over buffers (B, H, capacity, D): `keys`/`values` are views of the filled part."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
+            super().__init__()
+            self.device = keys.device
+            self.is_initialized = True
+            self.n = 0
+            self._k = keys.new_empty((*keys.shape[:2], keys.shape[2] + spare, keys.shape[3]))
+            self._v = values.new_empty((*values.shape[:2], values.shape[2] + spare, values.shape[3]))
+            self.update(keys, values)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            end = self.n + key_states.shape[-2]
+            if end > self._k.shape[2]:  # out of room: grow by half again (amortised, rare)
+                cap = end + max(64, end // 2)
+                k = self._k.new_empty((*self._k.shape[:2], cap, self._k.shape[3]))
+                v = self._v.new_empty((*self._v.shape[:2], cap, self._v.shape[3]))
+                k[:, :, :self.n] = self._k[:, :, :self.n]
+                v[:, :, :self.n] = self._v[:, :, :self.n]
+                self._k, self._v = k, v
+            self._k[:, :, self.n:end] = key_states
+            self._v[:, :, self.n:end] = value_states
+            self.n = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.n
+else:  # pragma: no cover
+    _RoomyLayer = None
 
 
 @dataclass
