@@ -251,8 +251,19 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files and folders (txt, md, jsonl; folders recursively).")],
     store: StoreOpt = None,
     max_passage_tokens: Annotated[int, typer.Option(help="Token budget of a passage.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Passages per compression batch.")] = 8,
-    extensions: Annotated[str, typer.Option(help="File types taken from folders.")] = ".txt,.md,.markdown,.jsonl",
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Passages per compression batch (default 8; with --ray on GPUs: sized to the GPU's memory).",
+        show_default=False)] = None,
+    extensions: Annotated[Optional[str], typer.Option(
+        help="File types taken from folders (default .txt,.md,.markdown,.jsonl; with --ray also .parquet).",
+        show_default=False)] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]", show_default=False,
+        help="Compress on a Ray cluster (Ray Data, one model per actor, GPU actors where there are GPUs): local "
+             "(the default: start one on this machine), auto, ray://HOST:PORT or HOST:PORT.")] = None,
+    actors: Annotated[Optional[int], typer.Option(
+        "--actors", help="With --ray: compression actors (default: one per GPU, else CPUs - 1).",
+        show_default=False)] = None,
     opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
@@ -263,8 +274,19 @@ def ingest(
             raise UserError(f"no such file or folder: {', '.join(map(str, missing))} (nothing to ingest)")
         for p in missing:  # docs/store.md: missing paths are reported and skipped
             err.print(f"warning: skipping {escape(str(p))}: no such file or folder", soft_wrap=True)
-        if max_passage_tokens < 8 or batch_size < 1:
+        if max_passage_tokens < 8 or (batch_size is not None and batch_size < 1):
             raise UserError("--max-passage-tokens must be >= 8 and --batch-size >= 1")
+        if actors is not None and (ray is None or actors < 1):
+            raise UserError("--actors needs --ray and must be >= 1")
+        if ray is not None:
+            from gist_memory.distributed.connect import check_address
+
+            check_address(ray)  # a wrong address fails here, in seconds, before anything loads
+            path = check_store(store or default_store(), create=True)
+            return _ingest_on_ray(paths, missing, path, max_passage_tokens, batch_size, extensions, opts, ray,
+                                  actors, json_out)
+        batch_size = batch_size or 8
+        extensions = extensions or ".txt,.md,.markdown,.jsonl"
         path = check_store(store or default_store(), create=True)
         gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
@@ -338,6 +360,52 @@ def ingest(
             note = " (first 200 added)" if len(added_ids) > 200 else ""
             out.print(f"compression ratio: {ratio_seen:.2f}x raw tokens per kept row{note}")
         out.print(f"store: {escape(str(path))} ({total} passage{'' if total == 1 else 's'})")
+
+
+def _ingest_on_ray(paths: Sequence[Path], missing: Sequence[Path], path: Path, max_passage_tokens: int,
+                   batch_size: Optional[int], extensions: Optional[str], opts: ModelOptions, address: str,
+                   actors: Optional[int], json_out: bool) -> None:
+    """`gist-memory ingest --ray`: `gist_memory.distributed.ray_ingest` under the store's ingest lock."""
+    from dataclasses import asdict
+
+    from gist_memory.distributed import ray_ingest
+    from gist_memory.distributed.ray_ingest import DEFAULT_EXTENSIONS
+
+    exts = [e.strip() for e in extensions.split(",") if e.strip()] if extensions else list(DEFAULT_EXTENSIONS)
+    with _ingest_lock(path) as other:
+        if other is not None:
+            err.print(f"another ingest (pid {other.get('pid', '?')}) wrote to this store meanwhile: it "
+                      f"{_owner_summary(_read_owner(path))}; passages it stored are skipped", soft_wrap=True)
+        _write_owner(path, {"pid": os.getpid(), "started": time.time(), "files": [str(p) for p in paths][:5],
+                            "state": "running", "ray": address})
+        summary = ray_ingest([p for p in paths if p.exists()], path, asdict(opts), address=address,
+                             num_actors=actors, batch_size=batch_size, max_passage_tokens=max_passage_tokens,
+                             extensions=exts, progress=True, model_record=_model_record)
+        _write_owner(path, {"pid": os.getpid(), "finished": time.time(), "state": "finished",
+                            "passages_added": summary.passages_added, "files": summary.files_read})
+    record = Path(path) / MODEL_RECORD
+    if summary.model_record and not record.exists():
+        tmp = record.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(summary.model_record, indent=1, sort_keys=True))
+        os.replace(tmp, record)
+    summary.files_skipped += [(str(p.absolute()), "no such file or folder") for p in missing]
+    if summary.passages_total == 0:
+        reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in summary.files_skipped[:3])
+        raise UserError(f"nothing to ingest{': ' + reasons if reasons else ' (no text found)'}")
+    if json_out:
+        print(json.dumps({
+            "store": str(path), "files_read": summary.files_read,
+            "files_skipped": [list(x) for x in summary.files_skipped],
+            "records_skipped": [list(x) for x in summary.records_skipped],
+            "passages_added": summary.passages_added, "passages_present": summary.passages_present,
+            "tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 3),
+            "states_compressed": summary.states_compressed, "states_found": summary.states_found,
+            "state_bytes_written": summary.state_bytes_written, "actors": summary.actors, "device": summary.device,
+            "batch_size": summary.batch_size, "ray": summary.address,
+        }))
+        return
+    out.print(escape(str(summary)))
+    out.print(f"store: {escape(str(path))}")
 
 
 def _read_files(paths: Sequence[Path], max_tokens: int, tokenizer: Any, exts: list[str], summary: Any,
@@ -1141,7 +1209,11 @@ def info(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of the `gist-memory` console script."""
-    app(args=list(argv) if argv is not None else None, prog_name="gist-memory")
+    args = list(argv) if argv is not None else sys.argv[1:]
+    # `--ray` takes an optional address (typer options cannot): alone, or before another option, it means local
+    args = [x for i, a in enumerate(args) for x in
+            ([a, "local"] if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")) else [a])]
+    app(args=args, prog_name="gist-memory")
 
 
 if __name__ == "__main__":
