@@ -55,6 +55,8 @@ TOOL_CHOICES = ("none", "auto", "any", "required")
 JSON_SEPARATORS = (", ", ": ")
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_\-.]{1,64}$")
 _MAX_CLOSURE = 1024  # the longest completion the guide looks for (tokens)
+_ANNOTATIONS = {"title", "description", "examples", "$comment", "default"}  # schema keys that accept anything
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> schema
 
 
 # ---- schemas ---------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def _closed(schema: Any, in_all_of: bool = False) -> Any:
         return schema
     out = {}
     for k, v in schema.items():
-        if k in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        if k in _SCHEMA_MAPS:
             out[k] = {name: _closed(s) for name, s in v.items()} if isinstance(v, dict) else v
         elif k in ("const", "enum", "default", "examples", "required"):
             out[k] = v
@@ -152,7 +154,8 @@ def normalize_tools(tools: Sequence[Any]) -> list[Tool]:
     bare function dicts (`{"name", "description", "parameters"}`) or `Tool`s.
 
     Raises:
-        ValueError: A tool that is none of those, a bad or repeated name, or parameters that are not a schema.
+        ValueError: A tool that is none of those, a bad name or one naming two different tools (the same tool
+            given twice counts once), or parameters that are not a schema.
     """
     if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
         raise ValueError(f"tools must be a list of tool dicts, got {type(tools).__name__}")
@@ -181,11 +184,23 @@ def normalize_tools(tools: Sequence[Any]) -> list[Tool]:
         if params.get("type", "object") != "object":
             raise ValueError(f"tool {name!r}: parameters must be an object schema, got type {params.get('type')!r}")
         out.append(Tool(name=name, description=str(fn.get("description") or ""), parameters=params))
-    names = [t.name for t in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"tool names must be unique; repeated: {dup}")
-    return out
+    seen: dict[str, Tool] = {}
+    for t in out:  # the same tool given twice (e.g. a Pydantic class and its schema) counts once
+        if t.name in seen and _shape(seen[t.name].parameters) != _shape(t.parameters):
+            raise ValueError(f"tool names must be unique; {t.name!r} names two different tools")
+        seen.setdefault(t.name, t)
+    return list(seen.values())
+
+
+def _shape(schema: Any) -> Any:
+    """`schema` without annotations (titles, descriptions, ...): what it accepts, for comparing two schemas."""
+    if isinstance(schema, list):
+        return [_shape(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: ({n: _shape(x) for n, x in v.items()} if k in _SCHEMA_MAPS and isinstance(v, dict) else
+                v if k in ("const", "enum", "required") else _shape(v))
+            for k, v in schema.items() if k not in _ANNOTATIONS}
 
 
 def normalize_tool_choice(tool_choice: Any, tools: Sequence[Tool]) -> str:
@@ -351,23 +366,25 @@ def schema_instructions(schema: dict[str, Any]) -> str:
 
 
 def tools_instructions(tools: Sequence[Tool], tool_choice: str = "auto", parallel: bool = True) -> str:
-    """What the model is told about `tools` (appended to the system prompt): the tools and the call format."""
+    """What the model is told about `tools` (appended to the system prompt): each tool, its parameters and how a
+    call of it is written."""
+    shown = [t for t in tools if tool_choice in ("auto", "required") or t.name == tool_choice]
     lines = ["You can call these tools:"]
-    for t in tools:
-        if tool_choice not in ("auto", "required") and t.name != tool_choice:
-            continue
-        lines.append(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
-                                ensure_ascii=False))
-    fmt = f'{TOOL_CALL_OPEN}{{"name": <tool name>, "arguments": <arguments object>}}{TOOL_CALL_CLOSE}'
+    for t in shown:
+        props = t.parameters.get("properties") or {}
+        args = ", ".join(f'"{k}": <{v.get("type", "value") if isinstance(v, dict) else "value"}>' for k, v in props.items())
+        lines.append(f"- {t.name}: {t.description}" if t.description else f"- {t.name}")
+        lines.append(f"  parameters (JSON schema): {json.dumps(t.parameters, ensure_ascii=False)}")
+        lines.append(f'  call: {TOOL_CALL_OPEN}{{"name": "{t.name}", "arguments": {{{args}}}}}{TOOL_CALL_CLOSE}')
+    lines.append("Fill in the arguments from the conversation.")
     if tool_choice == "auto":
-        lines.append(f"To call a tool, reply with {fmt} and nothing else"
-                     + ("; put several calls on separate lines." if parallel else ".")
+        lines.append("To call a tool, reply with its call and nothing else"
+                     + (" (several calls: one per line)." if parallel else ".")
                      + " Otherwise answer in plain text.")
     elif tool_choice == "required":
-        lines.append(f"Reply with one or more tool calls, one per line: {fmt}" if parallel
-                     else f"Reply with one tool call: {fmt}")
+        lines.append("Reply with tool calls only, one per line." if parallel else "Reply with one tool call only.")
     else:
-        lines.append(f"Reply with a call of {tool_choice}: {fmt}")
+        lines.append(f"Reply with a call of {tool_choice} only.")
     lines.append("A tool's result comes back in a user message that starts with <tool_response>.")
     return "\n".join(lines)
 

@@ -7,7 +7,6 @@ turn: they become the model's system prompt.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -90,14 +89,30 @@ def role_of(msg: BaseMessage, index: int = 0) -> str:
     )
 
 
-def render_line(msg: BaseMessage, role: str, text: str) -> str:
-    """One message as a line of a rendered conversation (empty string for a message that says nothing)."""
+def tool_calls_text(msg: BaseMessage) -> str:
+    """An AI message's tool calls as the model writes them (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`,
+    one per line; the format `ChatGist` decodes tool calls in), or ""."""
+    calls = getattr(msg, "tool_calls", None) or []
+    if not calls:
+        return ""
+    from gist_memory.model.constrained import format_tool_calls
+
+    return format_tool_calls([{"name": c.get("name"), "arguments": c.get("args", {})} for c in calls])
+
+
+def tool_name(msg: BaseMessage, names: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The tool a tool message answers: its own name, else the name of the call it answers (by id)."""
+    return getattr(msg, "name", None) or (names or {}).get(str(getattr(msg, "tool_call_id", "") or ""))
+
+
+def render_line(msg: BaseMessage, role: str, text: str, names: Optional[dict[str, str]] = None) -> str:
+    """One message as a line of a rendered conversation (empty string for a message that says nothing).
+
+    `names`: tool-call id -> tool name of the calls seen so far (names a tool result that does not name itself).
+    """
     text = text.strip()
     if role == "assistant":
-        calls = getattr(msg, "tool_calls", None) or []
-        rendered = [f"[calls {c.get('name')}({json.dumps(c.get('args', {}), ensure_ascii=False, sort_keys=True)})]"
-                    for c in calls]
-        body = " ".join(([text] if text else []) + rendered)
+        body = "\n".join(x for x in (text, tool_calls_text(msg)) if x)
         return f"Assistant: {body}" if body else ""
     if not text:
         return ""
@@ -105,22 +120,28 @@ def render_line(msg: BaseMessage, role: str, text: str) -> str:
         name = getattr(msg, "name", None)
         return f"User ({name}): {text}" if name else f"User: {text}"
     if role == "tool":
-        name = getattr(msg, "name", None)
+        name = tool_name(msg, names)
         return f"Tool ({name}): {text}" if name else f"Tool: {text}"
     return f"{role.capitalize()}: {text}"
 
 
-def core_message(msg: BaseMessage, role: str, text: str) -> Optional[dict[str, str]]:
+def core_message(msg: BaseMessage, role: str, text: str,
+                 names: Optional[dict[str, str]] = None) -> Optional[dict[str, str]]:
     """One message as `GistModel` reads it in a chat (`{"role": "user"|"assistant", "content": ...}`), or None.
 
-    The model's chat template knows user and assistant turns; a tool result (or a message of another role) is a
-    user message that names where it came from, and an assistant's tool calls are written out after its text.
+    The model's chat template knows user and assistant turns; an assistant's tool calls are written after its text
+    in the format the model writes them, a tool result is a user message in a `<tool_response>` block, and a message
+    of another role is a user message that names where it came from.
     """
-    line = render_line(msg, role, text)
+    line = render_line(msg, role, text, names)
     if not line:
         return None
     if role == "assistant":
         return {"role": "assistant", "content": line[len("Assistant: "):]}
+    if role == "tool":
+        from gist_memory.model.constrained import format_tool_result
+
+        return {"role": "user", "content": format_tool_result(text.strip(), tool_name(msg, names))}
     if role == "user" and not getattr(msg, "name", None):
         return {"role": "user", "content": text.strip()}
     return {"role": "user", "content": line}
@@ -169,6 +190,7 @@ def split_conversation(messages: Sequence[BaseMessage], texts: Sequence[str]) ->
     turns: list[Turn] = []
     cur: Optional[Turn] = None
     n_non_system = 0
+    names: dict[str, str] = {}  # tool-call id -> tool name, to name the results
     for i, (msg, text) in enumerate(zip(messages, texts, strict=True)):
         role = role_of(msg, i)
         marker = (msg.additional_kwargs or {}).get(GIST_MEMORY_KEY) if hasattr(msg, "additional_kwargs") else None
@@ -186,8 +208,11 @@ def split_conversation(messages: Sequence[BaseMessage], texts: Sequence[str]) ->
         if role == "user" or cur is None:
             cur = Turn()
             turns.append(cur)
-        cur.lines.append(render_line(msg, role, text))
-        cm = core_message(msg, role, text)
+        for c in getattr(msg, "tool_calls", None) or []:
+            if c.get("id"):
+                names[str(c["id"])] = str(c.get("name"))
+        cur.lines.append(render_line(msg, role, text, names))
+        cm = core_message(msg, role, text, names)
         if cm is not None:
             cur.messages.append(cm)
         if msg.id:

@@ -3,28 +3,47 @@
     chat = ChatGist(model=GistModel.from_pretrained(), keep_recent=4, max_tokens=256)
     chat.invoke(messages)                              # turns older than the last 4 are read from their states
     chat.invoke(messages, gist_ids=["doc-1", "doc-7"])  # direct route: passages of `memory` by id
+    chat.bind_tools([search, add_note]).invoke(messages)  # AIMessage.tool_calls, decoded under a grammar
+    chat.with_structured_output(Answer).invoke(question)  # an Answer instance, always valid
 
 The model's prompt is laid out as `[system prompt][compressed turns][retrieved passages]["\\n\\n" + recent turns]`;
 the recent turns go to the model as chat messages (user/assistant, through its chat template), and the states sit
 at the start of the first of them.
 Each turn is compressed once (keyed by content hash + model fingerprint) and kept in an LRU and, when a
 `state_store` is given, persistently, so a restarted app reads old turns without compressing them again.
+
+Tool calls and structured output are decoded under a grammar by the core (`GistModel.generate(..., tools=...)` /
+`schema=`, see `gist_memory.model.constrained`), so every tool call and every structured answer parses and
+validates against its schema, whatever the model's size; states still replace the passages and old turns.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from operator import itemgetter
+from typing import Any, Literal, Optional
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    FunctionMessage,
+    HumanMessage,
+    ToolMessage,
+)
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from gist_memory import GistState
@@ -34,20 +53,12 @@ from langchain_gist_memory.registry import PassageRegistry, default_registry
 
 _CALL_KWARGS = {
     "gist_ids", "gist_states", "keep_recent", "raw_token_budget", "max_tokens", "temperature", "top_p", "repetition_penalty", "seed",
-    "state_store",
+    "state_store", "tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_max_tokens",
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
-_TOOLS_UNSUPPORTED = (
-    "ChatGist does not support tool calling yet ({what}): the local model is not constrained to emit valid tool "
-    "calls. Use instead: a tool-calling chat model (e.g. ChatOpenAI pointed at `gist-memory serve`, or any hosted "
-    "model) with GistMemoryMiddleware to keep its older turns as gist states, or ChatGist without tools"
-)
-_STRUCTURED_UNSUPPORTED = (
-    "ChatGist does not support with_structured_output yet (method={method!r}): it needs tool calling or JSON mode. "
-    "Use instead: `ChatGist | PydanticOutputParser(pydantic_object=...)` (put `parser.get_format_instructions()` "
-    "in the prompt) or JsonOutputParser, or a tool-calling chat model"
-)
+_LEGACY_TOOL_KWARGS = {"functions", "function_call"}
 _TURN_STOPS = ("\nUser:", "\nUser (")
+_METHODS = ("json_schema", "function_calling", "json_mode")
 
 
 def _new_usage() -> Any:
@@ -55,6 +66,60 @@ def _new_usage() -> Any:
     from gist_memory.model.usage import Usage
 
     return Usage()
+
+
+def _constraint(tools: Optional[Sequence[Any]] = None, tool_choice: Any = None,
+                parallel_tool_calls: Optional[bool] = None, response_format: Any = None) -> dict[str, Any]:
+    """The core's generation arguments for the tools / response format of one call ({} for free text).
+
+    Raises:
+        ValueError: Both tools and a response format, an unknown response format, a bad tool or tool choice.
+    """
+    from gist_memory.model.constrained import build_constraint
+
+    schema = None
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            schema = {"type": "object"}
+        elif kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+            schema = response_format["json_schema"].get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema has no 'schema' dict")
+        elif kind != "text":
+            raise ValueError(f"response_format must be {{'type': 'text' | 'json_object' | 'json_schema', ...}}, "
+                             f"got {response_format!r:.120}")
+    if schema is not None and tools:
+        raise ValueError("ChatGist takes either tools (bind_tools) or a response format (with_structured_output), "
+                         "not both in one call")
+    parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
+    c = build_constraint(schema=schema, tools=tools or None, tool_choice=tool_choice, parallel_tool_calls=parallel)
+    if c is None:
+        return {}
+    if c.kind == "json":
+        return {"schema": schema}
+    return {"tools": list(tools or []), "tool_choice": c.tool_choice, "parallel_tool_calls": c.parallel_tool_calls}
+
+
+def _answered_by_tools(messages: Sequence[BaseMessage]) -> bool:
+    """True when a tool result follows the last human message (the turn's tools have been called)."""
+    for m in reversed(messages):
+        if isinstance(m, (ToolMessage, FunctionMessage)):
+            return True
+        if isinstance(m, HumanMessage):
+            return False
+    return False
+
+
+def _message_parts(plan: _Plan, text: str) -> tuple[str, list[dict[str, Any]]]:
+    """(content, LangChain tool calls) of a reply: tool calls only when tools were bound."""
+    from gist_memory.model.constrained import normalize_tools, parse_tool_calls
+
+    tools = plan.gen_kwargs.get("tools")
+    if not tools:
+        return text, []
+    content, calls = parse_tool_calls(text, normalize_tools(tools))
+    return content, [tool_call(name=c.name, args=c.arguments, id=c.id) for c in calls]
 
 
 def _chat_messages(turns: Sequence[Turn]) -> Any:
@@ -95,6 +160,15 @@ class ChatGist(BaseChatModel):
             A long chat then reads a small fraction of its raw tokens while the model still sees the last exchange
             word for word.
         max_tokens: Tokens to generate at most.
+        structured_max_tokens: Tokens at most of tool calls and structured answers (None: `max_tokens`). The answer
+            is closed in time to fit (a long string argument ends early); a budget below the shortest valid answer
+            is a ValueError.
+        first_tool_choice: The `tool_choice` of a turn's first reply when tools are bound with no choice (or
+            "auto"), e.g. "any": a model too small to pick a tool by itself (the bundled SmolLM2-135M answers in
+            text) then calls one before it answers; once a tool result follows the human's message, "auto" again.
+            None (default): always "auto".
+        parallel_tool_calls: Let a reply hold several tool calls (default); False: at most one (also per call or in
+            `bind_tools`).
         temperature: 0 decodes greedily; above 0 samples.
         top_p: Nucleus sampling (with temperature > 0).
         repetition_penalty: HF-style repetition penalty (1.0 = none).
@@ -121,6 +195,9 @@ class ChatGist(BaseChatModel):
     keep_recent: int = Field(default=4, ge=0)
     raw_token_budget: Optional[int] = Field(default=None, ge=0)
     max_tokens: int = Field(default=256, ge=1)
+    structured_max_tokens: Optional[int] = Field(default=None, ge=1)
+    first_tool_choice: Optional[str] = None
+    parallel_tool_calls: bool = True
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
@@ -185,14 +262,104 @@ class ChatGist(BaseChatModel):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Any:
-        """Not supported yet: raises `NotImplementedError` saying what to use instead."""
-        names = [getattr(t, "name", None) or getattr(t, "__name__", None) or type(t).__name__ for t in tools]
-        raise NotImplementedError(_TOOLS_UNSUPPORTED.format(what=f"bind_tools({names})"))
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: Any = None,
+        parallel_tool_calls: Optional[bool] = None,
+        strict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """This chat model with `tools` bound: its replies may carry `AIMessage.tool_calls`.
 
-    def with_structured_output(self, schema: Any = None, *, include_raw: bool = False, **kwargs: Any) -> Any:
-        """Not supported yet: raises `NotImplementedError` saying what to use instead."""
-        raise NotImplementedError(_STRUCTURED_UNSUPPORTED.format(method=kwargs.get("method", "function_calling")))
+        The reply is decoded under a grammar, so every call names a bound tool and its arguments validate against
+        the tool's schema. The model writes either text or tool calls (never both).
+
+        Args:
+            tools: LangChain tools, Pydantic classes, TypedDicts, functions or OpenAI tool dicts (anything
+                `convert_to_openai_tool` takes).
+            tool_choice: None or "auto" (text or calls, the model decides), "none" (text), "any" / "required" /
+                True (at least one call), a tool's name or `{"type": "function", "function": {"name": ...}}`
+                (exactly one call of that tool).
+            parallel_tool_calls: False: at most one call per reply (default: the chat model's `parallel_tool_calls`).
+            strict: Accepted for compatibility: the grammar enforces every schema strictly anyway.
+            **kwargs: Bound call arguments (e.g. `structured_max_tokens`).
+
+        Raises:
+            ValueError: A tool whose schema cannot be used, or a `tool_choice` that names no bound tool.
+        """
+        from gist_memory.model.constrained import normalize_tool_choice, normalize_tools
+
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        normalize_tool_choice(tool_choice, normalize_tools(formatted))  # bad input fails here, not on invoke
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = bool(parallel_tool_calls)
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: Any = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """A runnable that answers with an instance of `schema` (a Pydantic object, or a dict).
+
+        Every answer parses and validates: it is decoded under a grammar made from the schema.
+
+        Args:
+            schema: A Pydantic model class, a TypedDict, or a JSON schema / OpenAI tool dict. May be None only
+                with `method="json_mode"` (then any JSON object, returned as a dict).
+            method: "json_schema" (the answer is the JSON object itself; default), "function_calling" (the
+                answer is a forced call of a tool whose arguments are the schema) or "json_mode" (a JSON object;
+                of `schema` when one is given).
+            include_raw: Return `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` instead.
+            strict: Accepted for compatibility: the grammar is always strict.
+            **kwargs: None are supported (a ValueError names them).
+
+        Raises:
+            ValueError: An unknown method, unsupported arguments, no schema where one is needed, or a schema the
+                grammar engine cannot use.
+        """
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+
+        if kwargs:
+            raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method={method!r} needs a schema (only method='json_mode' works without one)")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic 2, or 1 (pydantic.v1)
+        fmt = {"kwargs": {"method": method}, "schema": schema}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False,
+                                  ls_structured_output_format=fmt)
+            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        else:
+            if schema is None:
+                response_format: dict[str, Any] = {"type": "json_object"}
+                fmt = {"kwargs": {"method": method}, "schema": {"type": "object"}}
+            else:
+                if is_pydantic:
+                    js = schema.model_json_schema() if hasattr(schema, "model_json_schema") else schema.schema()
+                else:
+                    js = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema", "json_schema": {"name": js.get("title", "answer"),
+                                                                          "schema": js}}
+                _constraint(response_format=response_format)  # a schema the engine refuses fails here
+            llm = self.bind(response_format=response_format, ls_structured_output_format=fmt)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
 
     @property
     def state_cache(self) -> StateCache:
@@ -259,10 +426,10 @@ class ChatGist(BaseChatModel):
 
     def _plan(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict[str, Any]) -> _Plan:
         unknown = set(kwargs) - _CALL_KWARGS - _IGNORED_KWARGS - {"model"}
-        tooling = unknown & {"tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls"}
-        if tooling:
-            raise TypeError(f"ChatGist got unsupported arguments {sorted(tooling)}: "
-                            + _TOOLS_UNSUPPORTED.format(what=f"call arguments {sorted(tooling)}"))
+        legacy = unknown & _LEGACY_TOOL_KWARGS
+        if legacy:
+            raise TypeError(f"ChatGist got unsupported arguments {sorted(legacy)} (OpenAI's legacy function calling); "
+                            "use instead: bind_tools(...) / tools=[...] and tool_choice=...")
         if unknown:
             raise TypeError(f"ChatGist got unsupported arguments {sorted(unknown)}; supported: {sorted(_CALL_KWARGS)}")
         override = kwargs.get("model")
@@ -332,8 +499,18 @@ class ChatGist(BaseChatModel):
             prompt = _chat_messages(raw)  # the recent turns as real chat messages
             if self.stop_at_next_turn and raw:  # old turns are read as "User: ..." lines: never continue them
                 stops += [s for s in _TURN_STOPS if s not in stops]
+        tooling = {k: kwargs[k] for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+                   if k in kwargs}
+        tooling.setdefault("parallel_tool_calls", self.parallel_tool_calls)
+        if (self.first_tool_choice and tooling.get("tools") and tooling.get("tool_choice") in (None, "auto")
+                and not _answered_by_tools(messages)):
+            tooling["tool_choice"] = self.first_tool_choice
+        constraint = _constraint(**tooling)
+        budget = int(kwargs.get("max_tokens", self.max_tokens))
+        if constraint:
+            budget = int(kwargs.get("structured_max_tokens") or self.structured_max_tokens or budget)
         gen = {
-            "max_new_tokens": int(kwargs.get("max_tokens", self.max_tokens)),
+            "max_new_tokens": budget,
             "temperature": float(kwargs.get("temperature", self.temperature)),
             "top_p": float(kwargs.get("top_p", self.top_p)),
             "repetition_penalty": float(kwargs.get("repetition_penalty", self.repetition_penalty)),
@@ -343,6 +520,7 @@ class ChatGist(BaseChatModel):
         gen["do_sample"] = gen["temperature"] > 0
         if not gen["do_sample"]:
             gen["temperature"] = 1.0
+        gen.update(constraint)
         info = {
             "compressed_turns": len(chunks),
             "raw_turns": len(raw),
@@ -450,6 +628,8 @@ class ChatGist(BaseChatModel):
             **plan.info,
         }
         finish = "length" if new >= plan.gen_kwargs["max_new_tokens"] else "stop"
+        if plan.gen_kwargs.get("tools") or plan.gen_kwargs.get("schema"):
+            finish = "stop"  # a constrained answer is always complete: the budget closes it early instead
         meta = {"model_name": self.model_name, "model_provider": "gist_memory", "finish_reason": finish, "gist": gist}
         return um, meta
 
@@ -468,7 +648,10 @@ class ChatGist(BaseChatModel):
             elif piece:
                 text.append(piece)
         um, meta = self._metadata(plan, usage)
-        msg = AIMessage(content="".join(text), usage_metadata=um, response_metadata=meta)
+        content, calls = _message_parts(plan, "".join(text))
+        if calls:
+            meta["finish_reason"] = "tool_calls"
+        msg = AIMessage(content=content, tool_calls=calls, usage_metadata=um, response_metadata=meta)
         return ChatResult(generations=[ChatGeneration(message=msg)], llm_output={"model_name": self.model_name})
 
     def _stream(
@@ -478,9 +661,17 @@ class ChatGist(BaseChatModel):
         run_manager: Optional[CallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        from gist_memory.model.constrained import TOOL_CALL_OPEN
+
         plan = self._plan(messages, stop, kwargs)
+        held: Optional[str] = "" if plan.gen_kwargs.get("tools") else None  # what may still be the start of calls
         for piece, usage in self._run(plan):
             if usage is None:
+                if held is not None:  # tool calls come as one chunk at the end; free text streams once it is clear
+                    held += piece
+                    if held.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(held):
+                        continue
+                    piece, held = held, None
                 if not piece:
                     continue
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
@@ -489,6 +680,16 @@ class ChatGist(BaseChatModel):
                 yield chunk
             else:
                 um, meta = self._metadata(plan, usage)
+                if held:
+                    content, calls = _message_parts(plan, held)
+                    chunks = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False),
+                                              id=c["id"], index=i) for i, c in enumerate(calls)]
+                    if calls:
+                        meta["finish_reason"] = "tool_calls"
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=content, tool_call_chunks=chunks))
+                    if run_manager:
+                        run_manager.on_llm_new_token(content, chunk=chunk)
+                    yield chunk
                 yield ChatGenerationChunk(
                     message=AIMessageChunk(content="", usage_metadata=um, response_metadata=meta, chunk_position="last")
                 )

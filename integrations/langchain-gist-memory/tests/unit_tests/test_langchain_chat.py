@@ -155,7 +155,7 @@ def test_keep_recent_and_agent_turns(gist_tiny, counter):
     (text,) = counter.texts
     assert text.splitlines() == [
         "User: What is the weather in Paris?",
-        'Assistant: [calls weather({"city": "Paris"})]',
+        'Assistant: <tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>',
         "Tool (weather): Sunny, 21 degrees.",
         "Assistant: It is sunny in Paris.",
     ]
@@ -227,7 +227,7 @@ def test_bad_messages(gist_tiny):
         chat.invoke([HumanMessage([{"type": "text", "text": "look"}, {"type": "image", "url": "http://x/y.png"}])])
     with pytest.raises(ValueError, match="no messages"):
         chat.invoke([])
-    with pytest.raises(TypeError, match="unsupported arguments"):
+    with pytest.raises(ValueError, match="expected an OpenAI tool dict"):
         chat.invoke("hi", tools=[1])
     with pytest.raises(ValueError, match="cannot switch"):
         chat.invoke("hi", model="gpt-x")
@@ -287,8 +287,8 @@ def test_recent_turns_reach_the_model_as_chat_messages(gist_tiny, monkeypatch):
     assert system == "Be brief."
     assert prompt == [
         {"role": "user", "content": "What is the weather in Paris?"},
-        {"role": "assistant", "content": '[calls weather({"city": "Paris"})]'},
-        {"role": "user", "content": "Tool (weather): Sunny, 21 degrees."},
+        {"role": "assistant", "content": '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'},
+        {"role": "user", "content": '<tool_response name="weather">\nSunny, 21 degrees.\n</tool_response>'},
         {"role": "assistant", "content": "It is sunny in Paris."},
         {"role": "user", "content": "And tomorrow?"},
     ]

@@ -43,19 +43,20 @@ def lookup(query: str) -> str:
     return query
 
 
-def test_bind_tools_names_what_is_unsupported_and_what_to_use(gist_tiny):
+def test_unsupported_arguments_name_what_to_use(gist_tiny):
     from langchain_gist_memory import ChatGist
 
     chat = ChatGist(model=gist_tiny, max_tokens=2)
-    with pytest.raises(NotImplementedError, match=r"tool calling.*bind_tools\(\['lookup'\]\).*Use instead") as e:
-        chat.bind_tools([lookup])
-    assert "GistMemoryMiddleware" in str(e.value)
-    with pytest.raises(NotImplementedError, match=r"with_structured_output.*PydanticOutputParser"):
-        chat.with_structured_output({"title": "x", "type": "object", "properties": {}})
-    with pytest.raises(TypeError, match=r"unsupported arguments \['tools'\].*tool calling.*Use instead"):
-        chat.invoke([HumanMessage("hi")], tools=[{"type": "function"}])
+    with pytest.raises(TypeError, match=r"unsupported arguments \['functions'\].*legacy.*bind_tools"):
+        chat.invoke([HumanMessage("hi")], functions=[{"name": "f"}])
     with pytest.raises(TypeError, match="unsupported arguments.*supported"):
         chat.invoke([HumanMessage("hi")], frobnicate=1)
+    with pytest.raises(ValueError, match="not one of the tools"):
+        chat.bind_tools([lookup], tool_choice="nope")
+    with pytest.raises(ValueError, match="unsupported arguments"):
+        chat.with_structured_output({"title": "x", "type": "object", "properties": {}}, frobnicate=1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        chat.with_structured_output({"title": "x", "type": "object", "properties": {}}, method="xml")
 
 
 def test_init_chat_model_has_no_registration_hook():

@@ -24,15 +24,18 @@ class TestChatGistUnit(ChatModelUnitTests):
     def supports_model_override(self) -> bool:
         return False  # one local model per ChatGist
 
-    # ChatGist defines bind_tools / with_structured_output only to raise a message saying what to use instead
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
 
     @property
     def has_tool_choice(self) -> bool:
-        return False
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
