@@ -222,15 +222,17 @@ def test_dead_worker_and_stopped_driver_then_rerun_lose_and_duplicate_nothing(ra
 
     with pytest.raises(_Stop):  # a worker dies on its third batch (Ray restarts it); the driver stops half-way
         ray_ingest(docs, path, crashing, embedder=HashingEmbedder(), max_passage_tokens=MAX_TOKENS,
-                   batch_size=BATCH, num_actors=2, progress=False, on_progress=stop_half_way)
+                   batch_size=BATCH, num_actors=1, progress=False, on_progress=stop_half_way)
     assert marker.exists(), "no worker died"
     assert int(marker.read_text()) != os.getpid()  # it was a worker process, not this one
     done = len(_rows(path))
     assert 0 < total // 2 <= done < total
     assert not list(path.glob("states/.ray-ingest-*"))  # the run's token is gone
 
+    # the rerun, with the driver writing the states this time (as when the workers cannot see the store)
     again = ray_ingest(docs, path, _factory(tiny_base_dir), embedder=HashingEmbedder(),
-                       max_passage_tokens=MAX_TOKENS, batch_size=BATCH, num_actors=1, progress=False)
+                       max_passage_tokens=MAX_TOKENS, batch_size=BATCH, num_actors=1, progress=False,
+                       write_states="driver")
     assert again.passages_present == done and again.passages_added == total - done
     assert again.states_compressed < total - 4  # what the first run committed is not compressed again
     _assert_same_memory(path, ref_path)  # every passage once, in order, with the same state bytes
@@ -262,6 +264,48 @@ def _run_cli(cli, argv: list[str]) -> dict:
         cli.main(argv)
     assert ex.value.code in (0, None), buf.getvalue()
     return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_parquet_rows_are_read_like_jsonl_records(ray_cluster, tmp_path):
+    """Parquet (Ray ingest only): rows become passages as jsonl records do (ids, chunks, skipped rows), with
+    `row` for `line` and other scalar columns in the metadata; the chunk stage flags passages already present."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gist_memory.distributed import stages
+    from gist_memory.store.ingest import Chunker, IngestSummary, _passages_of_file
+
+    recs = [
+        {"text": "Alpha record about Oslo and its harbour.", "id": "a", "metadata": json.dumps({"lang": "en"}),
+         "title": "T1"},
+        {"text": " ".join(f"Beta sentence {i} is here." for i in range(6)), "id": None, "metadata": None,
+         "title": "T2"},
+        {"text": "", "id": "c", "metadata": None, "title": "T3"},
+        {"text": "Gamma has bad metadata.", "id": "g", "metadata": "[1]", "title": "T4"},
+    ]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "r.parquet")
+    twin = [{k: (json.loads(v) if k == "metadata" and v else v) for k, v in r.items() if k != "title" and v is not None}
+            for r in recs]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in twin), encoding="utf-8")
+    chunker = Chunker(12)  # whitespace words
+    s_pq, s_js = IngestSummary(), IngestSummary()
+    got = stages.parquet_passages(str(tmp_path / "r.parquet"), chunker, s_pq)
+    want = _passages_of_file(str(tmp_path / "r.jsonl"), (tmp_path / "r.jsonl").read_text(), chunker, s_js)
+    assert [p.text for p in got] == [p.text for p in want] and len(got) > 3
+    assert [p.id for p in got if not p.id.startswith(str(tmp_path))] == ["a"]
+    assert [p.id.split(":", 1)[1] for p in got[1:]] == [p.id.split(":", 1)[1] for p in want[1:]]  # row = line
+    assert got[0].metadata == {"source": str(tmp_path / "r.parquet"), "row": 1, "chunk": 0, "title": "T1", "lang": "en"}
+    assert len(s_pq.records_skipped) == len(s_js.records_skipped) == 2 and s_pq.files_read == 1
+    # the chunk stage: units of `batch_size`, passages already in the memory flagged, then the file's row
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    shared = stages.Shared(ray_cluster.put(None), ray_cluster.put(stages.id_digests(["a", "zzz"])))
+    batch = pa.table({"path": [str(tmp_path / "r.parquet"), str(tmp_path / "bad.parquet")]})
+    out = pa.concat_tables(stages.chunk_files(batch, shared=shared, max_passage_tokens=12, batch_size=2)).to_pylist()
+    units = [r for r in out if r["kind"] == "unit"]
+    assert [len(u["ids"]) for u in units] == [2, 2] and units[0]["present"] == [True, False]
+    files = [json.loads(r["info"]) for r in out if r["kind"] == "file"]
+    assert [f["passages"] for f in files] == [4, 0] and files[0]["passages_present"] == 1
+    assert "not a readable Parquet file" in files[1]["files_skipped"][0][1]
 
 
 # ---- bad input, no cluster needed -----------------------------------------------------------------------------------

@@ -114,8 +114,8 @@ class _WorkerVectors:
 
 
 def _memory_kwargs(index: Optional[str], storage_dtype: Optional[str], states: Any,
-                   storage_options: Optional[dict]) -> dict[str, Any]:
-    kw: dict[str, Any] = {"index": index, "storage_dtype": storage_dtype}
+                   storage_options: Optional[dict], fsync: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"index": index, "storage_dtype": storage_dtype, "fsync": fsync}
     if states is not None:
         kw["states"] = states
     if storage_options is not None:
@@ -195,6 +195,7 @@ def ray_ingest(
     max_passage_tokens: int = 256,
     extensions: Sequence[str] = DEFAULT_EXTENSIONS,
     write_states: str = "auto",
+    fsync: bool = True,
     progress: bool = True,
     on_progress: Optional[Callable[[Any], None]] = None,
     model_record: Optional[Callable[[Any], Any]] = None,
@@ -223,6 +224,8 @@ def ray_ingest(
         extensions: File types taken from folders.
         write_states: "auto" (workers write states into the store when they see it, else the driver does),
             "workers" or "driver".
+        fsync: fsync state files (and the folders they land in) in a local store, as `GistMemory(fsync=...)`:
+            durable across a power cut; a killed process is safe either way.
         progress: Show progress on stderr (a bar on a terminal, else a line every 15 s).
         on_progress: Called with the running summary after every commit.
         model_record: Called on the probed model in the cluster; its (picklable) result is `summary.model_record`.
@@ -285,7 +288,7 @@ def ray_ingest(
         from gist_memory.store.memory import GistMemory
 
         probed = _ProbedModel(info["fingerprint"], info["name"])
-        mkw = _memory_kwargs(index, storage_dtype, states, storage_options)
+        mkw = _memory_kwargs(index, storage_dtype, states, storage_options, fsync)
         first = GistMemory(probed, memory, embedder=embedder, **mkw)
         try:
             real_embedder = first._embedder
@@ -320,13 +323,14 @@ def ray_ingest(
         ds = ds.map_batches(stages.chunk_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             compute=chunk_pool,
                             fn_kwargs={"shared": shared, "max_passage_tokens": max_passage_tokens, "batch_size": bsz})
-        ds = ds.map_batches(
-            stages.CompressUnits, batch_size=1, batch_format="pyarrow",
+        ds = ds.map_batches(  # about 64 passages per actor call (one unit when a unit is that large)
+            stages.CompressUnits, batch_size=max(1, 64 // bsz), batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), **remote,
             fn_constructor_kwargs={"model": model, "device": device, "fingerprint": info["fingerprint"],
                                    "store": store if write_states != "driver" else None,
                                    "storage_options": storage_options, "storage_dtype": dtype, "token": token,
-                                   "write": write_states, "embedder": real_embedder, "batch_size": bsz},
+                                   "write": write_states, "fsync": fsync, "embedder": real_embedder,
+                                   "batch_size": bsz},
         )
         summary.actors, summary.batch_size, summary.device = actors, bsz, info["device"]
         summary.address = "local" if started and address in (None, "local") else str(address or "connected")
@@ -375,11 +379,16 @@ def _probe(model: Any, device: Optional[str], remote: dict[str, Any], max_passag
     from gist_memory.distributed.stages import Probe
 
     if not remote.get("num_gpus") and _cluster_is_this_machine():
+        from gist_memory import _options
+
+        cached = set(_options._MODEL_CACHE)
         probe = Probe(model, device)
         try:
             return probe.info(max_passage_tokens, record)
         finally:
             del probe
+            for key in set(_options._MODEL_CACHE) - cached:  # loaded for the probe only: not kept in the driver
+                _options._MODEL_CACHE.pop(key, None)
     actor = ray.remote(**remote)(Probe).remote(model, device)
     try:
         return ray.get(actor.info.remote(max_passage_tokens, record))

@@ -321,13 +321,14 @@ class CompressUnits:
         token: (file name, content) of the driver's token in a local store folder; the actor writes states itself
             only if it sees it (`write` "auto"), else hands their bytes to the driver.
         write: "auto", "workers" (must see the store) or "driver".
+        fsync: fsync the state files of a local store folder.
         embedder: The memory's embedder (a `gist_memory.store.memory._Embedder`).
         batch_size: Passages per `model.compress` call (a unit never holds more).
     """
 
     def __init__(self, *, model: Any, device: Optional[str], fingerprint: str, store: Optional[str],
                  storage_options: Optional[dict], storage_dtype: str, token: Optional[tuple[str, str]], write: str,
-                 embedder: Any, batch_size: int) -> None:
+                 embedder: Any, batch_size: int, fsync: bool = True) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.model = build_model(model, device)
         fp = str(self.model.fingerprint)
@@ -346,7 +347,7 @@ class CompressUnits:
             if visible:
                 from gist_memory.store.backends import open_backend
 
-                self.backend = open_backend(store, storage_options=storage_options)
+                self.backend = open_backend(store, storage_options=storage_options, fsync=fsync)
                 self.backend.check_or_write_marker()
             elif write == "workers":
                 raise ValueError(f"the store folder {store} is not visible from the Ray worker on "
