@@ -46,7 +46,7 @@ def main() -> None:
         gist={"target_ratio": 4.0, "anchors": a.anchors, "max_sentence_tokens": 48, "max_anchor_fraction": 0.75},
         ratios=(4.0, 8.0), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
         warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
-        w_cont=a.w_cont, w_recon=a.w_recon, eval_every=10**9, save_every=25, snapshot_every=25, log_every=1,
+        w_cont=a.w_cont, w_recon=a.w_recon, eval_every=10**9, eval_items=0, save_every=25, snapshot_every=25, log_every=1,
         pool_items=3000, anchor_dropout=a.anchor_dropout, reader=a.reader,
     )
     Trainer(cfg).train(progress=False)
