@@ -56,7 +56,7 @@ def test_key_depends_on_text_model_and_dtype():
 # ---- round trips ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path_kind", ["disk", "ram"])
 def test_float32_round_trip_is_bit_exact(tmp_path, states, path_kind):
-    store = GistStore(tmp_path / "s" if path_kind == "disk" else None, max_bytes_in_ram=0)
+    store = GistStore(tmp_path / "s" if path_kind == "disk" else None, max_bytes_in_ram=0, storage_dtype="float32")
     keys = store.batched_put(states)
     assert keys == [store.key_of(s) for s in states]
     got = store.batched_get(keys, model_fingerprint=states[0].model_fingerprint)
@@ -140,7 +140,7 @@ def test_entry_under_a_foreign_key_is_refused(tmp_path, states):
 # ---- corruption ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["flip_data", "truncate", "garbage"])
 def test_corrupted_entry_is_quarantined_and_reported_missing(tmp_path, states, damage):
-    store = GistStore(tmp_path, max_bytes_in_ram=0)
+    store = GistStore(tmp_path, max_bytes_in_ram=0, storage_dtype="float32")  # compares the tensors exactly
     k = store.put(states[0])
     path = store.path_for(k)
     with open(path, "r+b") as f:

@@ -212,6 +212,81 @@ def bench_backends(urls: list[str], n: int, storage_dtype: str = "int4") -> str:
                    "single get p50 ms", "get via local tier states/s"], rows)
 
 
+# ---- 1c. retention by storage dtype --------------------------------------------------------------------------------
+RETENTION_DTYPES = ("float32", "float16", "int8", "int4")
+
+
+def bench_retention(model_path: str | None, ratios: list[float], items: int, kinds: list[str],
+                    dtypes: tuple[str, ...] = RETENTION_DTYPES, generate: bool = True, seed: int = 0) -> str:
+    """Held-out retention of states read back from each storage dtype, against the same states in float32.
+
+    For each ratio the gist model (`model_path`, None: the shipped adapter) compresses each held-out item's
+    passages once; the states go through the store's codec (`encode_entry` / `decode_entry`) in each dtype and
+    the item is scored from what came back: 4-way multiple choice (`score_choices`, the held-out table's
+    metric), the answer's log-likelihood change against float32 (nats), items whose choice differs from float32,
+    and (with `generate`) whether a 24-token answer contains the planted value.
+    """
+    import torch
+
+    from gist_memory import GistModel
+    from gist_memory.eval.heldout.items import build_items, contains, prompt
+    from gist_memory.store.store import decode_entry, encode_entry, key_for
+
+    by_kind = build_items(items, seed=seed, kinds=kinds)
+    rows = []
+    for ratio in ratios:
+        t0 = time.perf_counter()
+        gm = GistModel.from_pretrained(model_path, device="cpu", config_overrides={"target_ratio": float(ratio)})
+        for kind in kinds:
+            res: dict[str, dict[str, list]] = {dt: {"correct": [], "ll": [], "pick": [], "gen": []} for dt in dtypes}
+            raw = kept = 0
+            nbytes = dict.fromkeys(dtypes, 0)
+            for item in by_kind[kind]:
+                states = gm.compress(item.passages)
+                raw += sum(s.num_tokens for s in states)
+                kept += sum(s.num_kept for s in states)
+                q = prompt(item)
+                conts = list(item.continuations or item.choices)
+                for dt in dtypes:
+                    got = []
+                    for s in states:
+                        data = encode_entry(s, dt, key_for(s.text_hash, s.model_fingerprint, dt))
+                        nbytes[dt] += len(data)
+                        got.append(decode_entry(data))
+                    with torch.no_grad():
+                        scores = gm.score_choices(q, conts, states=got)
+                    pick = max(range(len(scores)), key=lambda i: (scores[i], -i))
+                    r = res[dt]
+                    r["pick"].append(pick)
+                    r["correct"].append(int(pick == item.answer_index))
+                    r["ll"].append(scores[item.answer_index])
+                    if generate:
+                        with torch.no_grad():
+                            out = gm.generate(q, states=got, max_new_tokens=24)
+                        r["gen"].append(int(contains(out, item.key_phrase)))
+            base = res[dtypes[0]]
+            for dt in dtypes:
+                r = res[dt]
+                d_ll = [a - b for a, b in zip(r["ll"], base["ll"], strict=True)]
+                lost = sum(a < b for a, b in zip(r["correct"], base["correct"], strict=True))
+                gained = sum(a > b for a, b in zip(r["correct"], base["correct"], strict=True))
+                flips = sum(a != b for a, b in zip(r["pick"], base["pick"], strict=True))
+                se = statistics.stdev(d_ll) / len(d_ll) ** 0.5 if len(d_ll) > 1 else 0.0
+                gen_flips = sum(a != b for a, b in zip(r["gen"], base["gen"], strict=True))
+                rows.append([
+                    f"{ratio:g}x ({raw / kept:.2f})", kind, dt, nbytes[dt] / raw,
+                    statistics.mean(r["correct"]), f"{flips}/{len(r['pick'])} (-{lost} / +{gained})",
+                    f"{statistics.mean(r['gen']):.2f} ({gen_flips} differ)" if generate else "-",
+                    "base" if dt == dtypes[0]
+                    else f"{statistics.mean(d_ll):+.4f} ± {se:.4f} / {max(abs(x) for x in d_ll):.4f}",
+                ])
+            print(f"  retention {ratio:g}x {kind} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        del gm
+    return _table(["ratio (achieved)", "kind", "storage", "bytes/raw token", "MC accuracy", "choices differing from "
+                   f"{dtypes[0]} (correct lost / gained)", "generation contains",
+                   "answer log-lik change, nats (mean ± s.e. / max abs)"], rows)
+
+
 # ---- 2. ingest ---------------------------------------------------------------------------------------------------
 def bench_ingest(model: Any, n: int) -> str:
     from gist_memory.store import GistMemory, ingest
@@ -367,6 +442,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", default="flat,hnsw,ivfpq")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--retention", action="store_true",
+                   help="held-out retention per storage dtype with the gist model (--gist-model) at --ratios")
+    p.add_argument("--gist-model", default=None, help="saved gist model folder for --retention (default: shipped)")
+    p.add_argument("--retention-items", type=int, default=20, help="items per kind for --retention")
+    p.add_argument("--retention-kinds", default="entity_single,common_single")
+    p.add_argument("--no-generate", action="store_true", help="--retention without free generation")
+    p.add_argument("--retention-dtypes", default=",".join(RETENTION_DTYPES),
+                   help="storage dtypes for --retention; the first is the reference")
     p.add_argument(
         "--threads", type=int, default=0, help="torch and faiss threads (0: their defaults); 1 helps on a busy CPU"
     )
@@ -384,6 +467,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.__version__} with {torch.get_num_threads()} threads, faiss {faiss.__version__} with "
         f"{faiss.omp_get_max_threads()} threads)\n"
     )
+    if args.retention:
+        ratios = [float(r) for r in args.ratios.split(",") if r]
+        print(f"## Held-out retention by storage dtype ({args.retention_items} items per kind)\n")
+        print(bench_retention(args.gist_model, ratios, args.retention_items,
+                              [k for k in args.retention_kinds.split(",") if k],
+                              tuple(d for d in args.retention_dtypes.split(",") if d), generate=not args.no_generate),
+              "\n", flush=True)
     if not args.skip_model:
         model = None
         for ratio in [float(r) for r in args.ratios.split(",") if r]:

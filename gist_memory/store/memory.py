@@ -5,7 +5,7 @@ Layout of a persistent memory folder (see docs/store.md):
     <path>/memory.sqlite        docs (id, text, metadata, text hash, state key, embedding), meta, change log
     <path>/index.faiss          the FAISS index as of `index.json["seq"]` (written by `save()`)
     <path>/index.json           {"seq", "kind", "dim", "dead"}
-    <path>/states/              the GistStore of this memory's states
+    <path>/states/              the GistStore of this memory's states (unless `states=` puts them elsewhere)
 
 SQLite is the source of truth. Every committed change appends to a change log, and an index that is behind it
 (another process wrote, or this process was killed before `save()`) is caught up from the log, or rebuilt from
@@ -28,8 +28,9 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from gist_memory.state.gist_state import GistState, atomic_write_bytes, text_hash
+from gist_memory.store.backends import BackendSpec
 from gist_memory.store.index import INDEX_KINDS, VectorIndex, normalize_rows
-from gist_memory.store.store import DEFAULT_MAX_BYTES_IN_RAM, STORAGE_DTYPES, GistStore
+from gist_memory.store.store import DEFAULT_MAX_BYTES_IN_RAM, DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, GistStore
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +212,17 @@ class GistMemory:
             model id or path, or any object with `.encode(list[str]) -> array (n, dim)`.
         index: `flat` (exact, default), `hnsw` or `ivfpq` (see `gist_memory.store.index`); None keeps what a
             reopened memory recorded. A different kind than recorded rebuilds the index.
-        storage_dtype: Storage dtype of the states (`float32`, `bfloat16`, `float16`, `int8`); None keeps what a
-            reopened memory recorded (`float32` for a new one).
+        storage_dtype: Storage dtype of the states (`float32`, `bfloat16`, `float16`, `int8`, `int4`); None keeps
+            what a reopened memory recorded (`DEFAULT_STORAGE_DTYPE` for a new one; `float32` for a memory written
+            before the dtype was recorded).
         max_bytes_in_ram: Byte budget of the store's LRU of decoded states.
+        states: Where the states live, if not in `<path>/states`: a folder, a URL (`s3://bucket/prefix`,
+            `redis://host:6379/0`, any fsspec URL) or a list of tiers, fastest first (see `GistStore`). Several
+            memories, processes and machines can share one such store (keys are content hashes + the model
+            fingerprint + the storage dtype). Folders and URLs given here are recorded in the memory, so a reopened
+            memory (or a copy of its folder on another machine) reads the same store; None: what a reopened
+            memory recorded, else `<path>/states` (RAM for a memory in RAM).
+        storage_options: For fsspec URLs in `states` (e.g. an S3 endpoint).
         use_gpu: FAISS search on GPU (None: when the installed faiss sees a GPU).
         fsync: fsync state files before renaming them.
         **index_options: `hnsw_m`, `ef_search`, `ivf_min_points`, `nprobe` for `VectorIndex`.
@@ -234,6 +243,8 @@ class GistMemory:
         max_bytes_in_ram: int = DEFAULT_MAX_BYTES_IN_RAM,
         use_gpu: Optional[bool] = None,
         fsync: bool = True,
+        states: Union[BackendSpec, Sequence[BackendSpec]] = None,
+        storage_options: Optional[dict[str, Any]] = None,
         **index_options: Any,
     ) -> None:
         for attr in ("fingerprint", "name", "normalize", "compress", "generate"):
@@ -276,8 +287,13 @@ class GistMemory:
                     "embedder": meta.get("embedder") or self._embedder.name,
                     "embedder_spec": meta.get("embedder_spec", self._embedder.spec or ""),
                     "index": index or meta.get("index") or "flat",
-                    "storage_dtype": storage_dtype or meta.get("storage_dtype") or "float32",
+                    # a memory from before the dtype was recorded wrote float32
+                    "storage_dtype": storage_dtype or meta.get("storage_dtype")
+                    or ("float32" if meta else DEFAULT_STORAGE_DTYPE),
                 }
+                recorded = _states_record(states)
+                if recorded or meta.get("states"):
+                    new["states"] = recorded or meta["states"]
                 for k, v in new.items():
                     if meta.get(k) != v:
                         self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (k, v))
@@ -288,12 +304,19 @@ class GistMemory:
             raise
         self.storage_dtype = self._info["storage_dtype"]
         self.index_kind = self._info["index"]
+        if states is None and self._info.get("states"):
+            states = json.loads(self._info["states"])
+        if states is None:
+            states = os.path.join(self.path, STATES_DIR) if self.path else None
         self.store = GistStore(
-            os.path.join(self.path, STATES_DIR) if self.path else None,
+            states,
             max_bytes_in_ram=max_bytes_in_ram,
             storage_dtype=self.storage_dtype,
             fsync=fsync,
+            storage_options=storage_options,
         )
+        # states this memory computed: for new texts (`add_texts`) and to replace lost or corrupted ones
+        self.stats = {"compressed": 0, "recomputed": 0}
         self._index_options = dict(index_options, use_gpu=use_gpu)
         self._index: Optional[VectorIndex] = None
         self._seq = 0
@@ -598,6 +621,7 @@ class GistMemory:
                 if len(states) != len(chunk):
                     raise ValueError(f"model.compress returned {len(states)} states for {len(chunk)} texts")
                 got = self.store.batched_put(states)
+                self.stats["compressed"] += len(states)
                 written += got
                 if got != chunk:
                     raise ValueError(
@@ -826,6 +850,7 @@ class GistMemory:
             if missing:
                 logger.warning("GistMemory: recomputing %d missing or corrupted state(s)", len(missing))
                 fresh = self.model.compress([self.model.normalize(hits[i].text) for i in missing])
+                self.stats["recomputed"] += len(fresh)
                 keys = self.store.batched_put(fresh, overwrite=True)
                 for i, s, key in zip(missing, fresh, keys, strict=True):
                     if key != hits[i].state_key:
@@ -918,6 +943,18 @@ class GistMemory:
     def __repr__(self) -> str:
         n = "closed" if self._closed else f"{len(self)} passages"
         return f"GistMemory({self.path or 'RAM'!r}, {n}, index={self.index_kind!r}, storage={self.storage_dtype!r})"
+
+
+def _states_record(states: Any) -> Optional[str]:
+    """`states` as the json list a memory records (absolute folders, URLs as given); None if it holds a backend
+    object (not recordable) or is None."""
+    if states is None:
+        return None
+    specs = list(states) if isinstance(states, (list, tuple)) else [states]
+    if not specs or not all(isinstance(x, (str, os.PathLike)) for x in specs):
+        return None
+    out = [os.fspath(x) if "://" in os.fspath(x) else os.path.abspath(os.fspath(x)) for x in specs]
+    return json.dumps(out)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -36,6 +36,8 @@ from gist_memory.store.backends.local import FILE_MODE, TMP_PREFIX  # noqa: F401
 logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+DEFAULT_STORAGE_DTYPE = "int8"
+"""The storage dtype of a new store or memory (docs/scale.md, "Smaller states", has the measurement behind it)."""
 ENTRY_FORMAT = "gist-memory/store-entry"
 ENTRY_VERSION = 1
 SUFFIX = ".safetensors"
@@ -51,7 +53,7 @@ def _check_storage_dtype(storage_dtype: str) -> str:
     return storage_dtype
 
 
-def key_for(text_hash: str, model_fingerprint: str, storage_dtype: str = "float32") -> str:
+def key_for(text_hash: str, model_fingerprint: str, storage_dtype: str = DEFAULT_STORAGE_DTYPE) -> str:
     """The cache key of a state: sha256 of (normalised text hash, model fingerprint, storage dtype).
 
     The model fingerprint already names the base model, the adapter, the gist config and the model dtype, so two
@@ -440,7 +442,7 @@ class GistStore:
         self,
         path: Union[BackendSpec, Sequence[BackendSpec]] = None,
         max_bytes_in_ram: int = DEFAULT_MAX_BYTES_IN_RAM,
-        storage_dtype: str = "float32",
+        storage_dtype: str = DEFAULT_STORAGE_DTYPE,
         *,
         fsync: bool = True,
         lock_timeout: float = 60.0,
