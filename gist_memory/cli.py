@@ -111,6 +111,16 @@ def default_store() -> Path:
     return cache_dir() / "stores" / "default"
 
 
+def check_storage_dtype(storage_dtype: Optional[str]) -> None:
+    """Refuse an unknown `--storage-dtype` before any model is loaded."""
+    if storage_dtype is None:
+        return
+    from gist_memory.store.store import STORAGE_DTYPES
+
+    if storage_dtype not in STORAGE_DTYPES:
+        raise UserError(f"--storage-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
+
+
 def check_store(path: Path, create: bool) -> Path:
     """Refuse, before any model is loaded, a store path that cannot be what the command needs."""
     from gist_memory.store.memory import DB_NAME
@@ -128,16 +138,25 @@ def check_store(path: Path, create: bool) -> Path:
     return path
 
 
-def open_store(model: Any, path: Path, create: bool = False) -> Any:
-    """Open (or create) the `GistMemory` at `path` with `model`."""
+def open_store(model: Any, path: Path, create: bool = False, *, storage_dtype: Optional[str] = None,
+               states: Optional[str] = None) -> Any:
+    """Open (or create) the `GistMemory` at `path` with `model`.
+
+    `storage_dtype`: for a new memory (None: the default); `states`: where its states live, a folder, URL or
+    comma-separated tiers fastest first (None: what the memory recorded, else `path/states`).
+    """
     import sqlite3
 
     from gist_memory.store import GistMemory
 
     path = check_store(path, create)
+    kw: dict[str, Any] = {"storage_dtype": storage_dtype}
+    if states:
+        tiers = [t.strip() for t in states.split(",") if t.strip()]
+        kw["states"] = tiers if len(tiers) > 1 else tiers[0]
     with err.status("opening memory ...", spinner="dots"):
         try:
-            return GistMemory(model, path) if create else GistMemory.load(path, model=model)
+            return GistMemory(model, path, **kw) if create else GistMemory.load(path, model=model, **kw)
         except sqlite3.DatabaseError as e:  # a damaged or foreign docstore
             raise UserError(f"{path} is not a readable gist memory: {e}") from e
         except ValueError as e:
@@ -764,6 +783,13 @@ def serve(
                      ] = True,
     app_dir: Annotated[Optional[Path], typer.Option(help="Folder of the web app (default: examples/rag_web_app).",
                                                     show_default=False)] = None,
+    states: Annotated[Optional[str], typer.Option(help="Where the memory's states live: a folder, s3://..., "
+                                                  "redis://... or comma-separated tiers, fastest first (default: "
+                                                  "what the memory recorded, else STORE/states).",
+                                                  show_default=False)] = None,
+    storage_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype of a new memory's states: float32, "
+                                                         "bfloat16, float16, int8 or int4 (default: "
+                                                         "the library's default).", show_default=False)] = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Serve the RAG web app: upload or paste documents, ask, and see what gist states save."""
@@ -772,6 +798,9 @@ def serve(
             raise UserError("--port must be 0-65535; --max-upload-kb, -k and --max-new-tokens >= 1")
         if store is not None:
             check_store(store, create=True)
+        elif states is not None:
+            raise UserError("--states needs --store (the memory whose states they are)")
+        check_storage_dtype(storage_dtype)
         webapp = load_web_app_module(app_dir) if app_dir is not None else None  # else the in-package server
         try:
             import uvicorn
@@ -782,7 +811,12 @@ def serve(
             raise UserError("serve needs uvicorn and fastapi: pip install fastapi uvicorn python-multipart") from e
         gm, desc = opts.load()
         err.print(f"model: {escape(desc)}")
-        mem = open_store(gm, store, create=True) if store is not None else None
+        mem = (open_store(gm, store, create=True, storage_dtype=storage_dtype, states=states)
+               if store is not None else None)
+        if mem is None and storage_dtype is not None:
+            from gist_memory.store import GistMemory
+
+            mem = GistMemory(gm, None, storage_dtype=storage_dtype)
         application = webapp.create_app(gm, mem, max_upload_bytes=max_upload_kb * 1024, k=k,
                                         max_new_tokens=max_new_tokens, model_description=desc)
         svc = getattr(application.state, "gist", None)

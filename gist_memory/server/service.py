@@ -188,7 +188,13 @@ class GistService:
         """What the page shows in its header."""
         return {"model": self.model_description, "passages": len(self.memory), "documents": len(self.docs),
                 "max_upload_bytes": self.max_upload_bytes, "k": self.k, "extensions": list(TEXT_EXTENSIONS),
-                "kv_bytes_per_position": self.per_position}
+                "kv_bytes_per_position": self.per_position, "states": self.state_stats()}
+
+    def state_stats(self) -> dict[str, dict[str, int]]:
+        """Per memory name: states this process computed (`compressed` for new passages, `recomputed` for lost
+        ones) and where it read states from (the store's `hits_ram` / `hits_disk` / `hits_shared` / `misses`)."""
+        return {name: {**getattr(m, "stats", {}), **getattr(getattr(m, "store", None), "stats", {})}
+                for name, m in self.memories.items()}
 
     # ---- OpenAI-compatible answers -----------------------------------------------------------------------
     def answer(self, prompt: Any, gen: dict[str, Any], memory: Optional[str] = None, query: str = "", k: int = 3,
