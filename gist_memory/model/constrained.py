@@ -339,23 +339,29 @@ def build_constraint(schema: Any = None, tools: Optional[Sequence[Any]] = None, 
                       tool_choice=choice, parallel_tool_calls=many, instructions=tools_instructions(norm, choice, many))
 
 
+def _llguidance() -> Any:
+    """The llguidance module, or an ImportError saying how to get it."""
+    try:
+        import llguidance
+    except ImportError as e:
+        raise ImportError("constrained decoding (schema= / tools=) needs the PyPI package llguidance: "
+                          "pip install llguidance") from e
+    return llguidance
+
+
 def _json_options() -> dict[str, Any]:
     return {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0], "key_separator": JSON_SEPARATORS[1]}
 
 
 def _json_grammar(schema: dict[str, Any]) -> str:
-    from llguidance import LLMatcher
-
     try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults=_json_options())
+        return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_json_options())
     except ValueError as e:
         raise ValueError(f"invalid JSON schema: {e}") from e
 
 
 def _lark_grammar(lark: str) -> str:
-    from llguidance import LLMatcher
-
-    return LLMatcher.grammar_from_lark(lark)
+    return _llguidance().LLMatcher.grammar_from_lark(lark)
 
 
 # ---- instructions (the system prompt of a constrained call) ------------------------------------------
@@ -533,7 +539,7 @@ def _ll_tokenizer(tokenizer: Any, eos: Sequence[int], n_vocab: int) -> Any:
         if hit is not None and hit[0] is tokenizer:
             _TOKENIZERS.move_to_end(key)
             return hit[1]
-    import llguidance
+    llguidance = _llguidance()
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -560,8 +566,7 @@ def _ll_tokenizer(tokenizer: Any, eos: Sequence[int], n_vocab: int) -> Any:
 
 def _matcher(lt: Any, grammar: str) -> Any:
     """A fresh matcher of `grammar` (a compiled prototype is cached per token table and grammar)."""
-    from llguidance import LLMatcher
-
+    LLMatcher = _llguidance().LLMatcher  # noqa: N806 - the engine's class
     key = (id(lt), grammar)
     with _CACHE_LOCK:
         proto = _MATCHERS.get(key)
@@ -615,13 +620,18 @@ class GrammarGuide:
     Use (one guide per generation; not thread-safe, cheap to make):
 
         guide = GrammarGuide(constraint, tokenizer, eos_ids, n_vocab, max_new_tokens)   # ValueError if it cannot fit
-        while True:
-            logits[~guide.allowed(len(logits))] = -inf                 # before sampling
-            token = guide.advance(sampled)                            # the token to emit (may differ: see below)
-            if guide.done: break
+        for _ in range(max_new_tokens):
+            logits[~guide.allowed(len(logits))] = -inf      # (V,) before sampling; end-of-sequence only if complete
+            sampled = sample(logits)
+            if sampled in eos_ids: break
+            token = guide.advance(sampled)                 # the token to emit (may differ: see below)
+            if token is None: break                        # complete, and no room for more
+            emit(token)
+            if guide.done: break                           # nothing but end-of-sequence may follow
 
     `advance` returns the sampled token unless it would leave too few tokens to complete the output, in which
-    case it returns the next token of the shortest completion the guide found (see the module docstring).
+    case it returns the next token of the completion the guide found (see the module docstring).
+    `GistModel.grammar_guide(constraint, max_new_tokens)` makes one for a model's tokenizer and vocabulary.
     """
 
     def __init__(self, constraint: Constraint, tokenizer: Any, eos_ids: Sequence[int], n_vocab: int,
@@ -672,7 +682,6 @@ class GrammarGuide:
 
     def allowed(self, n: Optional[int] = None) -> Any:
         """Bool tensor (n,) of the tokens allowed next (n: the logits' size, default the model's vocabulary)."""
-
         return self._unpack(self._fill(), self.n_vocab if n is None else n)
 
     def _unpack(self, mask: Any, n: int) -> Any:
