@@ -222,7 +222,7 @@ def test_chat_reaches_the_model_as_messages(llm, li_tiny_model, monkeypatch):
     assert seen[-1] == [
         {"role": "user", "content": "Who is the curator?"},
         {"role": "assistant", "content": "Maren Voss."},
-        {"role": "user", "content": "tool: lookup: since 1912\nSince when?"},
+        {"role": "user", "content": "<tool_response>\nlookup: since 1912\n</tool_response>\nSince when?"},
     ]
     want = li_tiny_model.generate(seen[-1], system_prompt="Be brief.", max_new_tokens=llm.max_new_tokens)
     assert r.message.content == want
