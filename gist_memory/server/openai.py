@@ -5,12 +5,21 @@ reads a memory when it names one: `model="gist-memory:<name>"` or the extra body
 passages that best match the last user message are answered from their gist states, and `usage` reports the
 positions the model read (`prompt_tokens`) beside the raw tokens they stand for (`prompt_raw_tokens`, see
 `usage_fields`). Errors are OpenAI error objects: `{"error": {"message", "type", "param", "code"}}`.
+
+Tools and structured output (`/v1/chat/completions`): `tools` + `tool_choice` ("auto", "none", "required", or
+`{"type": "function", "function": {"name": ...}}`) + `parallel_tool_calls`, and `response_format`
+(`{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"schema": {...}}}`), are decoded under a
+grammar (`gist_memory.model.constrained`): tool calls always name a tool and carry arguments that validate, a JSON
+answer always validates. Tool calls come back as `message.tool_calls` with `finish_reason: "tool_calls"`; streamed,
+as OpenAI `delta.tool_calls` chunks (`ToolCallStream`). The history may hold assistant messages with `tool_calls`
+and `role: "tool"` results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -85,11 +94,17 @@ def source_fields(hits: list[Any]) -> list[dict[str, Any]]:
 
 # ---- request -> answer arguments -----------------------------------------------------------------------------
 class Job:
-    """A checked request: what `GistService.answer` is called with."""
+    """A checked request: what `GistService.answer` is called with.
+
+    `tools`: the (normalized) tools when the answer may be tool calls, else None; `structured`: True when the
+    answer is one JSON value (`response_format`).
+    """
 
     def __init__(self, prompt: Any, query: str, gen: dict[str, Any], memory: Optional[str], k: int,
-                 filter: Optional[dict[str, Any]]) -> None:  # noqa: A002
+                 filter: Optional[dict[str, Any]], tools: Optional[list[Any]] = None,  # noqa: A002
+                 structured: bool = False) -> None:
         self.prompt, self.query, self.gen, self.memory, self.k, self.filter = prompt, query, gen, memory, k, filter
+        self.tools, self.structured = tools, structured
 
 
 def model_ids(svc: GistService) -> list[str]:
@@ -172,35 +187,137 @@ def _text(content: Any, i: int) -> str:
     return "\n".join(parts)
 
 
+def _constrained() -> Any:
+    """`gist_memory.model.constrained` (imported on first use: the server loads no torch before a model does)."""
+    from gist_memory.model import constrained
+
+    return constrained
+
+
+def _response_schema(response_format: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The JSON schema a `response_format` asks for (None: free text)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise OpenAIError(400, "response_format.json_schema must be an object with a 'schema'",
+                              param="response_format.json_schema", code="invalid_value")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise OpenAIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+                              param="response_format.json_schema.schema", code="invalid_value")
+        return schema
+    raise OpenAIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                      param="response_format.type", code="unsupported_value")
+
+
+def _constraint_gen(req: ChatCompletionRequest) -> tuple[dict[str, Any], Optional[list[Any]], bool]:
+    """The generation kwargs of a request's tools / response_format, its tools when the answer may be tool
+    calls, and whether the answer is JSON; bad tools, choices or schemas are 400s naming the field."""
+    if req.functions or req.function_call is not None:
+        raise OpenAIError(400, "functions / function_call (the deprecated API) are not supported; send tools and "
+                               "tool_choice", param="functions", code="unsupported_parameter")
+    schema = _response_schema(req.response_format)
+    c = _constrained()
+    tools: Optional[list[Any]] = None
+    if req.tools:
+        try:
+            tools = c.normalize_tools(req.tools)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="tools", code="invalid_value") from None
+        try:
+            choice = c.normalize_tool_choice(req.tool_choice, tools)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="tool_choice", code="invalid_value") from None
+        if choice == "none":
+            tools = None
+    elif req.tool_choice not in (None, "none", "auto"):
+        raise OpenAIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+    if tools and schema is not None:
+        raise OpenAIError(400, "response_format together with tools is not supported: the answer is either tool "
+                               "calls or one JSON value (send tool_choice='none' for the JSON answer)",
+                          param="response_format", code="unsupported_value")
+    if tools:
+        parallel = True if req.parallel_tool_calls is None else bool(req.parallel_tool_calls)
+        gen = {"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel}
+        param = "tools"
+    elif schema is not None:
+        gen, param = {"schema": schema}, "response_format"
+    else:
+        return {}, None, False
+    try:
+        c.build_constraint(**gen)  # compiles the grammar: an invalid schema is refused before anything runs
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param=param, code="invalid_value") from None
+    return gen, tools, schema is not None
+
+
+def _chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, str]], str]:
+    """The conversation as the model reads it, and the search query (the last user message).
+
+    An assistant message's tool calls are written after its text as the model writes calls
+    (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`); a tool result is a user message holding a
+    `<tool_response name="...">` block (named by the call it answers).
+    """
+    msgs: list[dict[str, str]] = []
+    names: dict[str, str] = {}  # tool-call id -> tool name
+    last_role, query = None, ""
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant", "tool"):
+            raise OpenAIError(400, f"messages[{i}].role {m.role!r} is not supported (system, developer, user, "
+                                   "assistant, tool)", param=f"messages[{i}].role", code="unsupported_value")
+        if role == "assistant" and m.tool_calls:
+            text = _text(m.content, i) if m.content is not None else ""
+            calls = []
+            for tc in m.tool_calls:
+                if tc.id:
+                    names[tc.id] = tc.function.name
+                calls.append({"name": tc.function.name, "arguments": tc.function.arguments or {}})
+            written = _constrained().format_tool_calls(calls)
+            msgs.append({"role": "assistant", "content": "\n".join(x for x in (text.strip(), written) if x)})
+        elif role == "tool":
+            name = m.name or names.get(m.tool_call_id or "")
+            msgs.append({"role": "user", "content": _constrained().format_tool_result(_text(m.content, i).strip(),
+                                                                                       name)})
+        else:
+            msgs.append({"role": role, "content": _text(m.content, i)})
+            if role == "user":
+                query = msgs[-1]["content"]
+        last_role = role
+    if last_role not in ("user", "tool"):
+        raise OpenAIError(400, f"the last message must be the user's or a tool result, got {last_role!r}",
+                          param="messages", code="invalid_value")
+    if last_role == "user" and not msgs[-1]["content"].strip():
+        raise OpenAIError(400, "the last user message is empty", param="messages", code="invalid_value")
+    return msgs, query
+
+
 def chat_job(svc: GistService, req: ChatCompletionRequest) -> Job:
-    """Check a chat request; the messages become the model's conversation, the last user turn the search query."""
-    if req.tools or req.functions:
-        raise OpenAIError(400, "tool calling is not supported by this server yet", param="tools",
-                          code="unsupported_parameter")
-    if req.tool_choice not in (None, "none"):
-        raise OpenAIError(400, "tool_choice is not supported by this server yet", param="tool_choice",
-                          code="unsupported_parameter")
-    if req.response_format and req.response_format.get("type") != "text":
-        raise OpenAIError(400, "response_format: only {'type': 'text'} is supported", param="response_format",
-                          code="unsupported_value")
+    """Check a chat request; the messages become the model's conversation, the last user turn the search query.
+
+    With tools or a response_format, stop strings are not passed on: they never cut a tool call or a JSON answer
+    (nor, with `tool_choice: "auto"`, the free-text answer).
+    """
     if req.logprobs or req.top_logprobs:
         raise OpenAIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
     if not req.messages:
         raise OpenAIError(400, "messages is empty", param="messages", code="invalid_value")
-    msgs = []
-    for i, m in enumerate(req.messages):
-        role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise OpenAIError(400, f"messages[{i}].role {m.role!r} is not supported (system, developer, user, "
-                                   "assistant)", param=f"messages[{i}].role", code="unsupported_value")
-        msgs.append({"role": role, "content": _text(m.content, i)})
-    if msgs[-1]["role"] != "user":
-        raise OpenAIError(400, f"the last message must be the user's, got {msgs[-1]['role']!r}",
-                          param="messages", code="invalid_value")
-    if not msgs[-1]["content"].strip():
-        raise OpenAIError(400, "the last user message is empty", param="messages", code="invalid_value")
+    constraint, tools, structured = _constraint_gen(req)
+    msgs, query = _chat_messages(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return _job(svc, req, msgs, msgs[-1]["content"], max_tokens)
+    job = _job(svc, req, msgs, query, max_tokens)
+    if constraint:
+        job.gen.pop("stop", None)
+        job.gen.update(constraint)
+    job.tools, job.structured = tools, structured
+    return job
 
 
 def completion_job(svc: GistService, req: CompletionRequest) -> Job:
@@ -231,7 +348,103 @@ def run(svc: GistService, job: Job, on_text: Any = None, cancelled: Any = lambda
     except BadInput as e:
         raise OpenAIError(e.status, e.message) from None
     except (ValueError, TypeError) as e:
-        raise OpenAIError(400, str(e), code="invalid_value") from None
+        msg = str(e)
+        if "max_new_tokens" in msg and "too small" in msg:  # a budget below the shortest valid structured answer
+            raise OpenAIError(400, msg.replace("max_new_tokens", "max_tokens"), param="max_tokens",
+                              code="invalid_value") from None
+        raise OpenAIError(400, msg, code="invalid_value") from None
+
+
+def reply_message(job: Job, a: Answer) -> tuple[dict[str, Any], str]:
+    """The assistant `message` of an answer and its `finish_reason`: tool calls (`tool_calls`, content null,
+    "tool_calls") when the answer is calls; a JSON answer is complete ("stop") even when it used every token."""
+    c = _constrained() if job.tools is not None else None
+    if c is not None and a.text.startswith(c.TOOL_CALL_OPEN):
+        _, calls = c.parse_tool_calls(a.text, job.tools)
+        return ({"role": "assistant", "content": None, "refusal": None,
+                 "tool_calls": [k.to_openai() for k in calls]}, "tool_calls")
+    finish = "stop" if job.structured else a.finish_reason
+    return {"role": "assistant", "content": a.text, "refusal": None}, finish
+
+
+_CALL_HEAD = re.compile(r'\n?<tool_call>\{"name": "([A-Za-z0-9_\-.]{1,64})", "arguments": ')
+_DECODER = json.JSONDecoder()
+
+
+class ToolCallStream:
+    """The streamed pieces of an answer that may be tool calls, as OpenAI chat-completion `delta`s.
+
+    Free text (it does not start with `<tool_call>`) streams as `content` once it cannot be the start of a call.
+    Tool calls stream as `tool_calls` deltas: a first one per call with its `index`, `id`, `type` and the
+    function's `name` (and empty `arguments`) once the name is written, then the `arguments` JSON text as it is
+    decoded, so the concatenated `arguments` of a call is its arguments object.
+    """
+
+    def __init__(self, tools: list[Any]) -> None:
+        self.tools = tools
+        self.text = ""
+        self.mode: Optional[str] = None  # None (undecided), "text" or "calls"
+        self.calls: list[dict[str, Any]] = []  # {"id", "name"} of each call started
+        self._pos = 0  # where the next call starts in `text`
+        self._args: Optional[int] = None  # where the open call's arguments start
+        self._sent = 0  # characters of the open call's arguments sent
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The deltas to send after `piece` (possibly none: text that may still become a call waits)."""
+        mark = _constrained().TOOL_CALL_OPEN
+        self.text += piece
+        if self.mode is None:
+            if self.text.startswith(mark):
+                self.mode = "calls"
+            elif mark.startswith(self.text):
+                return []
+            else:
+                self.mode = "text"
+                return [{"content": self.text}]
+        elif self.mode == "text":
+            return [{"content": piece}] if piece else []
+        return self._call_deltas()
+
+    def _call_deltas(self) -> list[dict[str, Any]]:
+        close = "}" + _constrained().TOOL_CALL_CLOSE
+        out: list[dict[str, Any]] = []
+        while True:
+            if self._args is None:
+                m = _CALL_HEAD.match(self.text, self._pos)
+                if m is None:
+                    return out
+                call = {"id": f"call_{uuid.uuid4().hex[:24]}", "name": m.group(1)}
+                self.calls.append(call)
+                out.append({"tool_calls": [{"index": len(self.calls) - 1, "id": call["id"], "type": "function",
+                                            "function": {"name": call["name"], "arguments": ""}}]})
+                self._args, self._sent = m.end(), 0
+            try:
+                end: Optional[int] = _DECODER.raw_decode(self.text, self._args)[1]
+            except json.JSONDecodeError:  # the arguments object is still open
+                end = None
+            upto = len(self.text) if end is None else end
+            new = self.text[self._args + self._sent : upto]
+            if new:
+                out.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": new}}]})
+                self._sent += len(new)
+            if end is None or not self.text.startswith(close, end):
+                return out
+            self._pos, self._args = end + len(close), None
+
+    def finish(self) -> tuple[list[dict[str, Any]], bool]:
+        """The last deltas once the answer is complete, and whether it was tool calls.
+
+        Raises:
+            ValueError: Text that starts as tool calls but does not parse (the grammar prevents it).
+        """
+        if self.mode != "calls":
+            rest = [{"content": self.text}] if self.mode is None and self.text else []
+            return rest, False
+        _, calls = _constrained().parse_tool_calls(self.text, self.tools)
+        out = []
+        if [k.name for k in calls] != [c["name"] for c in self.calls]:  # not in the expected layout: send whole
+            out = [{"tool_calls": [{"index": i, **k.to_openai()}]} for i, k in enumerate(calls)]
+        return out, True
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
@@ -284,6 +497,7 @@ async def _stream(svc: GistService, job: Job, chat: bool, model: str, include_us
         return error_response(first[1])  # type: ignore[return-value]
 
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    calls = ToolCallStream(job.tools) if chat and job.tools is not None else None
 
     def chunk(text: str, finish: Optional[str] = None) -> dict[str, Any]:
         return _chat_chunk(cid, model, {"content": text}, finish) if chat else _text_chunk(cid, model, text, finish)
@@ -296,12 +510,27 @@ async def _stream(svc: GistService, job: Job, chat: bool, model: str, include_us
             while True:
                 kind, val = item
                 if kind == "text":
-                    yield _sse(chunk(val))
+                    if calls is None:
+                        yield _sse(chunk(val))
+                    else:
+                        for delta in calls.feed(val):
+                            yield _sse(_chat_chunk(cid, model, delta))
                 elif kind == "error":
                     yield _sse(error_body(val.status, val.message, val.param, val.code))
                     break
                 else:
-                    last = chunk("", val.finish_reason)
+                    finish = "stop" if job.structured else val.finish_reason
+                    if calls is not None:
+                        try:
+                            rest, were_calls = calls.finish()
+                        except ValueError as e:
+                            err = OpenAIError(500, f"tool calls did not parse: {e}", code="internal_error")
+                            yield _sse(error_body(err.status, err.message, err.param, err.code))
+                            break
+                        for delta in rest:
+                            yield _sse(_chat_chunk(cid, model, delta))
+                        finish = "tool_calls" if were_calls else finish
+                    last = chunk("", finish)
                     if chat:
                         last["choices"][0]["delta"] = {}
                     last["sources"] = source_fields(val.sources)
@@ -321,11 +550,14 @@ async def _stream(svc: GistService, job: Job, chat: bool, model: str, include_us
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _chat_response(model: str, a: Answer) -> dict[str, Any]:
+def _chat_response(model: str, a: Answer, job: Job) -> dict[str, Any]:
+    try:
+        message, finish = reply_message(job, a)
+    except ValueError as e:  # the grammar prevents it
+        raise OpenAIError(500, f"tool calls did not parse: {e}", code="internal_error") from None
     return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text, "refusal": None},
-                         "logprobs": None, "finish_reason": a.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage_fields(a.usage, len(a.sources)), "sources": source_fields(a.sources)}
 
 
@@ -362,7 +594,7 @@ def openai_router(svc: GistService) -> APIRouter:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream(svc, job, True, req.model, usage)
         answer = await _in_thread(svc, job)
-        return _chat_response(req.model, answer)
+        return _chat_response(req.model, answer, job)
 
     @r.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:

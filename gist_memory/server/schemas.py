@@ -1,5 +1,9 @@
 """Request bodies of the OpenAI-compatible routes (the fields clients send; unknown fields are accepted and ignored).
 
+Tools (`tools`, `tool_choice`, `parallel_tool_calls`) and structured output (`response_format`) are checked in
+`gist_memory.server.openai.chat_job`; history messages may carry `tool_calls` (assistant) or answer one (`role:
+"tool"`, `tool_call_id`).
+
 Fields the server understands beyond OpenAI's (send them as `extra_body` from the OpenAI client):
 `memory` (a memory name, instead of or beside `model="gist-memory:<name>"`), `k` (passages read), `filter`
 (metadata filter for the search), `top_k` and `repetition_penalty` (sampling).
@@ -29,12 +33,33 @@ class ContentPart(_Body):
     text: Optional[str] = None
 
 
+class FunctionCall(_Body):
+    """The function of a tool call in an assistant message: its name and arguments (a JSON string)."""
+
+    name: str
+    arguments: Union[str, dict[str, Any], None] = None
+
+
+class ToolCall(_Body):
+    """A tool call in an assistant message of the history (as the server returned it)."""
+
+    id: Optional[str] = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    """A chat message: role system | developer | user | assistant, content a string or text parts."""
+    """A chat message: role system | developer | user | assistant | tool, content a string or text parts.
+
+    An assistant message may carry `tool_calls` (content then may be null); a tool message answers the call named
+    by `tool_call_id`.
+    """
 
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
 
 class _Sampling(_Body):
@@ -69,8 +94,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
-    tool_choice: Any = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
+    function_call: Any = None
     response_format: Optional[dict[str, Any]] = None
 
 
