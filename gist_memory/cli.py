@@ -920,6 +920,9 @@ def train(
     anchor_dropout: Annotated[Optional[float], typer.Option(help="Share of steps whose passages keep no anchors, so "
                                                             "the gists alone must carry the values.",
                                                             rich_help_panel=_O)] = None,
+    reader: Annotated[Optional[str], typer.Option(help="base (the default: the reader stays the base model) or "
+                                                  "adapted (the writer's LoRA also acts where states are read; for "
+                                                  "comparisons).", rich_help_panel=_O)] = None,
     kinds: Annotated[Optional[str], typer.Option(help="QA kinds, comma-separated.", rich_help_panel=_O)] = None,
     pool_items: Annotated[Optional[int], typer.Option(help="QA items built for training.",
                                                       rich_help_panel=_O)] = None,

@@ -276,6 +276,9 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     card = (shipped / "MODEL_CARD.md").read_text()
     assert "--init-from" in card and card.count("gist-memory train") == 2
     assert GistModel.from_pretrained(shipped, device="cpu").compress(["A short text. Another one."])[0].num_kept > 0
+    other = ship(stage2 / "checkpoint", tmp_path / "shipped-surprisal", anchors="surprisal")  # serve another policy
+    assert GistModel.from_pretrained(other, device="cpu").config.anchors == "surprisal"
+    assert "--anchors surprisal" in (other / "MODEL_CARD.md").read_text()
     res = run(runner, "train", tmp_path / "stage3", *common, "--steps", "1", "--init-from", tmp_path / "nowhere")
     assert_one_line_error(res, "nowhere")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")
