@@ -124,8 +124,10 @@ def test_memory_backed_retriever_serves_stored_states(li_tiny_model, registry, n
     assert llm.last_gist_usage["passages"] == 2 and len(resp.source_nodes) == 2
     assert registry.stats["compressed"] == 0
     docs = GistCompressedRetriever.from_defaults(documents=[Document(text=nodes[1].text)], model=li_tiny_model,
-                                                 registry=registry, embed_model=embed)
+                                                 registry=registry, embed_model=embed, storage_dtype="int4")
     assert len(docs.memory) == 1 and len(docs.retrieve("fox")) == 1
+    # the storage dtype: the library default unless chosen
+    assert r.memory.storage_dtype == "int8" and docs.memory.store.storage_dtype == "int4"
 
 
 def test_from_defaults_rejects_bad_arguments(li_tiny_model, nodes):

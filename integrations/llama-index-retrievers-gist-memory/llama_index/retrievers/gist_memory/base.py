@@ -180,6 +180,7 @@ class GistCompressedRetriever(BaseRetriever):
         registry: Optional[GistRegistry] = None,
         filters: Optional[MetadataFilters] = None,
         show_progress: bool = False,
+        storage_dtype: Optional[str] = None,
         **kwargs: Any,
     ) -> GistCompressedRetriever:
         """Wrap `retriever`, serve from `memory`, or build a `GistMemory` from `documents` / `nodes`.
@@ -199,6 +200,9 @@ class GistCompressedRetriever(BaseRetriever):
             registry: The `GistRegistry` to register into.
             filters: `MetadataFilters` for memory searches (a dict still works, deprecated).
             show_progress: Progress bar while compressing.
+            storage_dtype: How a new memory stores its states (`float32`, `bfloat16`, `float16`, `int8`, `int4`;
+                None: `gist_memory.store.store.DEFAULT_STORAGE_DTYPE`, int8). To choose it when wrapping a
+                retriever, give the registry a store: `GistRegistry(model, store=GistStore(..., storage_dtype=...))`.
             **kwargs: Passed to the constructor (`compress`, `callback_manager`, `verbose`).
 
         Raises:
@@ -221,7 +225,8 @@ class GistCompressedRetriever(BaseRetriever):
                 nodes = run_transformations(list(documents), transformations or Settings.transformations)
             if embed_model is None:
                 embed_model = default_embed_model()
-            memory = GistMemory(model=model, path=path, embedder=LlamaIndexEmbedder(embed_model))
+            memory = GistMemory(model=model, path=path, embedder=LlamaIndexEmbedder(embed_model),
+                                storage_dtype=storage_dtype)
             add_nodes_to_memory(memory, nodes or [], show_progress=show_progress)
         return cls(model=model, memory=memory, registry=registry, similarity_top_k=similarity_top_k,
                    filters=filters, **kwargs)
