@@ -11,6 +11,10 @@ Prints markdown tables:
      docstore rows are written straight into SQLite, so this part measures the index + docstore, not the
      embedder; recall@k is measured against the exact (flat) result.
 
+With `--retention`, first: held-out retention (4-way multiple choice, answer log-likelihood, free generation) of
+the shipped gist model's states read back from each storage dtype against float32, at each of `--ratios`
+(`--retention-items`, `--retention-kinds`, `--retention-dtypes`, `--gist-model`, `--no-generate`).
+
 Options: `--model fake` (no LLM) or a model path, `--ratios 4,8`, `--sizes 10000,100000`,
 `--kinds flat,hnsw,ivfpq`, `--passages 32`, `--skip-search`, `--skip-model`, `--skip-ingest`.
 """
