@@ -25,10 +25,13 @@ def test_readme_table_is_generated_from_the_results_file():
     assert tool.replace_block(readme, block, "README.md") == readme, "run python scripts/update_tables.py"
 
 
-def test_model_card_holds_the_same_table():
+def test_model_card_holds_the_same_tables():
     tool = _tool()
     card = (ROOT / "gist_memory" / "assets" / "default_model" / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert tool.replace_block(card, tool.rendered(), "MODEL_CARD.md") == card
+    block = tool.rendered_reader()
+    assert "(frozen reader) @4x" in block and "(adapted reader) @4x" in block
+    assert tool.replace_block(card, block, "MODEL_CARD.md", "reader-table") == card
 
 
 def test_missing_markers_are_named():
