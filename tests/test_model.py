@@ -495,3 +495,19 @@ def test_surprisal_anchors_from_the_first_pass_match_an_explicit_scoring_pass(ti
         assert st.num_kept == plan.num_kept
         s = m.token_surprisal(plan.ids)
         assert s.shape == (plan.num_tokens,) and np.isfinite(s).all() and (s >= 0).all()
+
+
+@torch.no_grad()
+def test_score_choices_reads_the_prompt_once_and_matches_one_pass_per_choice(model):
+    """The prompt is prefilled once and the choices run over its cache: the same sums as one pass per choice."""
+    st = model.compress(TEXTS[:2])
+    conts = [" Mira", " the archive keeper of the old town", " 1874", "."]
+    for states in (None, st):
+        got = model.score_choices("Who kept the archive?", conts, states=states)
+        layers, start, head = model.prepare("Who kept the archive?", states)
+        for c, g in zip(conts, got):
+            ids = model.encode(c)
+            logits, _ = model.forward_ids(torch.as_tensor([head + ids]), layers, start)
+            lp = torch.log_softmax(logits[0].float(), -1)
+            ref = float(sum(lp[len(head) - 1 + t, i] for t, i in enumerate(ids)))
+            assert g == pytest.approx(ref, abs=2e-3)

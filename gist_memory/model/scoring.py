@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from gist_memory.model import kv
 from gist_memory.model.prompt import Prompt
 from gist_memory.model.usage import Usage, check_usage
 from gist_memory.state import GistState
@@ -58,21 +59,30 @@ class Scoring:
             raise ValueError("a continuation is empty (no tokens to score)")
         if not head and layers is None:
             raise ValueError("nothing to condition on: empty prompt and no states")
-        S = len(head) + max(len(c) for c in conts)
+        if len(head) == 0:
+            raise ValueError("score needs a prompt before the continuation")
         pad = self._pad_id()
-        ids = torch.full((len(conts), S), pad, dtype=torch.long, device=self.device)
-        for i, c in enumerate(conts):
-            ids[i, : len(head) + len(c)] = torch.as_tensor(head + c)
         with self._eval_mode():
-            logits, _ = self.forward_ids(ids, layers, start)
-        logp = torch.log_softmax(logits.float(), -1)
-        out = []
-        for i, c in enumerate(conts):
-            # token t of the continuation sits at index len(head)+t, predicted at index len(head)+t-1
-            if len(head) == 0:
-                raise ValueError("score needs a prompt before the continuation")
-            tgt = torch.as_tensor(c, device=self.device)
-            pos = len(head) - 1 + torch.arange(len(c), device=self.device)
-            out.append(float(logp[i, pos, tgt].sum()))
+            # the prompt is read once; the continuations then run as one batch over its cache
+            h_logits, cache = self.forward_ids(torch.as_tensor([head], device=self.device), layers, start)
+            first = torch.log_softmax(h_logits[0, -1].float(), -1)
+            out = [float(first[c[0]]) for c in conts]
+            rest = [c for c in conts if len(c) > 1]
+            if rest:
+                C = max(len(c) for c in rest) - 1
+                ids = torch.full((len(rest), C), pad, dtype=torch.long, device=self.device)
+                for i, c in enumerate(rest):
+                    ids[i, : len(c) - 1] = torch.as_tensor(c[:-1])
+                # states present: the model's own reader; none: the base model, as for the prompt
+                logits, _ = self.forward_ids(ids, kv.cache_layers(cache), start + len(head),
+                                             adapted=None if layers is not None else False)
+                logp = torch.log_softmax(logits.float(), -1)
+                j = 0
+                for i, c in enumerate(conts):
+                    if len(c) > 1:
+                        # token t >= 1 of the continuation is predicted at index t-1 of its row
+                        tgt = torch.as_tensor(c[1:], device=self.device)
+                        out[i] += float(logp[j, torch.arange(len(c) - 1, device=self.device), tgt].sum())
+                        j += 1
         self._report(usage, self._usage(states, layers, len(head), total_s=time.perf_counter() - t0))
         return out
