@@ -334,3 +334,13 @@ def test_bad_tool_histories_are_refused(server):  # noqa: F811
     got, res = server.request("POST", "/v1/chat/completions", {"model": "gist-memory", "messages": ok,
                                                                 "max_tokens": 3})
     assert got == 200 and res["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_stop_strings_never_cut_a_json_answer(client):  # noqa: F811
+    """Stop strings reach the model, which applies them to free text only: `"` and `}` occur in every JSON answer."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
+    r = client.chat.completions.create(model="gist-memory:default", messages=MSGS, response_format=fmt,
+                                       max_tokens=64, stop=['"', "}"])
+    jsonschema.validate(json.loads(r.choices[0].message.content), ANSWER)
+    plain = client.chat.completions.create(model="gist-memory:default", messages=MSGS, max_tokens=24, stop=["e"])
+    assert "e" not in (plain.choices[0].message.content or "")  # ... and still cut free text

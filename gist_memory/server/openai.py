@@ -302,8 +302,8 @@ def _chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, str]], st
 def chat_job(svc: GistService, req: ChatCompletionRequest) -> Job:
     """Check a chat request; the messages become the model's conversation, the last user turn the search query.
 
-    With tools or a response_format, stop strings are not passed on: they never cut a tool call or a JSON answer
-    (nor, with `tool_choice: "auto"`, the free-text answer).
+    With tools or a response_format, stop strings reach the model, which applies them to free text only (the
+    text of a `tool_choice: "auto"` answer), never to a tool call or a JSON answer.
     """
     if req.logprobs or req.top_logprobs:
         raise OpenAIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
@@ -314,7 +314,6 @@ def chat_job(svc: GistService, req: ChatCompletionRequest) -> Job:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     job = _job(svc, req, msgs, query, max_tokens)
     if constraint:
-        job.gen.pop("stop", None)
         job.gen.update(constraint)
     job.tools, job.structured = tools, structured
     return job

@@ -214,7 +214,9 @@ class GistService:
             cancelled: Polled after each piece; True ends the answer early (the client went away).
         """
         mem = self.memories[memory] if memory is not None else None
-        stop = StopFilter(gen.get("stop") or [])
+        # with tools or a schema the model applies stop strings itself, to free text only (never to a call or JSON)
+        constrained = bool(gen.get("tools")) or gen.get("schema") is not None
+        stop = StopFilter([] if constrained else (gen.get("stop") or []))
         pieces: list[str] = []
 
         def emit(text: str) -> None:
