@@ -13,8 +13,9 @@ Two parts, each with 1 and 2 compression actors (`--actors`) on a local Ray with
    (reading, chunking, moving rows, encoding and writing states, SQLite + FAISS on the driver); and on
    `--fake-fsync-passages` with fsync on (every state file and folder flushed, as ingest does by default).
 
-Columns: passages/s (wall time of the whole call, Ray start excluded: the cluster is up), MiB of state entries
-written, peak RSS of the driver process and of the Ray worker processes (sampled every 0.2 s; "workers" is the
+Columns: seconds and passages/s of the whole call (Ray itself is up already; the call loads the model in every
+actor), seconds to the first commit and passages/s after it (the pipeline's rate once the models are loaded),
+MiB of state entries written, peak RSS of the driver process and of the Ray worker processes (sampled every 0.2 s; "workers" is the
 peak of their sum, chunking tasks and actors together). States are stored as `--storage-dtype` (int8).
 """
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 
 class RssSampler:
-    """Peak RSS of this process and of the Ray worker processes (by process title `ray::...`), every 0.2 s."""
+    """Peak RSS of this process and of its Ray worker processes (descendants titled `ray::...`), every 0.2 s."""
 
     def __init__(self) -> None:
         import psutil
@@ -52,12 +53,12 @@ class RssSampler:
         while not self._stop.is_set():
             self.driver = max(self.driver, self.me.memory_info().rss)
             total = 0
-            for p in self.psutil.process_iter(["name", "cmdline", "memory_info"]):
+            for p in self.me.children(recursive=True):
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if cmd.startswith("ray::") and "IDLE" not in cmd and p.info["memory_info"] is not None:
-                        total += p.info["memory_info"].rss
-                except (self.psutil.Error, TypeError):
+                    cmd = " ".join(p.cmdline())
+                    if cmd.startswith("ray::") and "IDLE" not in cmd:
+                        total += p.memory_info().rss
+                except self.psutil.Error:
                     continue
             self.workers = max(self.workers, total)
             self._stop.wait(0.2)
@@ -92,12 +93,22 @@ def run_ray(docs: Path, mem: Path, model: Any, embedder: Any, actors: int, dtype
             fsync: bool = True) -> dict:
     from gist_memory.distributed import ray_ingest
 
+    first: list[tuple[float, int]] = []
+
+    def seen(summary: Any) -> None:  # the first commit: the model is loaded and rows flow
+        if not first and summary.passages_added:
+            first.append((time.perf_counter(), summary.passages_added))
+
     with RssSampler() as rss:
         t0 = time.perf_counter()
         s = ray_ingest(docs, mem, model, embedder=embedder, storage_dtype=dtype, num_actors=actors,
-                       max_passage_tokens=max_tokens, progress=False, fsync=fsync)
-        dt = time.perf_counter() - t0
+                       max_passage_tokens=max_tokens, progress=False, fsync=fsync, on_progress=seen)
+        t1 = time.perf_counter()
+        dt = t1 - t0
+    t_first, n_first = first[0] if first else (t1, s.passages_added)
+    steady = (s.passages_added - n_first) / (t1 - t_first) if t1 > t_first else 0.0
     return {"passages": s.passages_added, "seconds": dt, "per_s": s.passages_added / dt,
+            "startup": t_first - t0, "steady_per_s": steady,
             "bytes": s.state_bytes_written, "driver_rss": rss.driver, "workers_rss": rss.workers,
             "batch": s.batch_size, "fsync": fsync}
 
@@ -113,7 +124,42 @@ def run_single(docs: Path, mem: Path, model: Any, embedder: Any, dtype: str, max
         dt = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in (mem / "states").rglob("*.safetensors"))
     return {"passages": s.passages_added, "seconds": dt, "per_s": s.passages_added / dt, "bytes": size,
+            "startup": None, "steady_per_s": None,
             "driver_rss": rss.driver, "workers_rss": 0, "batch": 8, "fsync": True}
+
+
+FAKE = {"name": "fake-smollm2-shape", "num_layers": 30, "num_heads": 3, "head_dim": 64, "tokens_per_row": 4}
+
+
+def run_row(spec: dict) -> dict:
+    """One measurement, in a fresh process (so the driver's peak RSS is this row's): `spec` names the part
+    (real/fake), how (single/ray), actors, fsync, the corpus folder, the scratch folder and the storage dtype."""
+    from gist_memory.testing import FakeGistModel, HashingEmbedder
+
+    docs, mem, dtype = Path(spec["docs"]), Path(spec["mem"]), spec["dtype"]
+    if spec["part"] == "real":
+        model: Any = {"device": "cpu"}
+        embedder = None
+    else:
+        model = functools.partial(FakeGistModel, **FAKE)
+        embedder = HashingEmbedder()
+    if spec["how"] == "single":
+        from gist_memory._options import load_model
+
+        gm = load_model(device="cpu")[0] if spec["part"] == "real" else model()
+        return run_single(docs, mem, gm, embedder, dtype, 256)
+    import ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="gmray", dir="/tmp")
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE",
+                                     "TOKENIZERS_PARALLELISM") if k in os.environ}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp,
+             runtime_env={"env_vars": {**env, "PYTHONPATH": str(ROOT)}})
+    try:
+        return run_ray(docs, mem, model, embedder, spec["actors"], dtype, 256, fsync=spec["fsync"])
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,68 +175,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-fake", action="store_true")
     ap.add_argument("--work", default=None, help="Scratch folder (default: a temp folder, removed at the end).")
     ap.add_argument("--json", default=None, help="Also write the rows as JSON to this file.")
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = ap.parse_args(argv)
-    actor_counts = [int(x) for x in args.actors.split(",") if x.strip()]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.row:
+        print(json.dumps(run_row(json.loads(args.row))))
+        return 0
 
-    import ray
+    import subprocess
 
-    from gist_memory.testing import FakeGistModel, HashingEmbedder
-
+    actor_counts = [int(x) for x in args.actors.split(",") if x.strip()]
     work = Path(args.work or tempfile.mkdtemp(prefix="gm-bench-ray-"))
-    ray_tmp = tempfile.mkdtemp(prefix="gmray", dir="/tmp")
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE",
-                                     "TOKENIZERS_PARALLELISM") if k in os.environ}
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp,
-             runtime_env={"env_vars": {**env, "PYTHONPATH": str(ROOT)}})
-    rows: list[dict] = []
-    try:
-        if not args.skip_real:
-            docs = work / "real-docs"
-            write_corpus(docs, args.real_passages, per_file=10, words=60)
-            from gist_memory._options import load_model
-
-            gm, desc = load_model(device="cpu")
-            r = run_single(docs, work / "real-single", gm, None, args.storage_dtype, 256)
-            rows.append({"part": "real", "how": "single process", "actors": "-", **r})
-            print(f"real, single process: {r['per_s']:.2f} passages/s ({desc})", file=sys.stderr, flush=True)
-            del gm
-            for n in actor_counts:
-                r = run_ray(docs, work / f"real-ray-{n}", {"device": "cpu"}, None, n, args.storage_dtype, 256)
-                rows.append({"part": "real", "how": "ray", "actors": n, **r})
-                print(f"real, {n} actor(s): {r['per_s']:.2f} passages/s", file=sys.stderr, flush=True)
-        if not args.skip_fake:
-            fake = functools.partial(FakeGistModel, name="fake-smollm2-shape", num_layers=30, num_heads=3,
-                                     head_dim=64, tokens_per_row=4)
-            for n_passages, fsync in ((args.fake_passages, False), (args.fake_fsync_passages, True)):
-                if not n_passages:
-                    continue
+    plan: list[dict] = []
+    if not args.skip_real:
+        docs = work / "real-docs"
+        write_corpus(docs, args.real_passages, per_file=10, words=60)
+        plan.append({"part": "real", "how": "single", "actors": "-", "fsync": True, "docs": str(docs)})
+        plan += [{"part": "real", "how": "ray", "actors": n, "fsync": True, "docs": str(docs)} for n in actor_counts]
+    if not args.skip_fake:
+        for n_passages, fsync in ((args.fake_passages, False), (args.fake_fsync_passages, True)):
+            if n_passages:
                 docs = work / f"fake-docs-{n_passages}"
                 write_corpus(docs, n_passages, per_file=1000, words=args.fake_words)
-                for n in actor_counts:
-                    mem = work / f"fake-ray-{n}"
-                    r = run_ray(docs, mem, fake, HashingEmbedder(), n, args.storage_dtype, 256, fsync=fsync)
-                    rows.append({"part": "fake", "how": "ray", "actors": n, **r})
-                    print(f"fake, {n_passages} passages, fsync {fsync}, {n} actor(s): {r['per_s']:.1f} passages/s",
-                          file=sys.stderr, flush=True)
-                    shutil.rmtree(mem, ignore_errors=True)  # the states of 100k passages take GBs
-                shutil.rmtree(docs, ignore_errors=True)
+                plan += [{"part": "fake", "how": "ray", "actors": n, "fsync": fsync, "docs": str(docs)}
+                         for n in actor_counts]
+    rows: list[dict] = []
+    try:
+        for i, spec in enumerate(plan):
+            spec = {**spec, "mem": str(work / f"mem-{i}"), "dtype": args.storage_dtype}
+            r = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"row {spec} failed")
+            rows.append({**spec, **json.loads(r.stdout.strip().splitlines()[-1])})
+            got = rows[-1]
+            print(f"{spec['part']}, {spec['how']}, {spec['actors']} actor(s), {got['passages']} passages, fsync "
+                  f"{spec['fsync']}: {got['per_s']:.1f} passages/s", file=sys.stderr, flush=True)
+            shutil.rmtree(spec["mem"], ignore_errors=True)  # the states of 100k passages take GBs
     finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    print("| model | how | actors | passages | batch | fsync | seconds | passages/s | state MiB written "
-          "| driver peak RSS MiB | workers peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | how | actors | passages | batch | fsync | seconds | to first commit s | passages/s "
+          "| after first commit | state MiB written | driver peak RSS MiB | workers peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         model = "SmolLM2-135M (bundled)" if r["part"] == "real" else "fake states, same shapes"
-        print(f"| {model} | {r['how']} | {r['actors']} | {r['passages']:,} | {r['batch']} | "
-              f"{'on' if r['fsync'] else 'off'} | {r['seconds']:.1f} "
-              f"| {r['per_s']:.1f} | {_mib(r['bytes'])} | {_mib(r['driver_rss'])} | "
+        how = "single process" if r["how"] == "single" else "ray"
+        print(f"| {model} | {how} | {r['actors']} | {r['passages']:,} | {r['batch']} | "
+              f"{'on' if r['fsync'] else 'off'} | {r['seconds']:.1f} | "
+              f"{'-' if r['startup'] is None else format(r['startup'], '.1f')} "
+              f"| {r['per_s']:.1f} | {'-' if r['steady_per_s'] is None else format(r['steady_per_s'], '.1f')} "
+              f"| {_mib(r['bytes'])} | {_mib(r['driver_rss'])} | "
               f"{_mib(r['workers_rss']) if r['workers_rss'] else '-'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

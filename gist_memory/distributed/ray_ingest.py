@@ -11,11 +11,19 @@ The driver receives the passages in input order and adds them to the docstore an
 (`GistMemory.add_texts`, which finds every state already stored), a batch at a time, so a job killed at any point
 keeps what it committed, and a rerun skips every passage the memory has and every state the store has.
 
-The result is the single-process ingest's (`gist_memory.store.ingest.ingest`, `gist-memory ingest`): same ids,
-texts and metadata, same docstore order, byte-identical states (each state is computed in the batch the
-single-process ingest computes it in: a file's passages in runs of `batch_size`; the one exception is a text that
-appears twice in one file, whose second copy the single-process ingest does not compress again, which shifts its
-later batches), and the same search results.
+The result is the single-process ingest's (`gist-memory ingest`, or `ingest(..., commit_every=4 * batch_size)`):
+same ids, texts and metadata, the same docstore rows in the same order, the same state tensors and metadata, and
+the same search results. Each state is computed in the batch that ingest computes it in (a file's new texts in
+runs of `batch_size`, `units` in `stages`), since a batch's padding changes the last bits of its states. The
+exception: a text that is already in the store when its file comes up (it also occurs in an earlier file, or an
+earlier run stored it) is not compressed again by the single-process ingest, which shifts that file's later
+batches; Ray ingest compresses a file's batches as they are, so those states agree to float rounding only.
+With a sentence-transformers embedder the vectors agree to float rounding too (it pads each batch).
+
+Every node must see the input files at the paths the driver gives, and, for the workers to write states
+themselves, the memory's store: a local folder on a file system they share, or a shared store (`states=`, e.g.
+`s3://...`). Workers that do not see a local store folder hand their encoded states to the driver, which writes
+them (`write_states`).
 """
 
 from __future__ import annotations
@@ -276,6 +284,11 @@ def ray_ingest(
         if use_gpu and n_gpu < 1:
             raise ValueError("use_gpu=True, but the Ray cluster has no GPU")
         actors = num_actors or (int(n_gpu) if use_gpu else max(1, int(n_cpu) - 1))
+        if use_gpu and actors > n_gpu:
+            raise ValueError(f"num_actors={actors} GPU actors, but the Ray cluster has {n_gpu:g} GPU(s)")
+        if not use_gpu and actors * 0.25 > n_cpu - 0.25:
+            raise ValueError(f"num_actors={actors} CPU actors do not fit the cluster's {n_cpu:g} CPU(s) (each takes at "
+                             f"least a quarter CPU, and the chunking tasks a quarter)")
         # CPU actors leave a quarter CPU to the chunking tasks, or the pipeline would wait for CPUs forever
         actor_cpus = 1.0 if use_gpu else max(0.25, min(1.0, (n_cpu - 0.25) / actors))
         device = None if use_gpu else "cpu"
@@ -313,18 +326,23 @@ def ray_ingest(
         shared = stages.Shared(ray.put(info["tokenizer"]), ray.put(stages.id_digests(present_ids)))
         del present_ids
         ctx = ray.data.DataContext.get_current()
-        saved_ctx = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+        saved_ctx = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+                     ctx.target_max_block_size)
         ctx.execution_options.preserve_order = True  # commit in the single-process ingest's order
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # small blocks (Ray Data gathers a task's output up to this size): a file's units reach the actors, and
+        # their passages the driver, a few dozen at a time, so results stream back and a killed job loses little
+        ctx.target_max_block_size = stages.BLOCK_BYTES
         ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), _MAX_INPUT_BLOCKS))
         # on CPUs the actors leave a quarter CPU to one chunking task at a time
         chunk_pool = ray.data.TaskPoolStrategy(size=None if use_gpu else 1)
         ds = ds.map_batches(stages.chunk_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             compute=chunk_pool,
                             fn_kwargs={"shared": shared, "max_passage_tokens": max_passage_tokens, "batch_size": bsz})
-        ds = ds.map_batches(  # about 64 passages per actor call (one unit when a unit is that large)
-            stages.CompressUnits, batch_size=max(1, 64 // bsz), batch_format="pyarrow",
+        per_block = max(1, stages.BLOCK_PASSAGES // bsz)
+        ds = ds.map_batches(
+            stages.CompressUnits, batch_size=per_block, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), **remote,
             fn_constructor_kwargs={"model": model, "device": device, "fingerprint": info["fingerprint"],
                                    "store": store if write_states != "driver" else None,
@@ -333,12 +351,14 @@ def ray_ingest(
                                    "batch_size": bsz},
         )
         summary.actors, summary.batch_size, summary.device = actors, bsz, info["device"]
-        summary.address = "local" if started and address in (None, "local") else str(address or "connected")
+        summary.address = ("local" if started and address in (None, "local")
+                           else str(address or ray.get_runtime_context().gcs_address))
         summary.model_record = info["record"]
         try:
             _drain(ds, mem, probed, vectors, summary, len(files), bsz, progress, on_progress)
         finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved_ctx
+            (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+             ctx.target_max_block_size) = saved_ctx
         mem.save()
     except Exception as e:
         cause = _user_cause(e) if type(e).__module__.startswith("ray.") else None
@@ -427,6 +447,8 @@ def _drain(ds: Any, mem: Any, probed: _ProbedModel, vectors: _WorkerVectors, sum
     ray_data_log = logging.getLogger("ray.data")
     level = ray_data_log.level
     ray_data_log.setLevel(logging.WARNING)  # not its per-operator progress lines: ours say it in passages
+    notice = logging.getLogger("ray.data._internal.progress")  # "Progress bars disabled ...": ours are on
+    notice.addFilter(_no_progress_bar_notice)
     bar = _Progress(n_files, progress)
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -447,6 +469,11 @@ def _drain(ds: Any, mem: Any, probed: _ProbedModel, vectors: _WorkerVectors, sum
     finally:
         bar.close()
         ray_data_log.setLevel(level)
+        notice.removeFilter(_no_progress_bar_notice)
+
+
+def _no_progress_bar_notice(record: logging.LogRecord) -> bool:
+    return "Progress bars disabled" not in record.getMessage()
 
 
 def _file_info(summary: Any, info: dict[str, Any]) -> None:

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 PARQUET_SUFFIX = ".parquet"
 ID_DIGEST_BYTES = 16  # ids already in the memory travel to the workers as sorted blake2b-128 digests
-TOKEN_PREFIX = ".ray-ingest-"  # a file the driver writes into a local store folder: "workers can see it"
+TOKEN_PREFIX = ".ray-ingest-"
+BLOCK_PASSAGES = 64  # passages per actor call (and so per commit on the driver), about
+BLOCK_BYTES = 128 * 1024  # Ray Data's target block size during a run: blocks of a few dozen passages  # a file the driver writes into a local store folder: "workers can see it"
 
 UNIT_SCHEMA = pa.schema([
     ("kind", pa.string()),  # "unit" or "file"
@@ -66,6 +68,7 @@ PASSAGE_SCHEMA = pa.schema([
 ])
 
 _CACHE: dict[Any, Any] = {}  # per worker process: tokenizer, chunker and present-id digests, by object ref
+_CACHE_MAX = 8  # entries of earlier runs are dropped past this
 
 
 # ---- ids already in the memory --------------------------------------------------------------------------------
@@ -100,6 +103,8 @@ def _get(ref: Any) -> Any:
 
     key = ("ref", ref.hex())
     if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
         _CACHE[key] = ray.get(ref)
     return _CACHE[key]
 
@@ -109,11 +114,11 @@ def chunk_files(batch: pa.Table, *, shared: Shared, max_passage_tokens: int, bat
     """Read and chunk each file of `batch` (a `path` column); yield its units, then its `file` row."""
     from gist_memory.store.ingest import Chunker, IngestSummary, _passages_of_file, _read_text
 
+    tokenizer, present = _get(shared.tokenizer), _get(shared.present)
     key = ("chunker", shared.tokenizer.hex(), max_passage_tokens)
     if key not in _CACHE:
-        _CACHE[key] = Chunker(max_passage_tokens, _get(shared.tokenizer))
+        _CACHE[key] = Chunker(max_passage_tokens, tokenizer)
     chunker = _CACHE[key]
-    present = _get(shared.present)
     for path in batch.column("path").to_pylist():
         summary = IngestSummary()
         if path.lower().endswith(PARQUET_SUFFIX):
@@ -138,7 +143,7 @@ def chunk_files(batch: pa.Table, *, shared: Shared, max_passage_tokens: int, bat
                          "metas": [json.dumps(p.metadata, ensure_ascii=False) for p in part],
                          "ntoks": [p.num_tokens for p in part], "present": pres,
                          "ride": [ride for _, ride in span], "info": None})
-            if len(rows) >= 64:
+            if len(rows) * batch_size >= BLOCK_PASSAGES:  # small blocks: results stream back a few at a time
                 yield pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
                 rows = []
         info = {"files_read": summary.files_read, "files_skipped": summary.files_skipped,
