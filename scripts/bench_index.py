@@ -4,7 +4,8 @@
     python scripts/bench_index.py --n 100000 --queries 300                              # a quick run
 
 Each index is a `gist_memory.store.index.VectorIndex` with the memory's defaults (`GistMemory(index=...)`):
-flat = `IndexFlatIP`; hnsw = `IndexHNSWFlat` M=32, efConstruction 40 (faiss's default), efSearch 128;
+flat = `IndexFlatIP`; hnsw = `IndexHNSWFlat` M=32, efConstruction 40 (faiss's default; `--ef-construction`),
+efSearch 128;
 ivfpq = `IndexIVFPQ` with 2*sqrt(n) lists, 48 sub-quantisers of 8 bits (dim/8), nprobe 16, trained on up to
 256 vectors per list. Rows with other efSearch / nprobe values change only the search setting of the same index.
 `ivfpq + re-rank` is what `GistMemory.search` does with a trained IVF-PQ index: a shortlist of max(8k, 32) from
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--kinds", default="flat,hnsw,ivfpq")
     p.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
+    p.add_argument("--ef-construction", type=int, default=40, help="HNSW build breadth (GistMemory's default 40)")
     p.add_argument("--subspace", type=int, default=0,
                    help="within-cluster noise in a random subspace of this many dimensions (0: isotropic)")
     args = p.parse_args(argv)
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name} done", file=sys.stderr, flush=True)
 
     for kind in [x for x in args.kinds.split(",") if x]:
-        vi = VectorIndex(kind, args.dim, ivf_min_points=10_000, use_gpu=False)
+        vi = VectorIndex(kind, args.dim, ivf_min_points=10_000, ef_construction=args.ef_construction, use_gpu=False)
         t0 = time.perf_counter()
         vi.rebuild(ids, data)
         build = time.perf_counter() - t0
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             for ef in (64, 128, 256):
                 inner.hnsw.efSearch = ef
                 lat, per_q, got = timed_search(search, queries, args.queries)
-                row(f"hnsw M=32, efSearch {ef}" + (" (default)" if ef == vi.ef_search else ""), build, nbytes,
+                row(f"hnsw M=32, efConstruction {vi.ef_construction}, efSearch {ef}"
+                    + (" (default)" if ef == vi.ef_search and vi.ef_construction == 40 else ""), build, nbytes,
                     lat, per_q, got)
         elif kind == "ivfpq":
             nlist, m = inner.nlist, inner.pq.M

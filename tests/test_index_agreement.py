@@ -49,9 +49,13 @@ def test_hnsw_and_ivfpq_agree_with_flat(tmp_path, data):
     got = {}
     for kind in ("flat", "hnsw", "ivfpq"):
         mem = GistMemory(FakeGistModel(), tmp_path / kind, embedder=emb, index=kind, ivf_min_points=1000,
-                         fsync=False)
+                         ef_construction=64, fsync=False)
         mem.add_texts(texts, ids=texts, batch_size=512, show_progress=False)
         assert mem.index_kind == kind and mem._index.trained  # ivfpq trained once it had 1,000 vectors
+        if kind == "hnsw":
+            import faiss
+
+            assert faiss.downcast_index(mem._index.index.index).hnsw.efConstruction == 64
         got[kind] = _top(mem, len(queries))
         mem.close()
     # exact reference computed here, independently of the memory's flat index

@@ -225,7 +225,7 @@ class GistMemory:
         storage_options: For fsspec URLs in `states` (e.g. an S3 endpoint).
         use_gpu: FAISS search on GPU (None: when the installed faiss sees a GPU).
         fsync: fsync state files before renaming them.
-        **index_options: `hnsw_m`, `ef_search`, `ivf_min_points`, `nprobe` for `VectorIndex`.
+        **index_options: `hnsw_m`, `ef_search`, `ef_construction`, `ivf_min_points`, `nprobe` for `VectorIndex`.
 
     Raises:
         ValueError: The folder was written by another model or embedder (the message names both), or holds
@@ -254,7 +254,7 @@ class GistMemory:
             raise ValueError(f"index must be one of {list(INDEX_KINDS)}, got {index!r}")
         if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"unsupported storage_dtype {storage_dtype!r}; choose one of {list(STORAGE_DTYPES)}")
-        unknown = set(index_options) - {"hnsw_m", "ef_search", "ivf_min_points", "nprobe"}
+        unknown = set(index_options) - {"hnsw_m", "ef_search", "ef_construction", "ivf_min_points", "nprobe"}
         if unknown:
             raise ValueError(f"unknown GistMemory options: {sorted(unknown)}")
         self.model = model
