@@ -47,8 +47,9 @@ class VectorIndex:
         dim: Embedding size.
         hnsw_m: HNSW graph degree.
         ef_search: HNSW search breadth.
-        ef_construction: HNSW build breadth (faiss's default 40; higher builds slower and finds more of the exact
-            neighbours on well-clustered data: docs/scale.md, "The index at scale").
+        ef_construction: HNSW build breadth (100; faiss's own default 40 found the nearest neighbour for only
+            ~0.8 of queries at 1M clustered vectors, 100 for 0.97 at 2.8x the build time: docs/scale.md, "The
+            index at scale").
         ivf_min_points: Vectors needed before an `ivfpq` index is trained (exact search until then).
         nprobe: IVF lists visited per query.
         use_gpu: Search on a GPU replica when faiss has GPUs (None: whenever `faiss.get_num_gpus() > 0`).
@@ -61,7 +62,7 @@ class VectorIndex:
         *,
         hnsw_m: int = 32,
         ef_search: int = 128,
-        ef_construction: int = 40,
+        ef_construction: int = 100,
         ivf_min_points: int = 10_000,
         nprobe: int = 16,
         use_gpu: Optional[bool] = None,
