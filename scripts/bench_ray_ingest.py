@@ -78,7 +78,7 @@ def _mib(n: float) -> str:
 
 def write_corpus(root: Path, n: int, per_file: int, words: int) -> None:
     """`n` distinct passages as jsonl records (`per_file` a file), about `words` words each."""
-    from gist_memory.store.bench_store import PARAGRAPHS
+    from gist_memory.eval.bench_store import PARAGRAPHS
 
     root.mkdir(parents=True, exist_ok=True)
     for f0 in range(0, n, per_file):

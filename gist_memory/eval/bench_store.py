@@ -1,4 +1,4 @@
-"""Benchmark of the gist store and memory: run `python -m gist_memory.store.bench_store`.
+"""Benchmark of the gist store and memory: run `python -m gist_memory.eval.bench_store`.
 
 Prints markdown tables:
   1. states of a real model (default: the bundled SmolLM2-135M, training-free `pool+anchors` compressor) at each
