@@ -128,3 +128,34 @@ def test_middleware_refuses_models_that_cannot_read_states(gist_tiny):
     agent = create_agent(FakeListChatModel(responses=["x"]), tools=[], middleware=[GistMemoryMiddleware(chat)])
     with pytest.raises(TypeError, match="needs the agent's model to be a ChatGist"):
         agent.invoke({"messages": [HumanMessage("hi")]})
+
+
+def test_langgraph_state_store_writes_the_chosen_dtype_and_reads_older_entries(gist_tiny):
+    import base64
+
+    from langchain_gist_memory._states import StateEntry
+    from langgraph.store.memory import InMemoryStore
+
+    from gist_memory.store.store import DEFAULT_STORAGE_DTYPE
+
+    st = gist_tiny.compress(["Box 7 holds 21 red marbles. Please remember it."])[0]
+    fp = st.model_fingerprint
+    store = InMemoryStore()
+    sizes = {}
+    for dtype in ("float32", "int4", None):
+        lg = LangGraphStateStore(store, namespace=("t", dtype or "default"), storage_dtype=dtype)
+        assert lg.storage_dtype == (dtype or DEFAULT_STORAGE_DTYPE)
+        lg.put_states([StateEntry(key="k1", state=st, text=st.text, message_ids=["m1"])])
+        got = lg.get_states(["k1"], fp)["k1"]
+        assert got.num_kept == st.num_kept and got.keys.shape == st.keys.shape
+        tol = 0.0 if dtype == "float32" else 0.5
+        assert float((got.keys.float() - st.keys.float()).abs().max()) <= tol + 1e-6
+        item = store.get(lg._ns(fp), "k1")
+        sizes[lg.storage_dtype] = len(base64.b64decode(item.value["state"]))
+    assert max(sizes["int4"], sizes[DEFAULT_STORAGE_DTYPE]) < sizes["float32"]  # (scales weigh much on a tiny model)
+    # an entry of an older version (full precision, no "storage" field) still reads
+    store.put(("t", "old", fp), "k2", {"state": base64.b64encode(st.to_bytes()).decode("ascii"), "text": st.text,
+                                       "message_ids": [], "num_tokens": st.num_tokens, "num_kept": st.num_kept})
+    assert LangGraphStateStore(store, namespace=("t", "old")).get_states(["k2"], fp)["k2"].num_kept == st.num_kept
+    with pytest.raises(ValueError, match="storage_dtype"):
+        LangGraphStateStore(store, storage_dtype="int3")
