@@ -106,21 +106,22 @@ def _rows(path: Path) -> list[tuple]:
         con.close()
 
 
-def _entry(path: Path, key: str) -> tuple[dict, bytes]:
-    """(parsed safetensors header, data bytes) of the state entry under `key`."""
+def _entry(states: Path, key: str) -> tuple[dict, bytes]:
+    """(parsed safetensors header, data bytes) of the state entry under `key` in the store folder `states`."""
     from gist_memory.store.backends.local import LocalFolderBackend
 
-    data = Path(LocalFolderBackend(path / "states").path_for(key)).read_bytes()
+    data = Path(LocalFolderBackend(states).path_for(key)).read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
-def _assert_same_memory(got: Path, ref: Path, exact_vectors: bool = True) -> None:
+def _assert_same_memory(got: Path, ref: Path, exact_vectors: bool = True, states: Path | None = None) -> None:
     """Same docstore rows in the same order (row numbers, ids, texts, metadata, text hashes, state keys and, with
     `exact_vectors`, embedding bytes), the same state entries, and nothing else in the store.
 
     `exact_vectors=False` for a sentence-transformers embedder: it pads each batch to its longest text, and the
-    two ingests embed in different batches, so vectors agree to float rounding only."""
+    two ingests embed in different batches, so vectors agree to float rounding only. `states`: where `got` keeps
+    its states (default `got/states`)."""
     import numpy as np
 
     rows, want = _rows(got), _rows(ref)
@@ -131,12 +132,13 @@ def _assert_same_memory(got: Path, ref: Path, exact_vectors: bool = True) -> Non
         assert [r[:6] for r in rows] == [r[:6] for r in want]
         for r, w in zip(rows, want):
             np.testing.assert_allclose(np.frombuffer(r[6], np.float32), np.frombuffer(w[6], np.float32), atol=2e-6)
+    states = states or got / "states"
     for r in want:
-        assert _entry(got, r[5]) == _entry(ref, r[5]), r[1]
+        assert _entry(states, r[5]) == _entry(ref / "states", r[5]), r[1]
     # nothing else in the store: every state once, no leftovers of a killed run
     from gist_memory.store.backends.local import LocalFolderBackend
 
-    assert sorted(LocalFolderBackend(got / "states").list()) == sorted({r[5] for r in want})
+    assert sorted(LocalFolderBackend(states).list()) == sorted({r[5] for r in want})
 
 
 def _same_search(got: Path, ref: Path, model) -> None:
@@ -166,10 +168,12 @@ def test_ray_ingest_equals_single_process(ray_cluster, docs, reference, tiny_bas
     from gist_memory.distributed import ray_ingest
 
     ref_path, ref_summary = reference
-    path = tmp_path / "mem"
+    path, states = tmp_path / "mem", tmp_path / "shared-states"  # states kept outside the memory folder
     s = ray_ingest([docs, docs / "missing.txt"], path, _factory(tiny_base_dir), embedder=HashingEmbedder(),
-                   max_passage_tokens=MAX_TOKENS, batch_size=BATCH, num_actors=2, progress=False)
-    _assert_same_memory(path, ref_path)
+                   states=str(states), max_passage_tokens=MAX_TOKENS, batch_size=BATCH, num_actors=2,
+                   progress=False)
+    _assert_same_memory(path, ref_path, states=states)
+    assert not (path / "states").exists()
     _same_search(path, ref_path, _factory(tiny_base_dir)())
     assert s.passages_added == ref_summary.passages_added and s.passages_present == 0
     assert s.tokens_added == ref_summary.tokens_added and s.files_read == ref_summary.files_read
@@ -179,7 +183,7 @@ def test_ray_ingest_equals_single_process(ray_cluster, docs, reference, tiny_bas
     keys = [r[5] for r in _rows(ref_path)]
     assert s.states_compressed == len(set(keys)) < len(keys)
     assert s.states_found == s.passages_added - s.states_compressed
-    assert s.state_bytes_written == sum(f.stat().st_size for f in (path / "states" / "objects").rglob("*.safetensors"))
+    assert s.state_bytes_written == sum(f.stat().st_size for f in (states / "objects").rglob("*.safetensors"))
     assert s.actors == 2 and s.device == "cpu" and s.batch_size == BATCH
 
 

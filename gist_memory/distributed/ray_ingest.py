@@ -331,8 +331,8 @@ def ray_ingest(
         ctx.execution_options.preserve_order = True  # commit in the single-process ingest's order
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        # small blocks (Ray Data gathers a task's output up to this size): a file's units reach the actors, and
-        # their passages the driver, a few dozen at a time, so results stream back and a killed job loses little
+        # small blocks (Ray Data gathers a task's output up to this size): a file's units reach the actors a few at
+        # a time, spread over them, and their passages stream back to the driver as they are made
         ctx.target_max_block_size = stages.BLOCK_BYTES
         ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), _MAX_INPUT_BLOCKS))
         # on CPUs the actors leave a quarter CPU to one chunking task at a time
@@ -340,9 +340,8 @@ def ray_ingest(
         ds = ds.map_batches(stages.chunk_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             compute=chunk_pool,
                             fn_kwargs={"shared": shared, "max_passage_tokens": max_passage_tokens, "batch_size": bsz})
-        per_block = max(1, stages.BLOCK_PASSAGES // bsz)
-        ds = ds.map_batches(
-            stages.CompressUnits, batch_size=per_block, batch_format="pyarrow",
+        ds = ds.map_batches(  # one unit (one compression batch) per call
+            stages.CompressUnits, batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), **remote,
             fn_constructor_kwargs={"model": model, "device": device, "fingerprint": info["fingerprint"],
                                    "store": store if write_states != "driver" else None,

@@ -35,8 +35,7 @@ logger = logging.getLogger(__name__)
 PARQUET_SUFFIX = ".parquet"
 ID_DIGEST_BYTES = 16  # ids already in the memory travel to the workers as sorted blake2b-128 digests
 TOKEN_PREFIX = ".ray-ingest-"
-BLOCK_PASSAGES = 64  # passages per actor call (and so per commit on the driver), about
-BLOCK_BYTES = 128 * 1024  # Ray Data's target block size during a run: blocks of a few dozen passages  # a file the driver writes into a local store folder: "workers can see it"
+BLOCK_BYTES = 64 * 1024  # Ray Data's target block size during a run: blocks of a few units
 
 UNIT_SCHEMA = pa.schema([
     ("kind", pa.string()),  # "unit" or "file"
@@ -143,7 +142,7 @@ def chunk_files(batch: pa.Table, *, shared: Shared, max_passage_tokens: int, bat
                          "metas": [json.dumps(p.metadata, ensure_ascii=False) for p in part],
                          "ntoks": [p.num_tokens for p in part], "present": pres,
                          "ride": [ride for _, ride in span], "info": None})
-            if len(rows) * batch_size >= BLOCK_PASSAGES:  # small blocks: results stream back a few at a time
+            if len(rows) >= 8:
                 yield pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
                 rows = []
         info = {"files_read": summary.files_read, "files_skipped": summary.files_skipped,
