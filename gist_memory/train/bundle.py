@@ -282,13 +282,15 @@ class DeviceBundle:
         return self._anchors[si]
 
     def install(self, gm: Any) -> Any:
-        """Make `gm.plan` (used by compress, training and evaluation) read this bundle; returns `gm`."""
+        """Make `gm.plan` and the plans `compress` makes (training and evaluation) read this bundle (final plans:
+        anchors already chosen on CPU); returns `gm`."""
         bundle = self
 
         def plan(text: str):  # noqa: ANN202
             return bundle.plan(gm.config, text)
 
         gm.plan = plan
+        gm._provisional_plan = plan
         return gm
 
     def check_tokenizer(self, tokenizer: Any, n: int = 200) -> None:
