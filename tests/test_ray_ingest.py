@@ -358,6 +358,10 @@ def test_ray_ingest_refuses_bad_input_before_starting_ray(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         ray_ingest(tmp_path, tmp_path / "file")
+    from gist_memory.testing import FakeGistModel
+
+    with pytest.raises(ValueError, match="not a loaded model"):  # each actor loads its own
+        ray_ingest(tmp_path, tmp_path / "mem", FakeGistModel())
 
 
 def test_importing_the_package_loads_neither_ray_nor_torch():

@@ -220,13 +220,13 @@ def ray_ingest(
             `ratio`, `anchors`, `device`, `dtype`), or a picklable factory called with no arguments.
         embedder: The memory's embedder (as `GistMemory`'s; None: the recorded or default one), loaded per actor.
         index, storage_dtype: As `GistMemory`'s (for a new memory).
-        states, storage_options: Where the memory's states live, as `GistMemory`'s (when it supports them).
+        states, storage_options: Where the memory's states live, as `GistMemory`'s (a folder or URL is recorded
+            in the memory; the actors write there).
         address: None or "local" (start a local Ray and stop it at the end), "auto", "ray://host:port" or
             "host:port". Ignored when this process is already connected to Ray.
         num_actors: Compression actors (default: one per GPU; on CPUs, CPUs - 1, at least 1).
         batch_size: Passages per compression batch (default: 8 on CPU, as the single-process ingest; on GPU sized
-            to the GPU's free memory). States are byte-identical to the single-process ingest's with the same
-            batch size.
+            to the GPU's free memory). The states are the single-process ingest's with the same batch size.
         use_gpu: GPU actors (None: when the cluster has GPUs).
         max_passage_tokens: Token budget of a passage.
         extensions: File types taken from folders.
@@ -259,6 +259,9 @@ def ray_ingest(
         raise ValueError(f"num_actors must be >= 1, got {num_actors}")
     if memory is None:
         raise ValueError("ray_ingest needs a memory folder (the workers write into its store)")
+    if hasattr(model, "compress") and hasattr(model, "fingerprint"):
+        raise ValueError("ray_ingest takes what each actor loads (a folder, load_model options or a factory), not "
+                         "a loaded model")
     memory = os.path.abspath(os.fspath(memory))
     if os.path.exists(memory) and not os.path.isdir(memory):
         raise ValueError(f"memory {memory} exists and is not a folder")

@@ -4,12 +4,12 @@
 
 - `chunk_files`: one call per file. The file is read and chunked exactly as the single-process ingest does it
   (`gist_memory.store.ingest`: same sentences, budgets, ids, metadata; Parquet rows like jsonl records), and its
-  passages are cut into *units*: runs of `batch_size` consecutive passages, the batches the single-process ingest
-  compresses a fresh file in. A unit whose passages are all in the memory already is dropped here. After the
+  passages are cut into *units* (`units`): the batches of `batch_size` texts the single-process ingest compresses
+  a fresh file in. A unit whose passages are all in the memory already is dropped here. After the
   units, one `file` row says what the file held (passages, skipped records, passages already present).
 - `CompressUnits`: loads the model and the embedder once per actor. Per unit it looks the states up in the store
   (content-addressed keys) and compresses the unit in one `model.compress` call only if one is missing, so a
-  state is always computed in the same batch (byte-identical to the single-process ingest and to any rerun);
+  state is always computed in the same batch (the single-process ingest's states, and any rerun's);
   it writes new states to the store itself (atomic puts), or hands their encoded bytes to the driver when it
   cannot see the store folder, and embeds the passages the memory lacks. Out come passage rows (id, text,
   metadata, normalised text, state key, raw embedding) and the `file` rows, passed through.
