@@ -79,6 +79,19 @@ def docs(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The actors run with one torch thread (OMP_NUM_THREADS=1 above); the driver's own compression (the
+    single-process reference, states the driver writes) must too: float sums depend on the thread count, and
+    the tests compare bytes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _factory(base: str):
     return functools.partial(tiny_gist_model, base, anchors="capitalized")
 
