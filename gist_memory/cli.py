@@ -361,24 +361,34 @@ def ingest(
         ratio_seen = _ratio_of(mem, added_ids[:200])
         total = len(mem)
         mem.close()
-        if summary.passages_total == 0:
-            reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in summary.files_skipped[:3])
-            raise UserError(f"nothing to ingest{': ' + reasons if reasons else ' (no text found)'}")
+        _check_something_ingested(summary)
         if json_out:
-            print(json.dumps({
-                "store": str(path), "files_read": summary.files_read,
-                "files_skipped": [list(x) for x in summary.files_skipped],
-                "records_skipped": [list(x) for x in summary.records_skipped],
-                "passages_added": summary.passages_added, "passages_present": summary.passages_present,
-                "tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 3),
-                "compression_ratio": ratio_seen, "passages_in_store": total,
-            }))
+            print(json.dumps({**_summary_json(path, summary), "compression_ratio": ratio_seen,
+                              "passages_in_store": total}))
             return
         out.print(escape(str(summary)))
         if ratio_seen:
             note = " (first 200 added)" if len(added_ids) > 200 else ""
             out.print(f"compression ratio: {ratio_seen:.2f}x raw tokens per kept row{note}")
         out.print(f"store: {escape(str(path))} ({total} passage{'' if total == 1 else 's'})")
+
+
+def _check_something_ingested(summary: Any) -> None:
+    """A UserError naming why when an ingest found no passage at all (the first skipped files and reasons)."""
+    if summary.passages_total == 0:
+        reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in summary.files_skipped[:3])
+        raise UserError(f"nothing to ingest{': ' + reasons if reasons else ' (no text found)'}")
+
+
+def _summary_json(path: Path, summary: Any) -> dict[str, Any]:
+    """The fields of `ingest --json` that the single-process and the Ray ingest share."""
+    return {
+        "store": str(path), "files_read": summary.files_read,
+        "files_skipped": [list(x) for x in summary.files_skipped],
+        "records_skipped": [list(x) for x in summary.records_skipped],
+        "passages_added": summary.passages_added, "passages_present": summary.passages_present,
+        "tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 3),
+    }
 
 
 def _ingest_on_ray(paths: Sequence[Path], missing: Sequence[Path], path: Path, max_passage_tokens: int,
@@ -408,16 +418,10 @@ def _ingest_on_ray(paths: Sequence[Path], missing: Sequence[Path], path: Path, m
         tmp.write_text(json.dumps(summary.model_record, indent=1, sort_keys=True))
         os.replace(tmp, record)
     summary.files_skipped += [(str(p.absolute()), "no such file or folder") for p in missing]
-    if summary.passages_total == 0:
-        reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in summary.files_skipped[:3])
-        raise UserError(f"nothing to ingest{': ' + reasons if reasons else ' (no text found)'}")
+    _check_something_ingested(summary)
     if json_out:
         print(json.dumps({
-            "store": str(path), "files_read": summary.files_read,
-            "files_skipped": [list(x) for x in summary.files_skipped],
-            "records_skipped": [list(x) for x in summary.records_skipped],
-            "passages_added": summary.passages_added, "passages_present": summary.passages_present,
-            "tokens_added": summary.tokens_added, "seconds": round(summary.seconds, 3),
+            **_summary_json(path, summary),
             "states_compressed": summary.states_compressed, "states_found": summary.states_found,
             "state_bytes_written": summary.state_bytes_written, "actors": summary.actors, "device": summary.device,
             "batch_size": summary.batch_size, "ray": summary.address,
