@@ -152,7 +152,7 @@ def test_config_validation_and_cli_args():
     cfg = B.config_from_args(args)
     assert cfg.quick and cfg.ratios == (2.0, 4.0) and cfg.ks == (1, 3) and not cfg.llmlingua and cfg.out_dir == "x"
     full = B.config_from_args(B.build_parser().parse_args([]))
-    assert not full.quick and full.model == "auto" and full.out_dir == str(B.DEFAULT_OUT) and full.ks == (2, 4, 8, 16)
+    assert not full.quick and full.model == "auto" and full.out_dir == str(B.DEFAULT_OUT) and full.ks == (2, 4, 8, 16, 32)
 
 
 def test_untrained_gist_config_is_the_training_recipe():
@@ -192,3 +192,28 @@ def test_shared_prefill_scoring_equals_score_choices(tiny_model):
         want = tiny_model.score_choices(prompt, conts, states=st)
         got = B.score_choices_shared(tiny_model, prompt, conts, st)
         assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_resume_reuses_finished_sections_of_the_same_run_and_refuses_another(quick, tiny_base_dir):
+    """A stopped full run goes on with --resume: the sections in results.partial.json are not measured again,
+    and a partial file from other options is refused by name rather than mixed in."""
+    res, out, _ = quick
+    import copy as _copy
+
+    old = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    marked = _copy.deepcopy(old)
+    first = next(iter(marked["qa"]))
+    marked["qa"][first]["accuracy"] = -1.0  # a value no real run produces: proves the section was reused
+    del marked["speed"]
+    (out / "results.partial.json").write_text(json.dumps(marked), encoding="utf-8")
+    cfg = B.BenchConfig(**{**old["config"], "ratios": tuple(old["config"]["ratios"]), "resume": True,
+                           "ks": (2,), "lengths": (24,)})
+    with pytest.raises(ValueError, match="different run.*ks"):
+        B.run_bench(cfg, log=lambda s: None)
+    cfg = B.BenchConfig(**{**old["config"], "resume": True})
+    logs: list[str] = []
+    again = B.run_bench(cfg, log=logs.append)
+    assert again["qa"][first]["accuracy"] == -1.0 and again["ppl"] == old["ppl"]
+    assert any("reusing qa, ppl" in s for s in logs)
+    assert {r["method"] for r in again["speed"]["by_k"]} == {r["method"] for r in old["speed"]["by_k"]}
+    assert not (out / "results.partial.json").exists()

@@ -81,6 +81,8 @@ class BenchConfig:
         out_dir: Where results.md / results.json / plots go (None: nowhere, stdout only).
         plots: Write PNG plots (needs matplotlib).
         seed: Selection seed (items are picked deterministically).
+        resume: Reuse the finished sections (qa, ppl) of `out_dir/results.partial.json` when that file was written
+            by a run of the same config; a stopped run goes on where it stopped.
     """
 
     quick: bool = False
@@ -91,10 +93,10 @@ class BenchConfig:
     qa_items: int = 0
     em_items: int = 30
     ppl_items: int = 60
-    ks: Sequence[int] = (2, 4, 8, 16)
+    ks: Sequence[int] = (2, 4, 8, 16, 32)
     k_for_length: int = 4
     passage_tokens: int = 128
-    lengths: Sequence[int] = (64, 128, 256, 512)
+    lengths: Sequence[int] = (100, 200, 400, 800)
     repeats: int = 3
     new_tokens: int = 32
     em_new_tokens: int = 16
@@ -106,6 +108,7 @@ class BenchConfig:
     out_dir: Optional[str] = None
     plots: bool = True
     seed: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         self.ratios = tuple(float(r) for r in self.ratios)
@@ -1012,6 +1015,7 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
             "timings": {"load_s": bench.load_seconds},
         }
         partial = Path(cfg.out_dir) / "results.partial.json" if cfg.out_dir else None
+        done = _resumable(partial, res, log) if cfg.resume else {}
 
         def checkpoint() -> None:  # a long run keeps what it measured so far
             if partial is not None:
@@ -1022,17 +1026,25 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
         items = select_items(items, cfg.qa_items)
         em_ids = {it.id for it in select_items(items, cfg.em_items)} if cfg.em_items else set()
         t0 = time.perf_counter()
-        res["qa"] = eval_qa(bench, items, em_ids)
-        res["timings"]["qa_s"] = time.perf_counter() - t0
-        res["timings"]["qa_s_per_item"] = res["timings"]["qa_s"] / max(1, len(items))
+        if "qa" in done:
+            res["qa"] = done["qa"]
+            res["timings"].update({k: done["timings"][k] for k in ("qa_s", "qa_s_per_item") if k in done["timings"]})
+        else:
+            res["qa"] = eval_qa(bench, items, em_ids)
+            res["timings"]["qa_s"] = time.perf_counter() - t0
+            res["timings"]["qa_s_per_item"] = res["timings"]["qa_s"] / max(1, len(items))
         checkpoint()
         texts, source = heldout_texts(prefer_sample=cfg.quick)
         res["heldout_source"] = source
         exclude = {d for it in items for d in it.meta.get("doc_ids", [])}
         t0 = time.perf_counter()
-        pairs = ppl_pairs(bench, texts, cfg.ppl_items, exclude, min_context=8 if cfg.quick else 24)
-        res["ppl"] = eval_ppl(bench, pairs) if pairs else {}
-        res["timings"]["ppl_s"] = time.perf_counter() - t0
+        if "ppl" in done:
+            res["ppl"] = done["ppl"]
+            res["timings"]["ppl_s"] = done["timings"].get("ppl_s")
+        else:
+            pairs = ppl_pairs(bench, texts, cfg.ppl_items, exclude, min_context=8 if cfg.quick else 24)
+            res["ppl"] = eval_ppl(bench, pairs) if pairs else {}
+            res["timings"]["ppl_s"] = time.perf_counter() - t0
         checkpoint()
         t0 = time.perf_counter()
         res["speed"] = eval_speed(bench, texts)
@@ -1074,6 +1086,34 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
         bench.close()
 
 
+def _same_run(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The config fields in which two results' configs differ (ignoring those that do not change numbers)."""
+    skip = {"resume", "plots", "out_dir"}
+    ka = {k: v for k, v in a.items() if k not in skip}
+    kb = {k: v for k, v in b.items() if k not in skip}
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples vs lists after a json round trip
+    return sorted(k for k in set(ka) | set(kb) if norm(ka.get(k)) != norm(kb.get(k)))
+
+
+def _resumable(partial: Optional[Path], res: dict[str, Any], log) -> dict[str, Any]:  # noqa: ANN001
+    """The finished sections of an earlier, stopped run of the same config (empty when there is none)."""
+    if partial is None or not partial.is_file():
+        log("[bench] --resume: no results.partial.json to resume from; running every section")
+        return {}
+    try:
+        old = json.loads(partial.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {partial} is not a readable results file ({e}); delete it to start over") from e
+    diff = _same_run(old.get("config", {}), res["config"])
+    if diff or old.get("methods") != json.loads(json.dumps(res["methods"])):
+        why = ", ".join(diff) if diff else "the methods"
+        raise ValueError(f"--resume: {partial} was written by a different run ({why} differ); "
+                         "run with the same options, or delete it to start over")
+    got = [k for k in ("qa", "ppl") if k in old]
+    log(f"[bench] --resume: reusing {', '.join(got) or 'nothing'} from {partial}")
+    return {**{k: old[k] for k in got}, "timings": old.get("timings", {})}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gist-memory bench` arguments."""
     p = argparse.ArgumentParser(prog="gist-memory bench", description=__doc__.split("\n\n")[0])
@@ -1087,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa-items", type=int, default=None, help="retention items (0 = all; full default all 150)")
     p.add_argument("--em-items", type=int, default=None, help="items also scored by generated exact match")
     p.add_argument("--ppl-items", type=int, default=None, help="held-out perplexity pairs")
-    p.add_argument("--ks", default=None, help="comma-separated passages per query (default 2,4,8,16)")
+    p.add_argument("--ks", default=None, help="comma-separated passages per query (default 2,4,8,16,32)")
     p.add_argument("--lengths", default=None, help="comma-separated passage lengths for the length curve")
     p.add_argument("--passage-tokens", type=int, default=None, help="passage length for the k curve (default 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per point (default 3)")
@@ -1099,6 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--qa-file", default=None, help="QA items (jsonl; default the shipped qa_dev.jsonl)")
     p.add_argument("--out", default=None, help="output folder (full-mode default docs/bench; quick: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished sections of OUT/results.partial.json written by the same options")
     return p
 
 
@@ -1122,6 +1164,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         d["llmlingua"] = False
     if args.no_plots:
         d["plots"] = False
+    d["resume"] = bool(args.resume)
     return BenchConfig(**d)
 
 
