@@ -217,3 +217,27 @@ def test_resume_reuses_finished_sections_of_the_same_run_and_refuses_another(qui
     assert any("reusing qa, ppl" in s for s in logs)
     assert {r["method"] for r in again["speed"]["by_k"]} == {r["method"] for r in old["speed"]["by_k"]}
     assert not (out / "results.partial.json").exists()
+
+
+def test_a_run_stopped_inside_the_retention_qa_goes_on_from_the_last_item(quick):
+    res, out, _ = quick
+    old = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    cfg = B.BenchConfig(**{**old["config"], "resume": False})
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third(msg: str) -> None:
+        if msg.startswith("[bench] qa 3/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        B.run_bench(cfg, log=stop_at_third)
+    part = json.loads((out / "results.partial.json").read_text(encoding="utf-8"))
+    assert part["qa_progress"]["done"] == 2 and "qa" not in part
+    logs: list[str] = []
+    again = B.run_bench(B.BenchConfig(**{**old["config"], "resume": True}), log=logs.append)
+    assert any("going on after item 2" in s for s in logs)
+    assert not any(s.startswith("[bench] qa 1/") or s.startswith("[bench] qa 2/") for s in logs)
+    for key, q in res["qa"].items():  # the tiny model is deterministic: same numbers as the uninterrupted run
+        assert again["qa"][key]["n"] == q["n"] and again["qa"][key]["accuracy"] == pytest.approx(q["accuracy"])

@@ -487,8 +487,12 @@ def token_windows(bench: Bench, texts: Sequence[dict], length: int, count: int) 
 # quality
 
 
-def eval_qa(bench: Bench, items: Sequence, em_ids: set[str]) -> dict[str, dict[str, Any]]:
-    """Multiple-choice accuracy (per kind), exact match on `em_ids`, achieved ratio, for every method."""
+def eval_qa(bench: Bench, items: Sequence, em_ids: set[str], progress: Optional[dict[str, Any]] = None,
+            checkpoint=None) -> dict[str, dict[str, Any]]:  # noqa: ANN001
+    """Multiple-choice accuracy (per kind), exact match on `em_ids`, achieved ratio, for every method.
+
+    `progress` ({"done": n, "acc": ...}, from a stopped run) skips the first n items; `checkpoint(progress)` is
+    called after every item so a long run can be resumed item by item."""
     from gist_memory.data.qa import (
         answer_in_prediction,
         choice_continuations,
@@ -501,7 +505,12 @@ def eval_qa(bench: Bench, items: Sequence, em_ids: set[str]) -> dict[str, dict[s
         m.key: {"hits": [], "kinds": {}, "raw": 0, "kept": 0, "em": [], "contains": [], "secs": 0.0, "preds": []}
         for m in bench.methods
     }
+    start = 0
+    if progress and set(progress.get("acc", {})) == set(acc):
+        start, acc = int(progress["done"]), progress["acc"]
     for i, item in enumerate(items):
+        if i < start:
+            continue
         q = question_prompt(item)
         conts = choice_continuations(item)
         for m in bench.methods:
@@ -522,6 +531,8 @@ def eval_qa(bench: Bench, items: Sequence, em_ids: set[str]) -> dict[str, dict[s
                 if len(a["preds"]) < 6:
                     a["preds"].append({"id": item.id, "answer": item.answer, "pred": pred})
         bench.log(f"[bench] qa {i + 1}/{len(items)}")
+        if checkpoint is not None:
+            checkpoint({"done": i + 1, "acc": acc})
     out = {}
     for m in bench.methods:
         a = acc[m.key]
@@ -1030,7 +1041,12 @@ def run_bench(cfg: Optional[BenchConfig] = None, log=print, command: str = "") -
             res["qa"] = done["qa"]
             res["timings"].update({k: done["timings"][k] for k in ("qa_s", "qa_s_per_item") if k in done["timings"]})
         else:
-            res["qa"] = eval_qa(bench, items, em_ids)
+            def qa_checkpoint(progress: dict[str, Any]) -> None:
+                res["qa_progress"] = progress
+                checkpoint()
+
+            res["qa"] = eval_qa(bench, items, em_ids, done.get("qa_progress"), qa_checkpoint)
+            res.pop("qa_progress", None)
             res["timings"]["qa_s"] = time.perf_counter() - t0
             res["timings"]["qa_s_per_item"] = res["timings"]["qa_s"] / max(1, len(items))
         checkpoint()
@@ -1110,6 +1126,9 @@ def _resumable(partial: Optional[Path], res: dict[str, Any], log) -> dict[str, A
         raise ValueError(f"--resume: {partial} was written by a different run ({why} differ); "
                          "run with the same options, or delete it to start over")
     got = [k for k in ("qa", "ppl") if k in old]
+    if "qa" not in old and "qa_progress" in old:
+        got.append("qa_progress")
+        log(f"[bench] --resume: going on after item {old['qa_progress']['done']} of the retention QA")
     log(f"[bench] --resume: reusing {', '.join(got) or 'nothing'} from {partial}")
     return {**{k: old[k] for k in got}, "timings": old.get("timings", {})}
 

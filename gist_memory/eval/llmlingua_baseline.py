@@ -176,3 +176,63 @@ class LLMLinguaCompressor:
             self._factors.append(asked / got)
             del self._factors[:-32]
         return LinguaResult(out, n_in, got, int(budget), dt, total, tries)
+
+
+LLMLINGUA2_NAMES = ("bert-base-multilingual-cased", "xlm-roberta-large")
+"""llmlingua 0.2.2 chooses LLMLingua-2's tokenisation rules by these substrings of the model's path."""
+
+
+class LLMLingua2Compressor(LLMLinguaCompressor):
+    """LLMLingua-2: a token-classification model (a BERT/XLM-R encoder fine-tuned to label each word keep/drop)
+    instead of a causal LM's surprisal, through `llmlingua.PromptCompressor(use_llmlingua2=True)`; the same
+    per-passage budget search in reader tokens as `LLMLinguaCompressor`.
+
+    Args:
+        model_dir: Local folder of the token-classification model (e.g. a copy of
+            microsoft/llmlingua-2-bert-base-multilingual-cased-meetingbank; no package ships one offline).
+        device: `cpu` or `cuda`.
+        count_tokenizer: The reader's tokenizer (budgets and achieved ratios are counted in it).
+
+    Raises:
+        LLMLinguaUnavailable: `llmlingua` is missing, the folder does not exist, or its model failed to load.
+    """
+
+    def __init__(self, model_dir: str, device: str = "cpu", count_tokenizer: Any = None):  # noqa: D107
+        ok, msg = llmlingua_status()
+        if not ok:
+            raise LLMLinguaUnavailable(msg)
+        if not Path(model_dir).is_dir():
+            raise LLMLinguaUnavailable(f"LLMLingua-2 model folder {model_dir} does not exist")
+        if not any(n in str(model_dir) for n in LLMLINGUA2_NAMES):
+            raise LLMLinguaUnavailable(
+                f"LLMLingua-2 model folder {model_dir}: llmlingua picks its word rules by the model's name, so the "
+                f"path must contain one of {', '.join(LLMLINGUA2_NAMES)} (keep the hub name when copying it)")
+        offline_env()
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            from llmlingua import PromptCompressor
+
+            self.pc = PromptCompressor(model_name=str(model_dir), device_map=device, use_llmlingua2=True,
+                                       model_config={"trust_remote_code": False})
+        except Exception as e:  # noqa: BLE001 - report any load failure as "unavailable" with its cause
+            raise LLMLinguaUnavailable(f"llmlingua could not load the LLMLingua-2 model {model_dir}: "
+                                       f"{type(e).__name__}: {e}") from e
+        if "ForTokenClassification" not in type(self.pc.model).__name__:
+            raise LLMLinguaUnavailable(f"{model_dir} is a {type(self.pc.model).__name__}, not a token-classification "
+                                       "model (LLMLingua-2 needs one)")
+        self.scorer = str(model_dir)
+        self.count_tokenizer = count_tokenizer or self.pc.tokenizer
+        self.max_window = 512  # it labels chunks of at most 512 of its own tokens itself
+        self._factors = []
+
+    def _call(self, text: str, n_scorer: int, target_token: float) -> str:  # noqa: ARG002 - it chunks by itself
+        out = self.pc.compress_prompt([text], target_token=max(1, int(round(target_token))),
+                                      use_context_level_filter=False, use_token_level_filter=True)
+        return out["compressed_prompt"].strip()
+
+    def compress(self, text: str, budget: int, tolerance: float = 0.05, max_tries: int = 4) -> LinguaResult:
+        """Compress `text` to about `budget` reader tokens (see `LLMLinguaCompressor.compress`)."""
+        self.max_window = max(self.max_window, len(self.pc.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return super().compress(text, budget, tolerance, max_tries)
