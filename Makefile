@@ -16,7 +16,7 @@ UV := $(VENV)/.uv/bin/uv
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast demo lint bench clean lock lock-upgrade
+.PHONY: venv test test-fast demo lint bench clean lock lock-upgrade kvpress-env
 
 venv: $(STAMP)
 
@@ -66,5 +66,15 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check gist_memory tests integrations examples
 
+# NVIDIA's kvpress for the peer comparison (python -m gist_memory.eval.peers): it pins transformers<5.3, so it
+# gets its own environment, called as a subprocess; nothing else needs it
+KVPRESS_VENV ?= .venv-kvpress
+kvpress-env: $(KVPRESS_VENV)/bin/python
+
+$(KVPRESS_VENV)/bin/python:
+	$(PY) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(KVPRESS_VENV)/bin/python -m pip install -q -c constraints.txt kvpress==0.5.5 "transformers<5.3"
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(KVPRESS_VENV) .pytest_cache
