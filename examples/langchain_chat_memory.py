@@ -3,8 +3,9 @@
     python examples/langchain_chat_memory.py                 # a scripted conversation; run it twice: the second
                                                              # run continues it and compresses nothing old again
     python examples/langchain_chat_memory.py --chat          # talk to it (one line per message, empty line quits)
-    python examples/langchain_chat_memory.py --bench         # per-turn latency at turns 5, 25, 50, with/without
-                                                             # compression (prints a table)
+    python examples/langchain_chat_memory.py --bench         # per-turn cost at turns 1..200, full text vs
+                                                             # compressed with a raw-token budget (markdown
+                                                             # table; --out FILE for JSON)
 
 The history lives in a SQLite file (`--db`, default `langchain_chat.sqlite` in the temp folder); each compressed
 turn's gist state is kept on its row, so a restarted app reads old turns from their states. Turns older than the
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -111,59 +113,185 @@ def bench_turn(t: int) -> tuple[str, str]:
     return user, reply
 
 
-def bench(args: argparse.Namespace) -> None:
+BENCH_TURNS = "1,2,4,8,16,25,50,100,150,200"
+
+
+def context_window(model) -> int:  # noqa: ANN001
+    """Positions the base model was built for (`max_position_embeddings` of its config; SmolLM2-135M: 8192)."""
+    cfg = model.base_model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, name, None)
+        if n:
+            return int(n)
+    raise ValueError(f"{type(cfg).__name__} names no context window")
+
+
+def _timed(chat, msgs) -> dict:  # noqa: ANN001
+    """One streamed call: wall seconds to the first text piece and to the end, and the call's metadata."""
+    t0 = time.perf_counter()
+    first = None
+    last = None
+    for chunk in chat.stream(msgs):
+        if first is None and chunk.content:
+            first = time.perf_counter() - t0
+        last = chunk
+    total = time.perf_counter() - t0
+    g = last.response_metadata["gist"]
+    return {"total": total, "ttft": first if first is not None else total, "gist": g,
+            "out": last.usage_metadata["output_tokens"]}
+
+
+def run_bench(model, marks, *, keep_recent: int = 2, raw_token_budget: Optional[int] = 256,  # noqa: ANN001
+              max_tokens: int = 16, repeats: int = 3, n_ctx: Optional[int] = None,
+              cache_bytes: int = 8 * 2**30, log=None) -> dict:  # noqa: ANN001
+    """Per-turn cost of a chat at each turn count in `marks`: full history as text vs old turns from gist states.
+
+    The history is built once, turn by turn (`bench_turn`); at turn t the call answers the t-th user message after
+    t-1 complete exchanges. Compressed: `keep_recent` recent turns as text within `raw_token_budget` tokens (the
+    current turn and the last exchange always verbatim), older turns from their states, each compressed once (the
+    states are cached by content; between timed turns `compress_history` does the work each turn would have done,
+    so the first timed call at a turn compresses only the turn that just aged out). Full text: everything as text,
+    measured while the prompt plus `max_tokens` fits in `n_ctx` positions (default: the model config's); past that
+    it is reported unavailable with the reason.
+
+    Returns a dict: `config` and `rows` (one per turn and mode) with `ttft_s` / `total_s` (median of `repeats`
+    streamed calls; `first_total_s` the first one), `positions` (positions read), `raw_tokens` (the tokens of the
+    whole history as the full-text prompt, i.e. what full text reads), `ratio` (positions / raw tokens),
+    `half_ok` (compressed, turn >= 8: positions <= 0.5 x raw tokens; None otherwise), and for compressed calls the
+    compression counts and `max_position` (the last RoPE position index used: with `gapped` positions the states
+    keep their place in the raw text, so it grows like the raw tokens).
+    `cache_bytes` is the compressed chat's RAM state cache: large by default, so that no old turn is evicted and
+    compressed again (the ChatGist default, 256 MiB, holds about 180 turns of SmolLM2 states).
+    """
     import torch
     from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
     from langchain_gist_memory import ChatGist
 
+    marks = sorted({int(t) for t in marks})
+    if not marks or marks[0] < 1:
+        raise ValueError(f"turn counts must be >= 1, got {marks}")
+    n_ctx = int(n_ctx) if n_ctx else context_window(model)
+    common = dict(model=model, max_tokens=max_tokens, stop_at_next_turn=False, cache_bytes=cache_bytes)
+    comp = ChatGist(keep_recent=keep_recent, raw_token_budget=raw_token_budget, **common)
+    full = ChatGist(keep_recent=10**6, max_prompt_tokens=10**7, **common)
+    model.generate("warm up", max_new_tokens=2)
+    msgs: list[BaseMessage] = [SystemMessage("You are a helpful tour planner. Answer briefly.")]
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for t in range(1, marks[-1] + 1):
+        user, reply = bench_turn(t)
+        msgs.append(HumanMessage(user))
+        if t not in marks:
+            comp.compress_history(msgs)  # the work turn t would have done: compress the turn that aged out
+            msgs.append(AIMessage(reply))
+            continue
+        plan = full._plan(msgs, None, {})  # what full text reads: the whole history, templated (no model call)
+        raw = len(model.prepare(plan.prompt, None, plan.system_prompt)[2])
+        for mode in ("compressed", "full text"):
+            row: dict = {"turn": t, "mode": mode, "raw_tokens": raw}
+            if mode == "full text" and raw + max_tokens > n_ctx:  # the history only grows: so do later turns
+                row.update(available=False, positions=None, ratio=None, half_ok=None,
+                           reason=f"{raw} + {max_tokens} positions > the {n_ctx}-position context window")
+                rows.append(row)
+                continue
+            chat = comp if mode == "compressed" else full
+            runs = [_timed(chat, msgs) for _ in range(max(1, repeats))]
+            g = runs[0]["gist"]
+            row.update(
+                available=True,
+                ttft_s=statistics.median(r["ttft"] for r in runs),
+                total_s=statistics.median(r["total"] for r in runs),
+                first_total_s=runs[0]["total"],
+                runs=len(runs),
+                out_tokens=runs[0]["out"],
+                positions=g["positions_read"],
+                ratio=g["positions_read"] / raw,
+            )
+            if mode == "compressed":
+                p = comp._plan(msgs, None, {})  # from the cache: nothing is compressed here
+                _, start, head = model.prepare(p.prompt, p.states, p.system_prompt)
+                row.update(compressed_turns=g["compressed_turns"], raw_turns=g["raw_turns"],
+                           raw_turn_tokens=g["raw_turn_tokens"], new_compressions=g["new_compressions"],
+                           compress_s=g["compress_s"], max_position=start + len(head) + max_tokens - 1)
+                row["half_ok"] = (row["positions"] <= 0.5 * raw) if t >= 8 else None
+            else:
+                row["half_ok"] = None
+            rows.append(row)
+            if log:
+                log(f"  turn {t:3d} {mode:10s}: {row['total_s']:.2f}s, {row['positions']} positions / {raw} raw "
+                    f"({time.perf_counter() - t_start:.0f}s so far)")
+        msgs.append(AIMessage(reply))
+    config = {
+        "model": model.name, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(), "keep_recent": keep_recent, "raw_token_budget": raw_token_budget,
+        "max_tokens": max_tokens, "repeats": max(1, repeats), "context_window": n_ctx, "turns": marks,
+        "position_mode": model.config.position_mode, "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    return {"config": config, "rows": rows}
+
+
+def bench_table(result: dict) -> str:
+    """The markdown table of `run_bench`'s result (plus a header line and the half-of-raw verdict per turn)."""
+    c = result["config"]
+    budget = "none" if c["raw_token_budget"] is None else f"{c['raw_token_budget']} tokens"
+    lines = [
+        f"model: {c['model']}; {c['device']} {c['dtype']}, torch threads {c['torch_threads']}; keep_recent "
+        f"{c['keep_recent']}, raw_token_budget {budget}; {c['max_tokens']} new tokens; median of {c['repeats']} "
+        f"streamed call(s) (first in brackets: it compresses the turn that just aged out); context window "
+        f"{c['context_window']} positions",
+        "",
+        "| turn | mode | TTFT s | total s (first) | positions read | raw tokens | positions / raw | <= 0.5 raw | "
+        "max position | out |",
+        "|---:|---|---:|---:|---:|---:|---:|:-:|---:|---:|",
+    ]
+    notes = []
+    for r in result["rows"]:
+        ok = "" if r["half_ok"] is None else ("yes" if r["half_ok"] else "**no**")
+        if not r["available"]:
+            notes.append(f"turn {r['turn']}: {r['reason']}")
+            lines.append(f"| {r['turn']} | {r['mode']} | - | - | - | {r['raw_tokens']} | - | | - | - |")
+            continue
+        maxpos = r.get("max_position", r["positions"] + c["max_tokens"] - 1)
+        lines.append(
+            f"| {r['turn']} | {r['mode']} | {r['ttft_s']:.2f} | {r['total_s']:.2f} ({r['first_total_s']:.2f}) | "
+            f"{r['positions']} | {r['raw_tokens']} | {r['ratio']:.2f} | {ok} | {maxpos} | {r['out_tokens']} |"
+        )
+    if notes:
+        lines.append("")
+        lines.append("\"-\": full text not run, the history does not fit the model: " + "; ".join(notes) + ".")
+    over = [r["turn"] for r in result["rows"] if r.get("max_position", 0) >= c["context_window"]]
+    if over:
+        lines.append(f"Compressed turns {', '.join(map(str, over))} use RoPE positions past the "
+                     f"{c['context_window']}-position window ({c.get('position_mode')} positions keep each state's "
+                     f"place in the raw text) although they read fewer positions than that.")
+    lines.append("")
+    for r in result["rows"]:
+        if r["mode"] == "compressed" and r["turn"] >= 8:
+            verdict = "yes" if r["half_ok"] else "NO"
+            lines.append(f"turn {r['turn']}: positions {r['positions']} <= 0.5 x raw {r['raw_tokens']} "
+                         f"({0.5 * r['raw_tokens']:.0f}): {verdict}")
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    marks = sorted({int(x) for x in args.turns.split(",")})
-    n_turns = max(marks)
-    system = SystemMessage("You are a helpful tour planner. Answer briefly.")
-    common = dict(model=model, max_tokens=args.max_tokens, stop_at_next_turn=False, max_prompt_tokens=100_000)
-    modes = {
-        "compressed": ChatGist(keep_recent=args.keep_recent, **common),
-        "full text": ChatGist(keep_recent=10**6, **common),
-    }
-    model.generate("warm up", max_new_tokens=2)
-    rows: dict[tuple[str, int], dict] = {}
-    for name, chat in modes.items():
-        msgs: list[BaseMessage] = [system]
-        for t in range(1, n_turns + 1):
-            user, reply = bench_turn(t)
-            msgs.append(HumanMessage(user))
-            if t in marks:
-                runs = []
-                for _ in range(args.repeats):  # the first run compresses the turn that just aged out
-                    t0 = time.perf_counter()
-                    out = chat.invoke(msgs)
-                    runs.append((time.perf_counter() - t0, out.response_metadata["gist"], out.usage_metadata))
-                wall, g, um = runs[0]
-                rows[(name, t)] = {
-                    "wall": statistics.median(w for w, _, _ in runs),
-                    "first": wall,
-                    "ttft": statistics.median(x["ttft_s"] or 0 for _, x, _ in runs),
-                    "compress": g["compress_s"],
-                    "read": g["positions_read"],
-                    "raw": g["raw_tokens"] + g["prompt_tokens"],
-                    "out": um["output_tokens"],
-                }
-                print(f"  {name:10s} turn {t:3d}: {rows[(name, t)]['first']:.2f}s", file=sys.stderr, flush=True)
-            elif name == "compressed":
-                chat.compress_history(msgs)  # the work this turn would have done, so turn t+1 is steady state
-            msgs.append(AIMessage(reply))
-
-    print(f"\nmodel: {model.name}; device cpu, torch threads {torch.get_num_threads()}; keep_recent "
-          f"{args.keep_recent}; max_tokens {args.max_tokens}; median of {args.repeats} run(s)")
-    print("| turn | mode | latency s (first run) | TTFT s | compress s | positions read | tokens stood for | out |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for t in marks:
-        for name in modes:
-            r = rows[(name, t)]
-            print(f"| {t} | {name} | {r['wall']:.2f} ({r['first']:.2f}) | {r['ttft']:.2f} | {r['compress']:.2f} | "
-                  f"{r['read']} | {r['raw']} | {r['out']} |")
+    budget = None if str(args.raw_token_budget).lower() == "none" else int(args.raw_token_budget)
+    result = run_bench(model, [int(x) for x in args.turns.split(",")], keep_recent=args.keep_recent,
+                       raw_token_budget=budget, max_tokens=args.max_tokens, repeats=args.repeats,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
+    print()
+    print(bench_table(result))
+    print(f"\n({result['config']['wall_s']:.0f}s wall in all)")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,8 +304,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="default: the embedded gist model (falls back to pool+anchors); pool: pool+anchors, ratio 4")
     p.add_argument("--keep-recent", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--turns", default="5,25,50", help="--bench: the turns to time")
-    p.add_argument("--repeats", type=int, default=1, help="--bench: runs per timed turn (median)")
+    p.add_argument("--turns", default=BENCH_TURNS, help="--bench: the turn counts to time")
+    p.add_argument("--repeats", type=int, default=3, help="--bench: streamed calls per timed turn and mode (median)")
+    p.add_argument("--raw-token-budget", default="256",
+                   help="--bench: the compressed chat's raw_token_budget (tokens of recent turns read as text; 'none')")
+    p.add_argument("--out", default=None, help="--bench: also write the rows as JSON to this file")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; 1 on a busy machine)")
     args = p.parse_args(argv)
     if args.bench:
