@@ -204,10 +204,8 @@ class Bench:
         self.reader = GistModel(lm, tok, GistConfig(compressor="pool"), ref)  # plain LM reads text
         self.trained = None
         if trained is not None:
-            self.trained = {
-                r: GistModel(trained.model, trained.tokenizer, _with_ratio(trained.config, r), trained.base_ref)
-                for r in cfg.ratios
-            }
+            # with_config shares the trained writer (gist rows and LoRA); a new GistModel would get a fresh one
+            self.trained = {r: trained.with_config(target_ratio=float(r)) for r in cfg.ratios}
             self.trained_base = trained
         self.load_seconds = time.perf_counter() - t0
         # LLMLingua

@@ -27,7 +27,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -136,6 +136,37 @@ class GistModel(AdapterIO, Prompting, Compressing, Reading, Scoring, Generating)
     def name(self) -> str:
         """Human-readable identity: the base reference and the compressor."""
         return f"{self.base_ref} [{self.config.compressor}]"
+
+    def with_config(self, **changes: Any) -> GistModel:
+        """This model with some config fields changed (e.g. `target_ratio`, `anchors`), sharing its weights and
+        its writer (trained gist rows and LoRA): what to use to serve or evaluate one trained writer at other
+        ratios or anchor rules. Building `GistModel(model, tokenizer, config, ...)` instead gives a *fresh*
+        writer. The compressor and the number of gist tokens cannot change (the writer is shared); at a lower
+        ratio, slots beyond the writer's gist tokens reuse its last one, as in training.
+
+        Raises:
+            ValueError: A change of compressor or of the number of gist tokens, or an unknown field.
+        """
+        import dataclasses
+
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self.config)}
+        if unknown:
+            raise ValueError(f"unknown GistConfig fields: {sorted(unknown)}")
+        cfg = dataclasses.replace(self.config, **changes)
+        if cfg.compressor != self.config.compressor:
+            raise ValueError("with_config shares the writer: the compressor cannot change "
+                             f"({self.config.compressor!r} -> {cfg.compressor!r}); build a new GistModel")
+        if "num_gist_tokens" in changes and int(changes["num_gist_tokens"]) != self.config.num_gist_tokens:
+            raise ValueError(f"with_config shares the writer: it has {self.config.num_gist_tokens} gist tokens, "
+                             f"not {changes['num_gist_tokens']}")
+        # a lower ratio asks for more gist slots per sentence than the writer has tokens: the extra slots reuse the
+        # last token, as in training (the config's own default would grow the vocabulary instead)
+        cfg.num_gist_tokens = self.config.num_gist_tokens
+        twin = type(self)(self.model, self.tokenizer, cfg, self.base_ref)
+        twin.writer = self.writer
+        twin.reader_adapted = self.reader_adapted
+        twin.chunk_tokens = self.chunk_tokens
+        return twin
 
     # ---- shared state ------------------------------------------------------------------------------
     @contextlib.contextmanager
