@@ -49,3 +49,16 @@ def test_plain_forward_reads_every_passage(tiny_model, monkeypatch):
     texts = BI.passages(tiny_model.tokenizer, 5, 30)
     BI.plain_forward(tiny_model, texts, batch=2)
     assert len(seen) == 3 and sum(seen) == sum(len(tiny_model.encode(t)) for t in texts)
+
+
+def test_ttft_breakdown_accounts_for_every_position(tiny_model):
+    from gist_memory.eval import engine_speed as ES
+
+    texts = BI.passages(tiny_model.tokenizer, 4, 40)
+    r = ES.ttft_breakdown(tiny_model, texts, repeats=1)
+    assert r["k"] == 4 and r["positions_states"] == r["prefix_tokens"] + r["kept_rows"] + r["suffix_tokens"]
+    assert r["positions_full"] > r["positions_states"] and r["bound"] == r["positions_full"] / r["positions_states"]
+    assert r["raw_tokens"] == sum(len(tiny_model.encode(t)) for t in texts)
+    for key in ("ttft_states_s", "ttft_full_s", "splice_s", "forward_s"):
+        assert r[key] > 0
+    assert "| 4 |" in ES.render_breakdown([r])

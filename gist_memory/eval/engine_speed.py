@@ -70,6 +70,63 @@ def measure(model, n_passages: int = 8, repeats: int = 3) -> dict:  # noqa: ANN0
     }
 
 
+@torch.no_grad()
+def ttft_breakdown(model, passages: list[str], repeats: int = 5,  # noqa: ANN001
+                   question: str = "Question: Which of these topics is described first?\nAnswer:") -> dict:
+    """Where time to first token goes, from states vs from full text, for the same passages (states precomputed).
+
+    States: `prepare` = template + tokenizing + prefix-cache lookup (`other`) + `splice` (copies and re-rotation of
+    every kept row into one cache); then the forward over the prompt's remaining tokens and the first pick.
+    Full text: tokenizing + one forward over everything. `bound` = positions full / positions from states (what
+    the speed-up would be if time were proportional to positions processed); the gap to it is the fixed costs."""
+    from gist_memory.model import kv
+
+    states = model.compress(passages, batch_size=8)
+    full_prompt = "\n\n".join(passages) + "\n\n" + question
+
+    def first(layers, start, head) -> int:  # noqa: ANN001
+        logits, _ = model.forward_ids(torch.as_tensor([head], device=model.device), layers, start)
+        return int(logits[0, -1].argmax())
+
+    before, _after = model._template(question, True, None)
+    prefix_ids = model.encode(before)
+
+    def splice_only() -> None:
+        prefix = model.prefix_cache(prefix_ids)
+        kv.splice(prefix, len(prefix_ids), states, model.rope, model.config.position_mode, device=model.device,
+                  dtype=model.dtype)
+
+    layers, start, head = model.prepare(question, states)
+    first(layers, start, head)  # warm-up (prefix cache, allocator)
+    t_prepare = _median_time(lambda: model.prepare(question, states), repeats)
+    t_splice = _median_time(splice_only, repeats)
+    t_fwd = _median_time(lambda: first(layers, start, head), repeats)
+    t_states = _median_time(lambda: first(*model.prepare(question, states)), repeats)
+    f_layers, f_start, f_head = model.prepare(full_prompt, None)
+    first(f_layers, f_start, f_head)
+    t_full = _median_time(lambda: first(*model.prepare(full_prompt, None)), repeats)
+    pos_states = int(layers[0][0].shape[2]) + len(head)
+    pos_full = len(f_head)
+    return {
+        "k": len(passages), "raw_tokens": sum(s.num_tokens for s in states),
+        "kept_rows": sum(s.num_kept for s in states), "positions_states": pos_states, "positions_full": pos_full,
+        "prefix_tokens": len(prefix_ids), "suffix_tokens": len(head),
+        "ttft_states_s": t_states, "ttft_full_s": t_full, "speedup": t_full / t_states, "bound": pos_full / pos_states,
+        "splice_s": t_splice, "prepare_other_s": max(0.0, t_prepare - t_splice), "forward_s": t_fwd,
+    }
+
+
+def render_breakdown(rows: list[dict]) -> str:
+    lines = ["| k | raw tokens | positions full / states | bound | TTFT full s | TTFT states s | speed-up | "
+             "of which splice s | template+prefix s | forward (suffix) s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['raw_tokens']} | {r['positions_full']} / {r['positions_states']} | "
+                     f"{r['bound']:.1f}x | {r['ttft_full_s']:.3f} | {r['ttft_states_s']:.3f} | {r['speedup']:.1f}x | "
+                     f"{r['splice_s']:.3f} | {r['prepare_other_s']:.3f} | {r['forward_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry: print the table."""
     from gist_memory import GistConfig, GistModel
@@ -82,14 +139,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--breakdown", default=None,
+                    help="comma-separated k values: print where TTFT goes at each k (e.g. 2,4,8,16,32) instead")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.compressor:
-        m = GistModel.from_base(None, GistConfig(compressor=a.compressor, target_ratio=a.ratio), dtype=a.dtype)
+        m = GistModel.from_base(None, GistConfig(compressor=a.compressor, target_ratio=a.ratio), dtype=a.dtype,
+                                device=a.device)
         label = f"{a.compressor} @ {a.ratio}x"
     else:
-        m = GistModel.from_pretrained(a.model, dtype=a.dtype, config_overrides={"target_ratio": a.ratio})
+        m = GistModel.from_pretrained(a.model, dtype=a.dtype, config_overrides={"target_ratio": a.ratio},
+                                      device=a.device)
         label = f"gist model {a.model or '(shipped)'} @ {a.ratio}x"
+    if a.breakdown:
+        ks = [int(x) for x in a.breakdown.split(",") if x.strip()]
+        pool = _passages(max(ks), m)
+        while len(pool) < max(ks):  # the sample corpus is small: repeat it (states are per passage anyway)
+            pool = pool + pool
+        rows = [ttft_breakdown(m, pool[:k], a.repeats) for k in ks]
+        print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+              f"dtype {a.dtype}, device {m.device}; {label}; median of {a.repeats}")
+        print(render_breakdown(rows))
+        return 0
     r = measure(m, a.passages, a.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"dtype {a.dtype}, device {m.device}; {label}")
