@@ -514,3 +514,30 @@ def test_corrupted_and_foreign_int4_entries_are_a_clear_error(states, tmp_path):
         f.seek(-3, 2)
         f.write(b"\xff\xff\xff")
     assert store.get(kk) is None and store.stats["corrupt"] == 1
+
+
+def test_entries_are_byte_identical_across_processes(tmp_path):
+    """safetensors writes its header from a hash map (another key order per process); entries are canonicalised so
+    writers sharing a content-addressed store write the same bytes for the same state."""
+    script = textwrap.dedent(
+        """
+        import hashlib, sys
+        from gist_memory.store.store import encode_entry, key_for
+        from gist_memory.store.testing import FakeGistModel
+        m = FakeGistModel()
+        st = m.compress(["The lighthouse was built in 1874 by Maren Voss. Ölmühle — ☃ café."])[0]
+        for dt in ("float32", "int8", "int4"):
+            print(dt, hashlib.sha256(encode_entry(st, dt, key_for(st.text_hash, st.model_fingerprint, dt))).hexdigest())
+        """
+    )
+    outs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(outs) == 1 and outs.pop().count("\n") == 3
+    from safetensors.torch import load
+
+    m = FakeGistModel()
+    st = m.compress(["The lighthouse was built in 1874."])[0]
+    blob = store_mod.encode_entry(st, "int8", "k")
+    assert blob == store_mod.canonical_safetensors(blob)  # idempotent
+    assert (len(blob) - 8 - int.from_bytes(blob[:8], "little")) == sum(
+        t.numel() * t.element_size() for t in load(blob).values())

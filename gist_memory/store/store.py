@@ -288,7 +288,21 @@ def encode_entry(state: GistState, storage_dtype: str, key: str) -> bytes:
         "header": json.dumps(header, ensure_ascii=False),
         "checksum": _checksum(tensors),
     }
-    return save(tensors, metadata=metadata)
+    return canonical_safetensors(save(tensors, metadata=metadata))
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map, so the same tensors and metadata come out in another key order in
+    every process: a content-addressed entry would differ byte for byte between the writers that share a store. The
+    data section and its offsets are untouched; the header is padded with spaces to a multiple of 8, as safetensors
+    does."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
 
 
 def _decode(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: Optional[str], where: str) -> GistState:
