@@ -283,11 +283,24 @@ def ingest(
     actors: Annotated[Optional[int], typer.Option(
         "--actors", help="With --ray: compression actors (default: one per GPU, else CPUs - 1).",
         show_default=False)] = None,
+    states: Annotated[Optional[str], typer.Option(help="Where the memory's states go: a folder, s3://..., "
+                                                  "redis://... or comma-separated tiers, fastest first (default: "
+                                                  "what the memory recorded, else STORE/states); recorded in a "
+                                                  "new memory, so `serve`/`ask` find them.",
+                                                  show_default=False)] = None,
+    storage_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype of a new memory's states: float32, "
+                                                         "bfloat16, float16, int8 or int4 (default: the "
+                                                         "library's default).", show_default=False)] = None,
     opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
     """Compress files into a memory (resumable: passages already there are skipped)."""
     with user_errors():
+        check_storage_dtype(storage_dtype)
+        if ray is not None and (states is not None or storage_dtype is not None):
+            raise UserError("--states and --storage-dtype are not taken with --ray yet: create the memory first "
+                            "(e.g. `gist-memory ingest ONE_FILE --states ... --storage-dtype ...`), then ingest "
+                            "into it with --ray")
         missing = [p for p in paths if not p.exists()]
         if len(missing) == len(paths):
             raise UserError(f"no such file or folder: {', '.join(map(str, missing))} (nothing to ingest)")
@@ -319,7 +332,7 @@ def ingest(
                             iter_passages)
         for p in missing:
             summary.files_skipped.append((str(p.absolute()), "no such file or folder"))
-        mem = open_store(gm, path, create=True)
+        mem = open_store(gm, path, create=True, storage_dtype=storage_dtype, states=states)
         write_model_record(path, gm)
         all_ids = [p.id for _, ps in files for p in ps]
         present_before = len(mem.has_ids(all_ids))

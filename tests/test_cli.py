@@ -455,3 +455,30 @@ def test_store_of_another_model_names_only_the_differing_fields(runner, store, t
     assert_one_line_error(res, "was written by model", "target_ratio: 4.0 (store) vs 2.0 (now)")
     line = res.stderr.strip().splitlines()[-1]
     assert "dtype" not in line and "compressor" not in line and "base:" not in line, line
+
+
+def test_ingest_puts_states_where_asked_in_the_dtype_asked_and_ask_finds_them(runner, docs, tiny_base_dir, tmp_path):
+    shared = tmp_path / "shared-states"
+    res = run(runner, "ingest", docs / "a.txt", "--store", tmp_path / "m", "--base", tiny_base_dir,
+              "--max-passage-tokens", "32", "--states", shared, "--storage-dtype", "int4", "--json")
+    assert res.exit_code == 0, res.output
+    files = [p for p in shared.rglob("*") if p.is_file()]
+    assert files and not (tmp_path / "m" / "states").exists()
+    import sqlite3
+
+    from gist_memory.store.memory import DB_NAME
+
+    db = sqlite3.connect(tmp_path / "m" / DB_NAME)
+    try:
+        rec = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        db.close()
+    assert rec["storage_dtype"] == "int4" and str(shared) in rec["states"], rec
+    res = run(runner, "ask", "Who became the chief curator in 1912?", "--store", tmp_path / "m", "--base",
+              tiny_base_dir, "-k", "1", "--max-new-tokens", "2", "--json")
+    assert res.exit_code == 0, res.output
+    res = run(runner, "ingest", docs / "a.txt", "--store", tmp_path / "m2", "--base", tiny_base_dir,
+              "--storage-dtype", "int3")
+    assert res.exit_code != 0 and "--storage-dtype must be one of" in res.output
+    res = run(runner, "ingest", docs / "a.txt", "--store", tmp_path / "m3", "--ray", "local", "--states", shared)
+    assert res.exit_code != 0 and "not taken with --ray" in res.output
