@@ -7,8 +7,9 @@ The README block between `<!-- heldout-table:start -->` and `<!-- heldout-table:
 `gist_memory.eval.heldout.render_markdown(read_results(docs/results/heldout.jsonl))`: nobody copies numbers by
 hand, and tests/test_readme_tables.py fails when the two drift apart. The results file is what
 `python -m gist_memory.eval.heldout ... --out docs/results/heldout.jsonl` writes (commands in docs/evaluation.md).
-A file may also hold a `<!-- reader-table:start -->` block: the frozen-vs-adapted reader comparison rendered from
-docs/results/reader.jsonl (filled in wherever the markers are).
+A file may also hold optional blocks, filled in wherever their markers are: `reader-table` (frozen vs adapted
+reader, docs/results/reader.jsonl), `peers-table` (docs/bench/peers.json), `ingest-table`
+(docs/results/ingest.json), `ttft-table` (docs/results/ttft_breakdown.json). docs/benchmarks.md is refreshed too.
 """
 
 from __future__ import annotations
@@ -59,11 +60,53 @@ def replace_block(text: str, block: str, where: str, name: str = "heldout-table"
     return f"{head}{start}\n{block}{end}{tail}"
 
 
-def refresh(text: str, where: str) -> str:
-    """`text` with every known block it holds rendered anew (the held-out table is required)."""
-    text = replace_block(text, rendered(), where)
-    if "<!-- reader-table:start -->" in text:
-        text = replace_block(text, rendered_reader(), where, "reader-table")
+PEERS = ROOT / "docs" / "bench" / "peers.json"
+INGEST = ROOT / "docs" / "results" / "ingest.json"
+TTFT = ROOT / "docs" / "results" / "ttft_breakdown.json"
+CHAT = ROOT / "docs" / "results" / "chat_bench.json"
+
+
+def _json(path: Path):  # noqa: ANN202
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def rendered_peers(results: Path = PEERS) -> str:
+    """The peers table (`python -m gist_memory.eval.peers` writes docs/bench/peers.json)."""
+    from gist_memory.eval.peers import render
+
+    return render(_json(results))
+
+
+def rendered_ingest(results: Path = INGEST) -> str:
+    """The ingest-cost table (`python -m gist_memory.eval.bench_ingest --json docs/results/ingest.json`)."""
+    from gist_memory.eval.bench_ingest import render
+
+    res = _json(results)
+    return render(res) + f"\nCommand: `{res['command']}`\n"
+
+
+def rendered_ttft(results: Path = TTFT) -> str:
+    """Where TTFT goes (`python -m gist_memory.eval.engine_speed --breakdown ... --json docs/results/...`)."""
+    from gist_memory.eval.engine_speed import render_breakdown
+
+    res = _json(results)
+    return f"{res['machine']}\n\n" + render_breakdown(res["rows"]) + f"\nCommand: `{res['command']}`\n"
+
+
+#: optional blocks: filled in wherever their markers are
+BLOCKS = {"reader-table": rendered_reader, "peers-table": rendered_peers, "ingest-table": rendered_ingest,
+          "ttft-table": rendered_ttft}
+
+
+def refresh(text: str, where: str, required: bool = True) -> str:
+    """`text` with every known block it holds rendered anew (the held-out table is required when `required`)."""
+    if required or "<!-- heldout-table:start -->" in text:
+        text = replace_block(text, rendered(), where)
+    for name, fn in BLOCKS.items():
+        if f"<!-- {name}:start -->" in text:
+            text = replace_block(text, fn(), where, name)
     return text
 
 
@@ -72,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--card", type=Path, help="also write the block into this model card")
     a = ap.parse_args(argv)
-    targets = [ROOT / "README.md"] + ([a.card] if a.card else [])
+    targets = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"] + ([a.card] if a.card else [])
     stale = []
     for path in targets:
         text = path.read_text(encoding="utf-8")
-        new = refresh(text, str(path))
+        new = refresh(text, str(path), required=path.name == "README.md")
         if new != text:
             stale.append(path)
             if not a.check:

@@ -37,3 +37,11 @@ def test_model_card_holds_the_same_tables():
 def test_missing_markers_are_named():
     with pytest.raises(ValueError, match="no <!-- heldout-table"):
         _tool().replace_block("no markers here", "x", "somewhere.md")
+
+
+def test_benchmark_doc_tables_are_generated_from_their_results():
+    """docs/benchmarks.md's generated blocks (peers, ingest, TTFT breakdown) match their committed results."""
+    tool = _tool()
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text(encoding="utf-8")
+    assert tool.refresh(text, str(path), required=False) == text, "run python scripts/update_tables.py"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -127,6 +129,16 @@ def render_breakdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry: print the table."""
     from gist_memory import GistConfig, GistModel
@@ -142,6 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--breakdown", default=None,
                     help="comma-separated k values: print where TTFT goes at each k (e.g. 2,4,8,16,32) instead")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    ap.add_argument("--json", default=None, help="with --breakdown: also write the rows here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.compressor:
@@ -158,9 +171,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         while len(pool) < max(ks):  # the sample corpus is small: repeat it (states are per passage anyway)
             pool = pool + pool
         rows = [ttft_breakdown(m, pool[:k], a.repeats) for k in ks]
-        print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-              f"dtype {a.dtype}, device {m.device}; {label}; median of {a.repeats}")
+        dev = torch.cuda.get_device_name(0) if m.device.type == "cuda" else _cpu_name()
+        machine = (f"Machine: {dev}, torch threads {torch.get_num_threads()}, {a.dtype}; {label}; median of "
+                   f"{a.repeats}; passages from the shipped sample corpus; states precomputed.")
+        print(machine)
         print(render_breakdown(rows))
+        if a.json:
+            cmd = "python -m gist_memory.eval.engine_speed " + " ".join(sys.argv[1:] if argv is None else argv)
+            Path(a.json).write_text(json.dumps({"machine": machine, "rows": rows, "command": cmd}, indent=1),
+                                    encoding="utf-8")
         return 0
     r = measure(m, a.passages, a.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
