@@ -82,14 +82,25 @@ class Runner:
         budget = max(1, min(int(budget), n))
         kvzip = name == "kvzip"
         ratio = max(0.0, 1.0 - (budget + 0.5) / n) if budget < n else 0.0
-        if kvzip and budget < n:  # its budget covers the template opening too: prune as many rows as the others
-            ratio = (n - budget - 0.5) / (len(prefix) + n)
+        if kvzip and budget < n:  # its ratio counts the template opening too: prune as many rows as the others
+            ratio = (n - budget) / (len(prefix) + n)
         # KVzip reconstructs the context after the chat template's opening: it gets that opening, and only the
         # passage's rows are kept afterwards
         ctx = (prefix + ids) if kvzip else ids
         start = len(prefix) if kvzip else 0
         cache = DynamicCache()
         press = self._press(name, ratio)
+        if kvzip and ratio > 0:
+            # KVzip ranks the rows of the whole prefilled context (template opening + passage) together; the opening
+            # is protected like its attention sinks, so every pruned row is a passage row and the passage keeps, on
+            # average per head, exactly its budget (as the other methods do)
+            post = press.compress_post
+
+            def compress_post(model, _post=post, _press=press, _start=start):  # noqa: ANN001, ANN202
+                _press.score_val[..., :_start] = _press.score_val.amax() + 2.0
+                return _post(model)
+
+            press.compress_post = compress_post
         t0 = time.perf_counter()
         with torch.no_grad():
             if ratio > 0:
@@ -205,7 +216,9 @@ def run(job: dict) -> dict:
 
     r = Runner(job)
     passages = {pid: ids for pid, ids in job["passages"].items()}
-    res: dict = {"versions": {"kvpress": getattr(kvpress, "__version__", "?"), "transformers": transformers.__version__,
+    from importlib.metadata import version
+
+    res: dict = {"versions": {"kvpress": version("kvpress"), "transformers": transformers.__version__,
                               "torch": torch.__version__}, "presses": {}}
     full = []
     for q in job.get("speed", []):  # full text in this environment: the reference of the TTFT ratio
