@@ -210,7 +210,6 @@ class Runner:
 
 
 def run(job: dict) -> dict:
-    import kvpress
     import torch
     import transformers
 
