@@ -9,7 +9,7 @@ hand, and tests/test_readme_tables.py fails when the two drift apart. The result
 `python -m gist_memory.eval.heldout ... --out docs/results/heldout.jsonl` writes (commands in docs/evaluation.md).
 A file may also hold optional blocks, filled in wherever their markers are: `reader-table` (frozen vs adapted
 reader, docs/results/reader.jsonl), `peers-table` (docs/bench/peers.json), `ingest-table`
-(docs/results/ingest.json), `ttft-table` (docs/results/ttft_breakdown.json). docs/benchmarks.md is refreshed too.
+(docs/results/ingest.json), `ttft-table` (docs/results/ttft_breakdown.json), `bench-table` (docs/bench/results.json). docs/benchmarks.md is refreshed too.
 """
 
 from __future__ import annotations
@@ -95,9 +95,19 @@ def rendered_ttft(results: Path = TTFT) -> str:
     return f"{res['machine']}\n\n" + render_breakdown(res["rows"]) + f"\nCommand: `{res['command']}`\n"
 
 
+BENCH = ROOT / "docs" / "bench" / "results.json"
+
+
+def rendered_bench(results: Path = BENCH) -> str:
+    """The README's summary of the full `gist-memory bench` run (docs/bench/results.json)."""
+    from gist_memory.eval.bench import render_summary
+
+    return render_summary(_json(results))
+
+
 #: optional blocks: filled in wherever their markers are
 BLOCKS = {"reader-table": rendered_reader, "peers-table": rendered_peers, "ingest-table": rendered_ingest,
-          "ttft-table": rendered_ttft}
+          "ttft-table": rendered_ttft, "bench-table": rendered_bench}
 
 
 def refresh(text: str, where: str, required: bool = True) -> str:

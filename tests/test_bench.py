@@ -241,3 +241,14 @@ def test_a_run_stopped_inside_the_retention_qa_goes_on_from_the_last_item(quick)
     assert not any(s.startswith("[bench] qa 1/") or s.startswith("[bench] qa 2/") for s in logs)
     for key, q in res["qa"].items():  # the tiny model is deterministic: same numbers as the uninterrupted run
         assert again["qa"][key]["n"] == q["n"] and again["qa"][key]["accuracy"] == pytest.approx(q["accuracy"])
+
+
+def test_summary_has_a_row_per_method_with_quality_and_speed_at_k(quick):
+    res, _, _ = quick
+    k = max(res["config"]["ks"])
+    md = B.render_summary(res, k=k)
+    for m in res["methods"]:
+        assert f"| {m['label']} |" in md
+    full = next(ln for ln in md.splitlines() if ln.startswith("| full text |"))
+    assert full.split("|")[-4].strip() == "1.0x"  # TTFT x of full text against itself
+    assert f"Speed at k = {k} passages" in md and res["command"] in md

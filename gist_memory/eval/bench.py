@@ -919,6 +919,43 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_summary(res: dict[str, Any], k: int = 8) -> str:
+    """The README's view of a run: one row per method with quality (MC accuracy overall and per kind, greedy answer
+    contains the value, next-sentence perplexity) and, for the timed methods, speed and memory at k passages
+    against full text, plus the machine and the command."""
+    mi, cfg = res["machine"], res["config"]
+    qa, ppl = res.get("qa") or {}, res.get("ppl") or {}
+    sp = res.get("speed") or {}
+    pts = {r["method"]: r for r in sp.get("by_k", []) if r["k"] == k}
+    where = f"{mi['cpu']}, {mi['cores']} cores, torch threads {mi['torch_threads']}, {mi['dtype']}"
+    if mi.get("gpu"):
+        where = f"{mi['gpu']}, {mi['dtype']}"
+    nqa = next((v["n"] for v in qa.values()), 0)
+    nem = next((v["n_em"] for v in qa.values()), 0)
+    lines = [
+        f"Machine: {where}; load average {_f(mi.get('loadavg_1m_at_start'), '{:.1f}')} at the start; "
+        f"{res['date']}. Retention: {nqa} items of the shipped `qa_dev.jsonl` (in-distribution for the trained "
+        f"writer: the training generators' kinds), multiple choice among 4 (chance 0.25); `contains`: greedy answer "
+        f"contains the value ({nem} items); ppl: next sentence of held-out text. Speed at k = {k} passages of "
+        f"~{sp.get('passage_tokens', '?')} tokens, states precomputed; `x` = full text / method in the same run.",
+        "",
+        "| method | ratio | MC acc | " + " | ".join(KINDS) + " | contains | ppl | positions | TTFT x | KV x | "
+        "decode tok/s |",
+        "|---|---|---|" + "---|" * len(KINDS) + "---|---|---|---|---|---|",
+    ]
+    for m in res["methods"]:
+        q, p, r = qa.get(m["key"], {}), ppl.get(m["key"], {}), pts.get(m["key"], {})
+        bk = q.get("by_kind", {})
+        lines.append(
+            f"| {m['label']} | {_f(q.get('ratio'), '{:.2f}x')} | {_f(q.get('accuracy'), '{:.2f}')} | "
+            + " | ".join(_f(bk.get(kk), "{:.2f}") for kk in KINDS)
+            + f" | {_f(q.get('contains'), '{:.2f}')} | {_f(p.get('ppl'), '{:.1f}')} | {_f(r.get('positions'), '{}')} | "
+            f"{_f(r.get('ttft_x'), '{:.1f}x')} | {_f(r.get('kv_x'), '{:.1f}x')} | {_f(r.get('decode_tps'), '{:.1f}')} |"
+        )
+    lines += ["", f"Command: `{res['command']}` (all tables and plots: docs/bench/results.md)."]
+    return "\n".join(lines) + "\n"
+
+
 def _pivot(rows, axis, values, key, xkey, lab, title, mb=False) -> list[str]:  # noqa: ANN001
     out = ["", f"### {title}", "", "| method | " + " | ".join(f"{axis}={v}" for v in values) + " |",
            "|---|" + "---|" * len(values)]
