@@ -923,7 +923,7 @@ def render_summary(res: dict[str, Any], k: int = 8) -> str:
     """The README's view of a run: one row per method with quality (MC accuracy overall and per kind, greedy answer
     contains the value, next-sentence perplexity) and, for the timed methods, speed and memory at k passages
     against full text, plus the machine and the command."""
-    mi, cfg = res["machine"], res["config"]
+    mi = res["machine"]
     qa, ppl = res.get("qa") or {}, res.get("ppl") or {}
     sp = res.get("speed") or {}
     pts = {r["method"]: r for r in sp.get("by_k", []) if r["k"] == k}
