@@ -90,8 +90,7 @@ def ttft_breakdown(model, passages: list[str], repeats: int = 5,  # noqa: ANN001
         logits, _ = model.forward_ids(torch.as_tensor([head], device=model.device), layers, start)
         return int(logits[0, -1].argmax())
 
-    before, _after = model._template(question, True, None)
-    prefix_ids = model.encode(before)
+    prefix_ids, _after = model.template_ids(question)
 
     def splice_only() -> None:
         prefix = model.prefix_cache(prefix_ids)

@@ -176,7 +176,7 @@ class Runner:
         masks = [torch.cat(m, 1) for m in ms] if ms is not None else None
         return layers, masks, pos, read
 
-    def _forward(self, layers, masks, pos: int, ids: list[int]):  # noqa: ANN001, ANN202
+    def forward(self, layers, masks, pos: int, ids: list[int]):  # noqa: ANN001, ANN202
         import torch
         from transformers import DynamicCache
 
@@ -203,7 +203,7 @@ class Runner:
 
         out = []
         for c in choices:
-            lg = torch.log_softmax(self._forward(layers, masks, pos, suffix + c).float(), -1)
+            lg = torch.log_softmax(self.forward(layers, masks, pos, suffix + c).float(), -1)
             at = torch.arange(len(suffix) - 1, len(suffix) + len(c) - 1)
             out.append(float(lg[at, torch.as_tensor(c)].sum()))
         return out
@@ -251,7 +251,7 @@ def run(job: dict) -> dict:
             for _ in range(int(job.get("repeats", 3)) + 1):  # the first is a warm-up
                 t0 = time.perf_counter()
                 layers, masks, pos, read = r.context(q["prefix"], parts)
-                lg = r._forward(layers, masks, pos, q["suffix"])
+                lg = r.forward(layers, masks, pos, q["suffix"])
                 int(lg[-1].argmax())
                 times.append(time.perf_counter() - t0)
             speed.append({"k": len(parts), "ttft_s": statistics.median(times[1:]), "full_ttft_s": full[len(speed)],

@@ -78,8 +78,7 @@ def kvpress_job(reader, budget_gm, items, speed_passages: Sequence[str], questio
         return pids[text]
 
     def pieces(q: str) -> tuple[list[int], list[int]]:
-        before, after = reader._template(q, True, None)
-        return reader.encode(before), reader.encode(after)
+        return reader.template_ids(q)
 
     job_items = []
     for it in items:
@@ -256,7 +255,9 @@ def render(res: dict[str, Any]) -> str:
         f"Retention items: {res['items']} (the shipped `qa_dev.jsonl`, balanced over kinds; the same items and "
         f"prompts for every method), requested ratio {res['ratio']:g}x; speed: k = {res['k']} passages of "
         f"~{res['passage_tokens']} tokens. Machine: {mi['cpu']}, {mi['cores']} cores, torch threads "
-        f"{mi['torch_threads']}, {mi['dtype']}, load {mi.get('loadavg_1m_at_start')}. Trained model: {res['trained']}.",
+        f"{mi['torch_threads']}, {mi['dtype']}, 1-min load average {f(mi.get('loadavg_1m_at_start'), '{:.1f}')} at "
+        f"the start (another benchmark ran on the other core). Trained model: the shipped adapter"
+        f"{'' if not res['trained'] or 'default_model' in str(res['trained']) else ' ' + str(res['trained'])}.",
         "",
         "| method | accuracy | " + " | ".join(kinds) + " | achieved ratio | positions / passage | TTFT k | "
         "TTFT full / method | compression s / passage |",
@@ -265,7 +266,7 @@ def render(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         x = (r["full_ttft_s"] / r["ttft_s"]) if r.get("ttft_s") and r.get("full_ttft_s") else None
         out.append(f"| {r['label']} | {f(r['accuracy'])} | " + " | ".join(f(r["by_kind"].get(k)) for k in kinds) +
-                   f" | {f(r['ratio'])}x | {f(r['positions_per_passage'], '{:.1f}')} | "
+                   f" | {f(r['ratio'], '{:.2f}x')} | {f(r['positions_per_passage'], '{:.1f}')} | "
                    f"{f(r['ttft_s'], '{:.3f}')} s | {f(x, '{:.1f}')}x | {f(r['compress_s_per_passage'], '{:.3f}')} |")
     out += ["", "Command: `" + res["command"] + "`", ""]
     out += [f"- {n}" for n in res["notes"]]

@@ -82,6 +82,13 @@ class Prompting:
         before, after = rendered.split(_CONTEXT_MARK)
         return before, after
 
+    def template_ids(self, prompt: Prompt, system_prompt: Optional[str] = None,
+                     context_prefix: str = "") -> tuple[list[int], list[int]]:
+        """(ids before the states, ids after them) of `prompt` rendered as `prepare` renders it with states:
+        what a peer method (or a test) needs to put its own context exactly where the states go."""
+        before, after = self._template(prompt, True, system_prompt, context_prefix)
+        return self.encode(before), self.encode(after)
+
     def _adds_bos(self) -> bool:
         t = self.tokenizer
         ids = t("a", add_special_tokens=True)["input_ids"]
