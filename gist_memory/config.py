@@ -17,9 +17,11 @@ CONFIG_NAME = "gist_config.json"
 
 COMPRESSORS = ("gist", "pool", "pool+anchors")
 POSITION_MODES = ("gapped", "packed")
-ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+surprisal")
+ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+surprisal", "recall",
+                   "capitalized+recall")
 # policies whose ranking needs the base model's own reading of the text (token surprisal from pass 1)
-SCORED_ANCHOR_POLICIES = ("surprisal", "capitalized+surprisal")
+SCORED_ANCHOR_POLICIES = ("surprisal", "capitalized+surprisal", "recall", "capitalized+recall")
+RECALL_ANCHOR_POLICIES = ("recall", "capitalized+recall")
 SPLITTERS = ("sentencizer", "senter")
 
 AnchorFn = Callable[[str], list[tuple[int, int]]]
@@ -41,8 +43,11 @@ class GistConfig:
             (training-free importance: whole words ranked by how surprising the base model found them while
             reading the text, i.e. the summed -log p of their tokens, taken from the compression's own first
             pass), `capitalized+surprisal` (the capitalised rule first, the rest of the anchor budget by
-            surprisal), or a callable `text -> [(start, end), ...]` (not serialisable; such a config cannot be
-            saved).
+            surprisal), `recall` (training-free importance: whole words ranked by the attention the base model
+            pays their tokens while asked to reproduce the text, as KVzip scores rows, but one ranking shared by
+            every layer and head; costs an extra forward of about twice the text at ingest), `capitalized+recall`
+            (the capitalised rule first, the rest by recall), or a callable
+            `text -> [(start, end), ...]` (not serialisable; such a config cannot be saved).
         max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
             whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
         anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the

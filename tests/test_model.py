@@ -479,7 +479,7 @@ def test_an_adapted_reader_changes_only_what_reads_states_and_round_trips(model,
         type(model).from_pretrained(tmp_path / "adapted")
 
 
-@pytest.mark.parametrize("policy", ["surprisal", "capitalized+surprisal"])
+@pytest.mark.parametrize("policy", ["surprisal", "capitalized+surprisal", "recall", "capitalized+recall"])
 def test_surprisal_anchors_from_the_first_pass_match_an_explicit_scoring_pass(tiny_base_dir, policy):
     """`compress` ranks words from its own first pass; `plan` reads the text once more: the same anchors."""
     m = GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4.0, anchors=policy, compressor="pool+anchors",
@@ -493,8 +493,10 @@ def test_surprisal_anchors_from_the_first_pass_match_an_explicit_scoring_pass(ti
         kept = st.positions[st.kinds == 1].tolist()
         assert kept == np.flatnonzero(plan.anchors).tolist()
         assert st.num_kept == plan.num_kept
-        s = m.token_surprisal(plan.ids)
+        s = m.token_scores(plan.ids)
         assert s.shape == (plan.num_tokens,) and np.isfinite(s).all() and (s >= 0).all()
+        if "recall" in policy:  # attention probabilities: at most 1 each, and the same on a second reading
+            assert (s <= 1.0 + 1e-6).all() and np.allclose(s, m.token_recall(plan.ids))
 
 
 @torch.no_grad()
@@ -511,3 +513,20 @@ def test_score_choices_reads_the_prompt_once_and_matches_one_pass_per_choice(mod
             lp = torch.log_softmax(logits[0].float(), -1)
             ref = float(sum(lp[len(head) - 1 + t, i] for t, i in enumerate(ids)))
             assert g == pytest.approx(ref, abs=2e-3)
+
+
+def test_recall_scores_are_the_attention_a_copy_pays_each_token(tiny_base_dir):
+    """`token_recall` against a direct computation: eager attention probabilities of the teacher-forced copy."""
+    m = GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4.0, anchors="recall", compressor="pool+anchors"),
+                            device="cpu", attn_implementation="eager")
+    ids = m.encode(TEXTS[0])
+    got = m.token_recall(ids)
+    from gist_memory.model.compress import RECALL_PROMPT
+
+    pre, _ = m.template_ids("")
+    seq = pre + ids + m.encode(RECALL_PROMPT) + ids[:-1]
+    q0 = len(seq) - len(ids)
+    with torch.no_grad():
+        out = m.model.get_decoder()(input_ids=torch.as_tensor([seq]), output_attentions=True)
+    ref = torch.stack([a[0, :, q0:, len(pre) : len(pre) + len(ids)].amax(dim=(0, 1)) for a in out.attentions]).mean(0)
+    assert np.allclose(got, ref.double().numpy(), atol=1e-4)

@@ -111,3 +111,18 @@ def test_surprisal_ranks_whole_words_after_the_rule_and_waits_for_scores(tiny_mo
         finish_plan(provisional, cfg, splitter, np.ones(3))
     # a rule policy needs no scores
     assert make_plan(text, tok, GistConfig(target_ratio=4.0, anchors="capitalized"), splitter).scored
+
+
+def test_recall_ranks_words_by_their_mean_token_score():
+    """`recall` ranks by the mean over a word's tokens (need per kept row); surprisal by the sum (information)."""
+    from gist_memory.model.plan import surprisal_priorities
+
+    text = "aa bbbbbb cc"
+    offsets = np.array([[0, 2], [3, 5], [5, 7], [7, 9], [10, 12]])  # "bbbbbb" is three tokens
+    scores = np.array([0.5, 0.3, 0.3, 0.3, 0.0])
+    prio = np.full(5, -1)
+    by_sum = surprisal_priorities(prio, offsets, text, scores)
+    by_mean = surprisal_priorities(prio, offsets, text, scores, how="mean")
+    assert by_sum[1] < by_sum[0]  # 0.9 summed beats 0.5
+    assert by_mean[0] < by_mean[1]  # 0.5 beats a mean of 0.3
+    assert len(set(by_mean[1:4])) == 1  # a word's tokens share one priority

@@ -16,9 +16,13 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from gist_memory.config import RECALL_ANCHOR_POLICIES
 from gist_memory.layout import KIND_GIST_TOKEN, Layout, Segment, build_writer_batch, float_mask, window_starts
 from gist_memory.model import kv
 from gist_memory.model.plan import Plan, finish_plan, make_plan
+
+#: What the `recall` anchor policy asks between the text and its teacher-forced copy.
+RECALL_PROMPT = "\n\nRepeat the text above exactly.\n\n"
 from gist_memory.state import KIND_ANCHOR, KIND_GIST, KIND_POOL, GistState
 from gist_memory.state.gist_state import text_hash
 from gist_memory.text.split import normalize_text
@@ -43,7 +47,7 @@ class Compressing:
         p = self._provisional_plan(text)
         if not p.scored:
             with torch.no_grad():
-                p = finish_plan(p, self.config, self.splitter, self.token_surprisal(p.ids))
+                p = finish_plan(p, self.config, self.splitter, self.token_scores(p.ids))
         return p
 
     def _provisional_plan(self, text: str) -> Plan:
@@ -66,6 +70,52 @@ class Compressing:
             past = kv.out_cache(out)
             hidden.append(out.last_hidden_state[0])
         return self._surprisal(torch.cat(hidden), ids)
+
+    @torch.no_grad()
+    def token_recall(self, ids: Sequence[int]) -> np.ndarray:
+        """Per token, how much the base model needs it to reproduce the text: the text is read, then an instruction
+        to repeat it, then the text again (teacher-forced); a token's score is the largest attention any head pays
+        it from the repeated copy, averaged over layers. (KVzip scores each head's rows this way and keeps the
+        best per head; here one ranking serves every layer and head, since a state keeps the same raw tokens in
+        all of them.)"""
+        ids = [int(i) for i in ids]
+        n = len(ids)
+        if n < 2:
+            return np.zeros(n, dtype=np.float64)
+        pre, _ = self.template_ids("")  # read after the chat template's opening, as the reader places states (and
+        # so the opening, not the text's first token, takes the attention sink's share)
+        rep = self.encode(RECALL_PROMPT)
+        seq = pre + ids + rep + ids[:-1]
+        t0 = len(pre)
+        q0 = t0 + n + len(rep)  # the copy's queries: each predicts the next token of the text
+        x = torch.as_tensor([seq], device=self.device)
+        pos = torch.arange(len(seq), device=self.device)
+        dec = self.model.get_decoder()
+        out = kv.call(dec, input_ids=x, position_ids=pos[None], use_cache=True, output_hidden_states=True)
+        layers = kv.cache_layers(kv.out_cache(out))
+        hidden = out.hidden_states  # hidden[l] is layer l's input
+        scores = torch.zeros(n, dtype=torch.float32, device=self.device)
+        causal = pos[q0 - 1 :, None] >= pos[None, :]  # the copy's queries (and the one before) over every key
+        for li, layer in enumerate(dec.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(hidden[li][:, q0 - 1 :])
+            D = int(getattr(attn, "head_dim", layers[li][0].shape[-1]))
+            q = attn.q_proj(h).view(1, h.shape[1], -1, D)
+            if hasattr(attn, "q_norm"):
+                q = attn.q_norm(q)
+            q = kv.rotate(q.transpose(1, 2), pos[q0 - 1 :], self.rope)  # (1, H, Tq, D) at their positions
+            k = layers[li][0]  # (1, Hkv, T, D), already rotated
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            logits = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(attn, "scaling", D**-0.5))
+            p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            scores += p[0, :, :, t0 : t0 + n].amax(dim=(0, 1))
+        return (scores / len(dec.layers)).double().cpu().numpy()
+
+    def token_scores(self, ids: Sequence[int]) -> np.ndarray:
+        """The per-token scores the config's anchor policy ranks words by (`surprisal` or `recall`)."""
+        if self.config.anchors in RECALL_ANCHOR_POLICIES:
+            return self.token_recall(ids)
+        return self.token_surprisal(ids)
 
     def _surprisal(self, hidden: torch.Tensor, ids: Sequence[int]) -> np.ndarray:
         """Surprisal per token from the decoder's final hidden states (N, H) of the same tokens."""
@@ -171,7 +221,9 @@ class Compressing:
                 text, hidden = self._text_pass([plans[i].ids.tolist() for i in idx], want_hidden=bool(score))
                 for b, i in enumerate(idx):
                     if not plans[i].scored:
-                        sup = self._surprisal(hidden[b, : plans[i].num_tokens], plans[i].ids.tolist())
+                        ids_i = plans[i].ids.tolist()
+                        sup = (self.token_recall(ids_i) if self.config.anchors in RECALL_ANCHOR_POLICIES
+                               else self._surprisal(hidden[b, : plans[i].num_tokens], ids_i))
                         plans[i] = finish_plan(plans[i], self.config, self.splitter, sup)
             segs = [self.segment(plans[i]) for i in idx]
             for i, res in zip(idx, self._keep(plans, idx, segs, text)):
@@ -181,7 +233,7 @@ class Compressing:
                     full[i] = self._all_rows([(k[b : b + 1], v[b : b + 1]) for k, v in text], plans[i].num_tokens)
         for i in long_:
             if not plans[i].scored:
-                plans[i] = finish_plan(plans[i], self.config, self.splitter, self.token_surprisal(plans[i].ids))
+                plans[i] = finish_plan(plans[i], self.config, self.splitter, self.token_scores(plans[i].ids))
             seg = self.segment(plans[i])
             with torch.no_grad():
                 text = self._text_pass_windows(seg)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from gist_memory.config import SCORED_ANCHOR_POLICIES, GistConfig
+from gist_memory.config import RECALL_ANCHOR_POLICIES, SCORED_ANCHOR_POLICIES, GistConfig
 from gist_memory.text.split import (
     SentenceSplitter,
     anchor_char_spans,
@@ -72,10 +72,12 @@ def needs_scores(config: GistConfig) -> bool:
     return config.compressor != "pool" and isinstance(config.anchors, str) and config.anchors in SCORED_ANCHOR_POLICIES
 
 
-def surprisal_priorities(prio: np.ndarray, offsets: np.ndarray, text: str, token_scores: np.ndarray) -> np.ndarray:
-    """Rule priorities extended by surprisal: every word the rule left out gets a priority after the rule's
-    (0-2), ranked by its summed token surprisal (highest first, ties by position); all tokens of a word share
-    it, so a kept word is kept whole."""
+def surprisal_priorities(prio: np.ndarray, offsets: np.ndarray, text: str, token_scores: np.ndarray,
+                         how: str = "sum") -> np.ndarray:
+    """Rule priorities extended by model scores: every word the rule left out gets a priority after the rule's
+    (0-2), ranked by its tokens' summed (`how="sum"`: surprisal, information in the word) or mean (`"mean"`:
+    recall, need per row kept) score, highest first, ties by position; all tokens of a word share it, so a kept
+    word is kept whole."""
     word = word_token_index(offsets, text)
     scores = np.asarray(token_scores, dtype=np.float64).reshape(-1)
     if scores.shape[0] != len(prio):
@@ -86,6 +88,8 @@ def surprisal_priorities(prio: np.ndarray, offsets: np.ndarray, text: str, token
         return out
     words = np.unique(word[free])
     total = np.bincount(word[free], weights=scores[free], minlength=int(words.max()) + 1)[words]
+    if how == "mean":
+        total = total / np.bincount(word[free], minlength=int(words.max()) + 1)[words]
     rank = np.empty(len(words), dtype=np.int64)
     rank[np.lexsort((words, -total))] = np.arange(len(words))
     lookup = np.full(int(words.max()) + 1, -1, dtype=np.int64)
@@ -134,7 +138,8 @@ def _allocate(text: str, ids: np.ndarray, offsets: np.ndarray, sents, config: Gi
             if token_scores is None:
                 scored = False
             else:
-                prio = surprisal_priorities(prio, offsets, text, token_scores)
+                prio = surprisal_priorities(prio, offsets, text, token_scores,
+                                            how="mean" if config.anchors in RECALL_ANCHOR_POLICIES else "sum")
     plan = _rows(text, ids, pieces, char_spans, prio, config)
     plan.scored, plan.offsets = scored, offsets
     return plan

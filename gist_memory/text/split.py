@@ -125,13 +125,15 @@ def anchor_char_spans(
     Policies: `none`; `capitalized` (numbers/codes first, then capitalised words that are not a stop word);
     `surprisal` (no rule spans: words are ranked from the model's reading, see `word_token_index`);
     `capitalized+surprisal` (the `capitalized` spans here; surprisal ranks the other words after them);
+    `recall` (no rule spans: words are ranked by the attention the model pays them while reproducing the text);
+    `capitalized+recall` (the `capitalized` spans here; recall ranks the other words after them);
     `entities` (the same plus spaCy NER spans when the pipeline has `ner`); or a callable on the text.
 
     Returns:
         A list of `(start, end, priority)`.
     """
-    if policy in ("none", "surprisal"):
-        return []  # `surprisal` ranks words later, from the model's reading (`word_token_index`)
+    if policy in ("none", "surprisal", "recall"):
+        return []  # `surprisal` / `recall` rank words later, from the model's reading (`word_token_index`)
     if callable(policy):
         out = []
         for s, e in policy(text):
