@@ -113,8 +113,8 @@ def test_surprisal_ranks_whole_words_after_the_rule_and_waits_for_scores(tiny_mo
     assert make_plan(text, tok, GistConfig(target_ratio=4.0, anchors="capitalized"), splitter).scored
 
 
-def test_recall_ranks_words_by_their_mean_token_score():
-    """`recall` ranks by the mean over a word's tokens (need per kept row); surprisal by the sum (information)."""
+def test_word_ranking_by_mean_or_by_sum_of_token_scores():
+    """`how="mean"` ranks by the mean over a word's tokens, `"sum"` (the policies' ranking) by their total."""
     from gist_memory.model.plan import surprisal_priorities
 
     text = "aa bbbbbb cc"

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from gist_memory.config import RECALL_ANCHOR_POLICIES, SCORED_ANCHOR_POLICIES, GistConfig
+from gist_memory.config import SCORED_ANCHOR_POLICIES, GistConfig
 from gist_memory.text.split import (
     SentenceSplitter,
     anchor_char_spans,
@@ -75,9 +75,10 @@ def needs_scores(config: GistConfig) -> bool:
 def surprisal_priorities(prio: np.ndarray, offsets: np.ndarray, text: str, token_scores: np.ndarray,
                          how: str = "sum") -> np.ndarray:
     """Rule priorities extended by model scores: every word the rule left out gets a priority after the rule's
-    (0-2), ranked by its tokens' summed (`how="sum"`: surprisal, information in the word) or mean (`"mean"`:
-    recall, need per row kept) score, highest first, ties by position; all tokens of a word share it, so a kept
-    word is kept whole."""
+    (0-2), ranked by its tokens' summed score (`how="sum"`, what the policies use: surprisal or recall) or their
+    mean (`"mean"`), highest first, ties by position; all tokens of a word share it, so a kept word is kept
+    whole. (Recall ranked by the mean kept common words better and names much worse on the dev items:
+    docs/evaluation.md.)"""
     word = word_token_index(offsets, text)
     scores = np.asarray(token_scores, dtype=np.float64).reshape(-1)
     if scores.shape[0] != len(prio):
@@ -138,8 +139,7 @@ def _allocate(text: str, ids: np.ndarray, offsets: np.ndarray, sents, config: Gi
             if token_scores is None:
                 scored = False
             else:
-                prio = surprisal_priorities(prio, offsets, text, token_scores,
-                                            how="mean" if config.anchors in RECALL_ANCHOR_POLICIES else "sum")
+                prio = surprisal_priorities(prio, offsets, text, token_scores)
     plan = _rows(text, ids, pieces, char_spans, prio, config)
     plan.scored, plan.offsets = scored, offsets
     return plan
