@@ -13,7 +13,7 @@ Within `--time-budget` seconds of its own wall time it:
    made over there exactly as here (anchors ranked by the model's own surprisal, as `compress` does);
 2. compression: raw tokens/s of `GistModel.compress` vs a plain batched decoder forward of the same passages
    (`bench_ingest.plain_forward`), at each of `--batches`; also that forward with a dense 4D float mask (what a
-   float mask costs where the fast kernels drop out), compress's first pass alone (text pass + surprisal; the
+   float mask costs where the fast kernels drop out), compress's first pass alone (text pass + anchor scores; the
    rest of compress is the writer pass, whose gist rows carry a dense 4D float mask) and, for a surprisal writer,
    compress with capitalisation anchors (no LM head over every token);
 3. TTFT from states vs full text at each of `--ks` passages (`engine_speed.ttft_breakdown`), and decode tokens/s
@@ -208,10 +208,11 @@ def plain_forward_4d(gm: Any, texts: list[str], batch: int) -> None:
 
 
 def compress_pass1(gm: Any, texts: list[str], batch: int) -> None:
-    """What `compress` does before the writer: plans, the text pass in its batches and (surprisal writers) the
-    LM head over every token with the plans finished from it."""
+    """What `compress` does before the writer: plans, the text pass in its batches and (scored anchor policies) the
+    anchor scores (surprisal: the LM head over every token; recall: its extra forward), plans finished from them."""
     import torch
 
+    from gist_memory.config import RECALL_ANCHOR_POLICIES
     from gist_memory.model.plan import finish_plan
 
     plans = [gm._provisional_plan(t) for t in texts]
@@ -223,24 +224,25 @@ def compress_pass1(gm: Any, texts: list[str], batch: int) -> None:
             _text, hidden = gm._text_pass([plans[i].ids.tolist() for i in idx], want_hidden=bool(score))
             for b, i in enumerate(idx):
                 if not plans[i].scored:
-                    sup = gm._surprisal(hidden[b, : plans[i].num_tokens], plans[i].ids.tolist())
+                    ids_i = plans[i].ids.tolist()
+                    sup = (gm.token_recall(ids_i) if gm.config.anchors in RECALL_ANCHOR_POLICIES
+                           else gm._surprisal(hidden[b, : plans[i].num_tokens], ids_i))
                     plans[i] = finish_plan(plans[i], gm.config, gm.splitter, sup)
     _sync(gm)
 
 
 def compression(gm: Any, texts: list[str], batch: int, repeats: int, deadline: float) -> list[dict]:
-    from gist_memory.eval.bench_ingest import CAPITALIZED, capitalized_twin, plain_forward
+    from gist_memory.eval.bench_ingest import plain_forward, policy_twins
 
     raw = sum(len(gm.encode(t)) for t in texts)
     fns: dict[str, Callable[[], Any]] = {
         "plain forward": lambda: plain_forward(gm, texts, batch),
         "plain forward, dense 4D float mask": lambda: plain_forward_4d(gm, texts, batch),
-        "compress pass 1 (text pass + surprisal)": lambda: compress_pass1(gm, texts, batch),
+        "compress pass 1 (text pass + anchor scores)": lambda: compress_pass1(gm, texts, batch),
         "compress": lambda: (gm.compress(texts, batch_size=batch), _sync(gm)),
     }
-    twin = capitalized_twin(gm)
-    if twin is not None:
-        fns[CAPITALIZED] = lambda: (twin.compress(texts, batch_size=batch), _sync(gm))
+    for label, twin in policy_twins(gm).items():  # the same writer under cheaper anchor rules
+        fns[label] = lambda twin=twin: (twin.compress(texts, batch_size=batch), _sync(gm))
     for fn in fns.values():  # warm-up: allocator, kernels
         fn()
     secs: dict[str, list[float]] = {k: [] for k in fns}
@@ -257,7 +259,7 @@ def compression(gm: Any, texts: list[str], batch: int, repeats: int, deadline: f
         row = {"section": "compress", "batch": batch, "what": k, "passages": len(texts), "raw_tokens": raw,
                "seconds": s, "tokens_per_s": raw / s, "x_plain": med["plain forward"] / s, "rounds": len(secs[k])}
         rows.append(row)
-    writer = med["compress"] - med["compress pass 1 (text pass + surprisal)"]
+    writer = med["compress"] - med["compress pass 1 (text pass + anchor scores)"]
     rows.append({"section": "compress", "batch": batch, "what": "compress pass 2 (writer; compress - pass 1)",
                  "passages": len(texts), "raw_tokens": raw, "seconds": writer,
                  "tokens_per_s": raw / writer if writer > 0 else float("inf"),

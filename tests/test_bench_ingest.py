@@ -62,3 +62,14 @@ def test_ttft_breakdown_accounts_for_every_position(tiny_model):
     for key in ("ttft_states_s", "ttft_full_s", "splice_s", "forward_s"):
         assert r[key] > 0
     assert "| 4 |" in ES.render_breakdown([r])
+
+
+def test_policy_twins_show_where_a_scored_policy_spends_its_time(tiny_base_dir):
+    from gist_memory import GistConfig, GistModel
+
+    rec = GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4.0, anchors="recall"), device="cpu")
+    twins = BI.policy_twins(rec)
+    assert set(twins) == {BI.SURPRISAL, BI.CAPITALIZED}
+    assert twins[BI.SURPRISAL].config.anchors == "surprisal" and twins[BI.SURPRISAL].writer is rec.writer
+    assert set(BI.policy_twins(twins[BI.SURPRISAL])) == {BI.CAPITALIZED}
+    assert BI.policy_twins(twins[BI.CAPITALIZED]) == {}

@@ -141,7 +141,7 @@ def test_device_perf_runs_without_spacy(perf_dir, tmp_path, tiny_base_dir):
     assert res["model"]["base_digest_ok"] and res["model"]["adapter_files_ok"]
     assert res["env"]["blocked"] == ["spacy", "faiss", "gguf"]
     rows = res["rows"]
-    whats = {"plain forward", "plain forward, dense 4D float mask", "compress pass 1 (text pass + surprisal)",
+    whats = {"plain forward", "plain forward, dense 4D float mask", "compress pass 1 (text pass + anchor scores)",
              "compress", "compress, capitalized anchors", "compress pass 2 (writer; compress - pass 1)"}  # fmt: skip
     key = {"compress": ("batch", "what"), "ttft": ("k", None), "decode": ("k", "from"), "serving": ("clients", "mode")}
     got = {(r["section"], r[key[r["section"]][0]], r.get(key[r["section"]][1])) for r in rows}
