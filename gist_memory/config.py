@@ -19,7 +19,7 @@ COMPRESSORS = ("gist", "pool", "pool+anchors")
 POSITION_MODES = ("gapped", "packed")
 ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+surprisal", "recall",
                    "capitalized+recall")
-# policies whose ranking needs the base model's own reading of the text (token surprisal from pass 1)
+# policies whose ranking needs the base model's own reading of the text (surprisal from pass 1; recall from an extra pass)
 SCORED_ANCHOR_POLICIES = ("surprisal", "capitalized+surprisal", "recall", "capitalized+recall")
 RECALL_ANCHOR_POLICIES = ("recall", "capitalized+recall")
 SPLITTERS = ("sentencizer", "senter")
