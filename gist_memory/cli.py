@@ -62,6 +62,12 @@ StoreOpt = Annotated[
                  show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+StorageDtypeOpt = Annotated[Optional[str], typer.Option(
+    help="Storage dtype of a new memory's states: float32, bfloat16, float16, int8 or int4 (default: the "
+         "library's default).", show_default=False)]
+_STATES_HELP = ("Where the memory's states live: a folder, s3://..., redis://... or comma-separated tiers, fastest "
+                "first (default: what the memory recorded, else STORE/states); recorded in a new memory.")
+StatesOpt = Annotated[Optional[str], typer.Option(help=_STATES_HELP, show_default=False)]
 
 
 # ---- errors --------------------------------------------------------------------------------------------------
@@ -283,14 +289,8 @@ def ingest(
     actors: Annotated[Optional[int], typer.Option(
         "--actors", help="With --ray: compression actors (default: one per GPU, else CPUs - 1).",
         show_default=False)] = None,
-    states: Annotated[Optional[str], typer.Option(help="Where the memory's states go: a folder, s3://..., "
-                                                  "redis://... or comma-separated tiers, fastest first (default: "
-                                                  "what the memory recorded, else STORE/states); recorded in a "
-                                                  "new memory, so `serve`/`ask` find them.",
-                                                  show_default=False)] = None,
-    storage_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype of a new memory's states: float32, "
-                                                         "bfloat16, float16, int8 or int4 (default: the "
-                                                         "library's default).", show_default=False)] = None,
+    states: StatesOpt = None,
+    storage_dtype: StorageDtypeOpt = None,
     opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
@@ -800,13 +800,8 @@ def serve(
                      ] = True,
     app_dir: Annotated[Optional[Path], typer.Option(help="Folder of the web app (default: examples/rag_web_app).",
                                                     show_default=False)] = None,
-    states: Annotated[Optional[str], typer.Option(help="Where the memory's states live: a folder, s3://..., "
-                                                  "redis://... or comma-separated tiers, fastest first (default: "
-                                                  "what the memory recorded, else STORE/states).",
-                                                  show_default=False)] = None,
-    storage_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype of a new memory's states: float32, "
-                                                         "bfloat16, float16, int8 or int4 (default: "
-                                                         "the library's default).", show_default=False)] = None,
+    states: StatesOpt = None,
+    storage_dtype: StorageDtypeOpt = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Serve the RAG web app: upload or paste documents, ask, and see what gist states save."""

@@ -782,20 +782,23 @@ def _add_ratios(rows: list[dict[str, Any]], axis: str) -> None:
 # machine, report
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one, else what `platform` knows)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), name)
+    except OSError:
+        pass
+    return name
+
+
 def machine_info(bench: Bench) -> dict[str, Any]:
     """CPU model, cores, torch threads, dtype, library versions."""
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     dev = bench.reader.device
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -186,13 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gm = GistModel.from_pretrained(args.model, device=device, dtype=dtype)
     texts = passages(gm.tokenizer, args.passages, args.tokens)
     res = measure(gm, texts, args.batch, args.repeats, args.embedder, log=lambda s: print(s, file=sys.stderr))
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), cpu)
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if gm.device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
+    from gist_memory.eval.bench import cpu_model
+
+    dev = torch.cuda.get_device_name(0) if gm.device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
     res["machine"] = (f"Machine: {dev}, torch threads {torch.get_num_threads()}, {str(gm.dtype).replace('torch.', '')}, "
                       f"model {gm.name} ({gm.config.compressor}), load {os.getloadavg()[0]:.1f} at the end.")
     res["command"] = "python -m gist_memory.eval.bench_ingest " + " ".join(sys.argv[1:] if argv is None else argv)

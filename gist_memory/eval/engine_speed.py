@@ -132,13 +132,9 @@ def render_breakdown(rows: list[dict]) -> str:
 
 
 def _cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    from gist_memory.eval.bench import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -20,12 +20,12 @@ from gist_memory.config import RECALL_ANCHOR_POLICIES
 from gist_memory.layout import KIND_GIST_TOKEN, Layout, Segment, build_writer_batch, float_mask, window_starts
 from gist_memory.model import kv
 from gist_memory.model.plan import Plan, finish_plan, make_plan
-
-#: What the `recall` anchor policy asks between the text and its teacher-forced copy.
-RECALL_PROMPT = "\n\nRepeat the text above exactly.\n\n"
 from gist_memory.state import KIND_ANCHOR, KIND_GIST, KIND_POOL, GistState
 from gist_memory.state.gist_state import text_hash
 from gist_memory.text.split import normalize_text
+
+#: What the `recall` anchor policy asks between the text and its teacher-forced copy.
+RECALL_PROMPT = "\n\nRepeat the text above exactly.\n\n"
 
 
 class Compressing:
