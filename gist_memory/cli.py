@@ -929,6 +929,9 @@ def train(
                                                        rich_help_panel=_O)] = None,
     recon_tokens: Annotated[Optional[int], typer.Option(help="Tokens reconstructed per passage.",
                                                         rich_help_panel=_O)] = None,
+    recon_on: Annotated[Optional[str], typer.Option(help="Passages the reconstruction loss repeats: qa (the QA "
+                                                    "items' answer passages), cont (the real passages of --cont-items) "
+                                                    "or both.", rich_help_panel=_O)] = None,
     anchor_dropout: Annotated[Optional[float], typer.Option(help="Share of steps whose passages keep no anchors, so "
                                                             "the gists alone must carry the values.",
                                                             rich_help_panel=_O)] = None,

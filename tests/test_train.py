@@ -155,6 +155,32 @@ def test_continuation_distillation_trains_the_writer_and_leaves_the_reader(tmp_p
         assert torch.equal(p, q), n  # the reader did not
 
 
+def test_reconstruction_of_real_passages_draws_no_qa_items_and_repeats_the_passage_start(tmp_path, tiny_base_dir,
+                                                                                        monkeypatch):
+    texts = [P1 + " " + P2, P2 + " " + P1]
+    cfg = _cfg(tmp_path, tiny_base_dir, steps=3, w_qa=0.0, w_recon=1.0, recon_on="cont", cont_items=2,
+               recon_tokens=12)
+    assert cfg.uses_cont and not cfg.uses_qa
+    tr = Trainer(cfg, items=_items(), eval_items=[])
+    tr.cont_texts = texts
+    seen = []
+    orig = tr._answer_logits
+
+    def spy(prompt, states, target, teacher=False):
+        seen.append(list(target))
+        return orig(prompt, states, target, teacher)
+
+    monkeypatch.setattr(tr, "_answer_logits", spy)
+    hist = tr.train(progress=False)
+    assert [sorted(h) for h in hist if "recon" in h] and all("qa" not in h and "cont" not in h for h in hist)
+    contexts = {tuple(tr.model.encode(ctx)[:12]) for ctx, _ in tr._cont_batch(0) + tr._cont_batch(1)}
+    assert len(seen) == 3 * 2 and {tuple(s) for s in seen} <= contexts and all(len(s) == 12 for s in seen)
+    with pytest.raises(ValueError, match="recon_on"):
+        _cfg(tmp_path, tiny_base_dir, recon_on="everything")
+    with pytest.raises(ValueError, match="cont_items"):
+        _cfg(tmp_path, tiny_base_dir, w_recon=1.0, recon_on="both", cont_items=0)
+
+
 def test_anchor_dropout_compresses_some_steps_without_anchors(tmp_path, tiny_base_dir, monkeypatch):
     cfg = _cfg(tmp_path, tiny_base_dir, steps=8, anchor_dropout=0.5, gist={"target_ratio": 4.0, "anchors": "capitalized"})
     tr = Trainer(cfg, items=_items(), eval_items=[])

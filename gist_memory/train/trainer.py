@@ -63,6 +63,9 @@ class TrainConfig:
     cont_items: int = 0
     cont_tokens: int = 48
     recon_tokens: int = 96
+    # which passages the reconstruction loss repeats: "qa" (the QA items' answer passages), "cont" (the real
+    # passages of the continuation objective) or "both"
+    recon_on: str = "qa"
     anchor_dropout: float = 0.0  # share of steps compressed with anchors off: the gists alone carry the values
     kinds: Sequence[str] = ("planted_single", "planted_distractors", "cloze_swap")
     pool_items: int = 3000
@@ -96,11 +99,25 @@ class TrainConfig:
             self.w_qa + self.w_recon + self.w_distill + self.w_cont
         ) <= 0:
             raise ValueError("objective weights must be >= 0 and not all zero")
+        if self.recon_on not in ("qa", "cont", "both"):
+            raise ValueError(f"recon_on must be qa, cont or both, got {self.recon_on!r}")
+        if self.w_recon and self.recon_on != "qa" and self.cont_items < 1:
+            raise ValueError(f"recon_on={self.recon_on!r} needs cont_items >= 1 (the passages it repeats)")
         if not 0.0 <= self.anchor_dropout <= 1.0:
             raise ValueError(f"anchor_dropout must be in [0, 1], got {self.anchor_dropout}")
         if self.w_cont and self.cont_items < 1:
             raise ValueError("w_cont > 0 needs cont_items >= 1 (continuation passages per step)")
         GistConfig(**self.gist)  # validate early
+
+    @property
+    def uses_cont(self) -> bool:
+        """Whether steps draw real passages (continuation KL, or reconstruction of them)."""
+        return bool(self.w_cont or (self.w_recon and self.recon_on != "qa"))
+
+    @property
+    def uses_qa(self) -> bool:
+        """Whether steps draw QA items."""
+        return bool(self.w_qa or self.w_distill or (self.w_recon and self.recon_on != "cont"))
 
     def use_bf16(self, device_type: str) -> bool:
         """bf16 autocast: on CUDA by default; on CPU only when asked (AVX2-only CPUs run bf16 ~15x slower)."""
@@ -196,7 +213,7 @@ class Trainer:
             texts = train_texts(self.cfg.corpus)
             self.items = build_qa(texts, n=self.cfg.pool_items, kinds=self.cfg.kinds, seed=self.cfg.seed + 1)
         if self.cont_texts is None:
-            self.cont_texts = train_texts(self.cfg.corpus) if self.cfg.w_cont else []
+            self.cont_texts = train_texts(self.cfg.corpus) if self.cfg.uses_cont else []
             random.Random(self.cfg.seed + 3).shuffle(self.cont_texts)
         if self.eval_set is None:
             from gist_memory.data import load_qa
@@ -272,15 +289,20 @@ class Trainer:
                     with torch.no_grad():
                         t_logits = self._answer_logits(question_prompt(it), tw, target, teacher=True)
                     out["distill"].append(self._kl(s_logits, t_logits))
-            if c.w_recon:
+            if c.w_recon and c.recon_on != "cont":
                 a = it.answer_passage
                 rec = m.encode(it.passages[a])[: c.recon_tokens]
                 r_logits = self._answer_logits(RECON_PROMPT, [st[a]], rec)
                 out["recon"].append(F.cross_entropy(r_logits, torch.as_tensor(rec, device=r_logits.device)))
-        for (_, ids), st, tw in zip(cont, states[i:], twins[i:]):
-            with torch.no_grad():
-                t_logits = self._cont_logits(tw, ids, teacher=True)
-            out["cont"].append(self._kl(self._cont_logits(st, ids), t_logits))
+        for (ctx, ids), st, tw in zip(cont, states[i:], twins[i:]):
+            if c.w_cont:
+                with torch.no_grad():
+                    t_logits = self._cont_logits(tw, ids, teacher=True)
+                out["cont"].append(self._kl(self._cont_logits(st, ids), t_logits))
+            if c.w_recon and c.recon_on != "qa":
+                rec = m.encode(ctx)[: c.recon_tokens]
+                r_logits = self._answer_logits(RECON_PROMPT, [st], rec)
+                out["recon"].append(F.cross_entropy(r_logits, torch.as_tensor(rec, device=r_logits.device)))
         return {k: torch.stack(v).mean() for k, v in out.items() if v}
 
     # ---- loop --------------------------------------------------------------------------------------
@@ -316,7 +338,7 @@ class Trainer:
             for a in range(c.grad_accum):
                 micro = self.step * c.grad_accum + a
                 idx = [order[(micro * c.batch_items + j) % len(order)] for j in range(c.batch_items)]
-                batch = [self.items[j] for j in idx] if (c.w_qa or c.w_distill or c.w_recon) else []
+                batch = [self.items[j] for j in idx] if c.uses_qa else []
                 cont = self._cont_batch(micro)
                 with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=c.use_bf16(self.model.device.type)):
                     terms = self.losses(batch, cont)
@@ -351,7 +373,7 @@ class Trainer:
     def _cont_batch(self, micro: int) -> list[tuple[str, list[int]]]:
         """The continuation passages of micro-batch `micro` (texts too short for a pair are skipped)."""
         c = self.cfg
-        if not c.w_cont or not self.cont_texts:
+        if not c.uses_cont or not self.cont_texts:
             return []
         out: list[tuple[str, list[int]]] = []
         j = micro * c.cont_items * 2
