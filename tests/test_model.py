@@ -219,6 +219,21 @@ def test_packed_positions_mode(tiny_base_dir):
     assert layers[0][0].shape[2] == nxt
 
 
+def test_gapped_positions_past_the_window_are_packed(tiny_base_dir):
+    m = GistModel.from_base(tiny_base_dir, GistConfig(gists_per_sentence=1), device="cpu")
+    assert m.config.position_mode == "gapped"
+    states = m.compress(TEXTS[:3])
+    prefix_len = len(m.encode(m._template("q", True, None)[0]))
+    gapped = prefix_len + sum(s.span for s in states)
+    packed = prefix_len + sum(s.num_kept for s in states)
+    assert packed < gapped
+    assert m.prepare("q", states)[1] == gapped  # inside the window: positions as in the raw text
+    m.model.config.max_position_embeddings = gapped  # the suffix would run past it
+    layers, nxt, _ = m.prepare("q", states)
+    assert nxt == packed and layers[0][0].shape[2] == packed
+    assert m.generate("q", states=states, max_new_tokens=2) == m.generate("q", states=states, max_new_tokens=2)
+
+
 def test_save_and_load_roundtrip(model, tmp_path):
     model.save_pretrained(tmp_path / "gm")
     back = GistModel.from_pretrained(tmp_path / "gm", device="cpu")

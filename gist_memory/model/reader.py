@@ -117,11 +117,25 @@ class Reading:
         if not states:
             return None, 0, self.encode(before)
         prefix_ids = self.encode(before)
+        after_ids = self.encode(after)
         prefix = self.prefix_cache(prefix_ids)
         layers, pos = kv.splice(
-            prefix, len(prefix_ids), states, self.rope, self.config.position_mode, device=self.device, dtype=self.dtype
-        )
-        return layers, pos, self.encode(after)
+            prefix, len(prefix_ids), states, self.rope, self.splice_mode(len(prefix_ids), states, len(after_ids)),
+            device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+        return layers, pos, after_ids
+
+    def splice_mode(self, prefix_len: int, states: Sequence[GistState], suffix_len: int = 0) -> str:
+        """The position mode states are spliced with: the config's, except that `gapped` placements whose
+        positions would run past the model's window (`max_position_embeddings`; e.g. a long chat, whose gaps
+        count every raw token ever compressed) are packed instead, so no row sits at a position the model
+        never saw in training."""
+        mode = self.config.position_mode
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if mode == "gapped" and isinstance(limit, int) and limit > 0:
+            if prefix_len + sum(int(st.span) for st in states) + suffix_len > limit:
+                return "packed"
+        return mode
 
     def reading(self, layers, adapted: Optional[bool] = None):  # noqa: ANN001, ANN201
         """Context for a reader call after `layers`: the base weights, except for an *adapted* reader (an
