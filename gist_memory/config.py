@@ -48,6 +48,10 @@ class GistConfig:
             every layer and head; costs an extra forward of about twice the text at ingest), `capitalized+recall`
             (the capitalised rule first, the rest by recall), or a callable
             `text -> [(start, end), ...]` (not serialisable; such a config cannot be saved).
+        head_anchors: With `anchors="recall"`: each layer's key/value head keeps its own raw tokens, the ones that
+            head itself attends to most while the text is repeated (KVzip's per-head scoring, with the same number
+            of rows in every head), instead of one set of words shared by all heads. Same rows per passage, same
+            bytes; the kept positions then differ per head (`GistState.positions` is (L, H, T)).
         max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
             whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
         anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the
@@ -75,6 +79,7 @@ class GistConfig:
     target_ratio: Optional[float] = field(default=None, metadata={"help": "raw tokens per kept row"})
     max_sentence_tokens: int = field(default=64, metadata={"help": "cut longer sentences into pieces"})
     anchors: Union[str, AnchorFn] = field(default="none", metadata={"help": "anchor policy"})
+    head_anchors: bool = field(default=False, metadata={"help": "recall anchors chosen per layer and head"})
     max_anchor_fraction: float = field(default=0.5, metadata={"help": "share of budget for anchors"})
     anchor_budget: str = field(default="passage", metadata={"help": "passage | sentence"})
     max_anchors_per_sentence: int = field(default=8, metadata={"help": "anchor cap with fixed N_g"})
@@ -105,6 +110,8 @@ class GistConfig:
             raise ValueError(f"anchors must be one of {ANCHOR_POLICIES} or a callable, got {self.anchors!r}")
         if not isinstance(self.anchors, str) and not callable(self.anchors):
             raise ValueError("anchors must be a policy name or a callable text -> [(start, end), ...]")
+        if self.head_anchors and self.anchors != "recall":
+            raise ValueError(f"head_anchors needs anchors='recall' (per-head attention scores), got {self.anchors!r}")
         if self.splitter not in SPLITTERS:
             raise ValueError(f"splitter must be one of {SPLITTERS}, got {self.splitter!r}")
         if self.splitter == "senter" and not self.spacy_model:

@@ -545,3 +545,51 @@ def test_recall_scores_are_the_attention_a_copy_pays_each_token(tiny_base_dir):
         out = m.model.get_decoder()(input_ids=torch.as_tensor([seq]), output_attentions=True)
     ref = torch.stack([a[0, :, q0:, len(pre) : len(pre) + len(ids)].amax(dim=(0, 1)) for a in out.attentions]).mean(0)
     assert np.allclose(got, ref.double().numpy(), atol=1e-4)
+    heads = m.token_recall_heads(ids)  # per key/value head: the largest over its group of query heads
+    n_kv = m.model.config.num_key_value_heads
+    per_q = torch.stack([a[0, :, q0:, len(pre) : len(pre) + len(ids)].amax(dim=1) for a in out.attentions])
+    ref_h = per_q.view(per_q.shape[0], n_kv, -1, len(ids)).amax(dim=2)
+    assert heads.shape == (len(out.attentions), n_kv, len(ids)) and torch.allclose(heads, ref_h, atol=1e-4)
+
+
+def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_dir, tmp_path):
+    from gist_memory.state import KIND_ANCHOR
+    from gist_memory.store import GistStore
+
+    text = TEXTS[0] + " " + TEXTS[1]
+    shared = GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4.0, anchors="recall"), device="cpu")
+    m = shared.with_config(head_anchors=True)
+    with pytest.raises(ValueError, match="head_anchors needs anchors='recall'"):
+        GistConfig(anchors="surprisal", head_anchors=True)
+    plan = m.plan(text)
+    assert plan.head_scores is not None and plan.head_scores.shape[-1] == plan.num_tokens
+    a, b = shared.compress([text])[0], m.compress([text])[0]
+    assert b.per_head and not a.per_head
+    assert b.model_fingerprint != a.model_fingerprint
+    assert b.num_kept == a.num_kept and b.num_anchors == a.num_anchors and b.nbytes == a.nbytes
+    L, H, T = b.positions.shape
+    A = b.num_anchors
+    assert (b.kinds[:A] == KIND_ANCHOR).all() and (b.kinds[A:] != KIND_ANCHOR).all()
+    # every head's anchors are its own top tokens, in text order, with the raw rows of the text pass
+    top = torch.as_tensor(plan.head_scores).topk(A, dim=-1).indices.sort(-1).values
+    assert torch.equal(b.positions[:, :, :A], top)
+    assert len({tuple(b.positions[li, h, :A].tolist()) for li in range(L) for h in range(H)}) > 1
+    full = m.compress_for_training([plan])[1][0]  # the uncompressed twin: every raw row
+    idx = top[..., None].expand(-1, -1, -1, full.keys.shape[-1])
+    assert torch.allclose(b.keys[:, :, :A], full.keys.gather(2, idx), atol=1e-5)
+    assert torch.allclose(b.values[:, :, :A], full.values.gather(2, idx), atol=1e-5)
+    assert torch.equal(b.keys[:, :, A:], a.keys[:, :, a.kinds != KIND_ANCHOR])  # the gist rows are unchanged
+    # read gapped and packed (each head's rows renumbered by rank), stored and loaded unchanged
+    q = "What is the code?"
+    out = m.generate(q, states=[b, b], max_new_tokens=3)
+    assert out == m.generate(q, states=[b, b], max_new_tokens=3)
+    packed = m.with_config(head_anchors=True, position_mode="packed")
+    bp = packed.compress([text])[0]
+    assert torch.equal(bp.positions, b.positions)
+    layers, nxt, _ = packed.prepare(q, [bp])
+    pre = len(m.encode(m._template(q, True, None)[0]))
+    assert nxt == pre + T and layers[0][0].shape[2] == pre + T
+    store = GistStore(tmp_path / "s")
+    back = store.get(store.put(b))
+    assert back.per_head and torch.equal(back.positions, b.positions)  # (K/V as the store's storage dtype keeps them)
+    assert torch.allclose(back.keys.float(), b.keys, atol=1e-2)

@@ -28,6 +28,13 @@ from gist_memory.text.split import normalize_text
 RECALL_PROMPT = "\n\nRepeat the text above exactly.\n\n"
 
 
+def _recall_from_heads(heads: torch.Tensor) -> np.ndarray:
+    """Per-token recall score from per-head scores (L, H, N): the largest over heads, averaged over layers."""
+    if heads.shape[-1] == 0:
+        return np.zeros(0, dtype=np.float64)
+    return heads.amax(dim=1).mean(dim=0).double().numpy()
+
+
 class Compressing:
     """Mixin of `GistModel`: `plan`, `compress` and the two passes behind it."""
 
@@ -47,8 +54,25 @@ class Compressing:
         p = self._provisional_plan(text)
         if not p.scored:
             with torch.no_grad():
-                p = finish_plan(p, self.config, self.splitter, self.token_scores(p.ids))
+                p = self._finish(p)
         return p
+
+    def _finish(self, plan: Plan, hidden: Optional[torch.Tensor] = None) -> Plan:
+        """The final plan of a provisional one: its words ranked by the anchor policy's scores (surprisal from
+        `hidden`, the first pass's final hidden states, when given), plus per-head scores with `head_anchors`."""
+        ids = plan.ids.tolist()
+        heads = None
+        if self.config.anchors in RECALL_ANCHOR_POLICIES:
+            heads = self.token_recall_heads(ids)
+            scores = _recall_from_heads(heads)
+        elif hidden is not None:
+            scores = self._surprisal(hidden, ids)
+        else:
+            scores = self.token_surprisal(ids)
+        out = finish_plan(plan, self.config, self.splitter, scores)
+        if self.config.head_anchors and heads is not None:
+            out.head_scores = heads.float().cpu().numpy()
+        return out
 
     def _provisional_plan(self, text: str) -> Plan:
         norm = self.normalize(text)
@@ -76,12 +100,21 @@ class Compressing:
         """Per token, how much the base model needs it to reproduce the text: the text is read, then an instruction
         to repeat it, then the text again (teacher-forced); a token's score is the largest attention any head pays
         it from the repeated copy, averaged over layers. (KVzip scores each head's rows this way and keeps the
-        best per head; here one ranking serves every layer and head, since a state keeps the same raw tokens in
-        all of them.)"""
+        best per head; here one ranking serves every layer and head; `token_recall_heads` gives the per-head
+        scores that `head_anchors` keeps by.)"""
+        return _recall_from_heads(self.token_recall_heads(ids))
+
+    @torch.no_grad()
+    def token_recall_heads(self, ids: Sequence[int]) -> torch.Tensor:
+        """(L, H_kv, N) float32: per layer and key/value head, the largest attention any of its query heads pays
+        each token from the teacher-forced copy of the text (see `token_recall`)."""
         ids = [int(i) for i in ids]
         n = len(ids)
+        dec = self.model.get_decoder()
+        cfg = self.model.config
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         if n < 2:
-            return np.zeros(n, dtype=np.float64)
+            return torch.zeros(len(dec.layers), n_kv, n, dtype=torch.float32)
         pre, _ = self.template_ids("")  # read after the chat template's opening, as the reader places states (and
         # so the opening, not the text's first token, takes the attention sink's share)
         rep = self.encode(RECALL_PROMPT)
@@ -90,11 +123,10 @@ class Compressing:
         q0 = t0 + n + len(rep)  # the copy's queries: each predicts the next token of the text
         x = torch.as_tensor([seq], device=self.device)
         pos = torch.arange(len(seq), device=self.device)
-        dec = self.model.get_decoder()
         out = kv.call(dec, input_ids=x, position_ids=pos[None], use_cache=True, output_hidden_states=True)
         layers = kv.cache_layers(kv.out_cache(out))
         hidden = out.hidden_states  # hidden[l] is layer l's input
-        scores = torch.zeros(n, dtype=torch.float32, device=self.device)
+        heads = []
         causal = pos[q0 - 1 :, None] >= pos[None, :]  # the copy's queries (and the one before) over every key
         for li, layer in enumerate(dec.layers):
             attn = layer.self_attn
@@ -105,11 +137,13 @@ class Compressing:
                 q = attn.q_norm(q)
             q = kv.rotate(q.transpose(1, 2), pos[q0 - 1 :], self.rope)  # (1, H, Tq, D) at their positions
             k = layers[li][0]  # (1, Hkv, T, D), already rotated
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            group = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(group, dim=1)
             logits = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(attn, "scaling", D**-0.5))
             p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-            scores += p[0, :, :, t0 : t0 + n].amax(dim=(0, 1))
-        return (scores / len(dec.layers)).double().cpu().numpy()
+            ph = p[0, :, :, t0 : t0 + n].amax(dim=1)  # (H, n): each query head's largest attention per token
+            heads.append(ph.view(k.shape[1] // group, group, n).amax(dim=1).cpu())
+        return torch.stack(heads)
 
     def token_scores(self, ids: Sequence[int]) -> np.ndarray:
         """The per-token scores the config's anchor policy ranks words by (`surprisal` or `recall`)."""
@@ -221,19 +255,18 @@ class Compressing:
                 text, hidden = self._text_pass([plans[i].ids.tolist() for i in idx], want_hidden=bool(score))
                 for b, i in enumerate(idx):
                     if not plans[i].scored:
-                        ids_i = plans[i].ids.tolist()
-                        sup = (self.token_recall(ids_i) if self.config.anchors in RECALL_ANCHOR_POLICIES
-                               else self._surprisal(hidden[b, : plans[i].num_tokens], ids_i))
-                        plans[i] = finish_plan(plans[i], self.config, self.splitter, sup)
+                        plans[i] = self._finish(plans[i], hidden[b, : plans[i].num_tokens] if hidden is not None
+                                                else None)
             segs = [self.segment(plans[i]) for i in idx]
-            for i, res in zip(idx, self._keep(plans, idx, segs, text)):
-                results[i] = res
+            for b, (i, res) in enumerate(zip(idx, self._keep(plans, idx, segs, text))):
+                results[i] = self._head_anchor_rows(plans[i], res, [(k[b : b + 1], v[b : b + 1]) for k, v in text])
             if full is not None:
                 for b, i in enumerate(idx):
                     full[i] = self._all_rows([(k[b : b + 1], v[b : b + 1]) for k, v in text], plans[i].num_tokens)
         for i in long_:
             if not plans[i].scored:
-                plans[i] = finish_plan(plans[i], self.config, self.splitter, self.token_scores(plans[i].ids))
+                with torch.no_grad():
+                    plans[i] = self._finish(plans[i])
             seg = self.segment(plans[i])
             with torch.no_grad():
                 text = self._text_pass_windows(seg)
@@ -241,9 +274,36 @@ class Compressing:
                 results[i] = self._gist_rows_windows(seg, text)
             else:
                 results[i] = self._keep(plans, [i], [seg], text)[0]
+            results[i] = self._head_anchor_rows(plans[i], results[i], text)
             if full is not None:
                 full[i] = self._all_rows(text, plans[i].num_tokens)
         return results
+
+    def _head_anchor_rows(self, plan: Plan, res: tuple, text) -> tuple:  # noqa: ANN001
+        """With `head_anchors`: the shared anchor rows of `res` (K, V, positions, kinds, span) replaced by each
+        layer's heads' own best tokens (as many per head as the plan keeps anchors), taken from the text pass
+        `text` (per layer (1, H, >= N, D)); positions become (L, H, T). Rows: the anchors of each head in text
+        order, then the other rows as they were. Otherwise `res` unchanged."""
+        if not self.config.head_anchors or plan.head_scores is None:
+            return res
+        K, V, pos, kinds, span = res
+        A = int((kinds == KIND_ANCHOR).sum())
+        if A == 0:
+            return res
+        n = plan.num_tokens
+        TK = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
+        TV = torch.stack([v[0, :, :n] for _, v in text])
+        scores = torch.as_tensor(plan.head_scores, device=TK.device)[:, :, :n]
+        top = scores.topk(A, dim=-1).indices.sort(dim=-1).values  # (L, H, A) token indices in text order
+        ak = TK.gather(2, top[..., None].expand(-1, -1, -1, TK.shape[-1]))
+        av = TV.gather(2, top[..., None].expand(-1, -1, -1, TV.shape[-1]))
+        other = kinds != KIND_ANCHOR
+        L, H = K.shape[:2]
+        rest_pos = pos[other].to(top.device)
+        new_pos = torch.cat([top, rest_pos.expand(L, H, -1) if rest_pos.dim() == 1 else rest_pos], dim=-1)
+        new_kinds = torch.cat([torch.full((A,), KIND_ANCHOR, dtype=kinds.dtype, device=kinds.device), kinds[other]])
+        return (torch.cat([ak.to(K.dtype), K[:, :, other]], 2), torch.cat([av.to(V.dtype), V[:, :, other]], 2),
+                new_pos, new_kinds, span)
 
     def _all_rows(self, text, n: int) -> tuple:  # noqa: ANN001
         K = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)

@@ -64,7 +64,7 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Ten
 
     Args:
         keys: (..., T, D) keys.
-        delta: scalar or (T,) position shifts.
+        delta: scalar, (T,) or (..., T) position shifts (broadcast against the keys' leading dims).
         spec: From `rope_spec`.
     """
     if not torch.is_tensor(delta):
@@ -76,8 +76,9 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Ten
     if r > D:
         raise ValueError(f"rotary width {r} exceeds head dim {D}")
     inv = spec.inv_freq.to(keys.device)
-    ang = delta.to(keys.device, torch.float32).reshape(-1, 1) * inv  # (T or 1, r/2)
-    emb = torch.cat([ang, ang], dim=-1)  # (T or 1, r)
+    d = delta.to(keys.device, torch.float32)
+    ang = (d.reshape(-1) if d.dim() <= 1 else d)[..., None] * inv  # (T or 1, r/2) or (..., T, r/2)
+    emb = torch.cat([ang, ang], dim=-1)
     cos, sin = emb.cos(), emb.sin()
     k = keys.float()
     k_rot, k_pass = k[..., :r], k[..., r:]
@@ -147,8 +148,8 @@ def splice(
         keys = st.keys.to(device=device, dtype=dtype)  # (L, H, T, D)
         values = st.values.to(device=device, dtype=dtype)
         pos = st.positions.to(device if device is not None else keys.device)
-        if position_mode == "packed":
-            new_pos = offset + torch.arange(st.num_kept, device=pos.device)
+        if position_mode == "packed":  # each row takes its rank among its head's rows
+            new_pos = offset + torch.argsort(torch.argsort(pos, dim=-1, stable=True), dim=-1)
             delta = new_pos - pos
             offset += st.num_kept
         else:

@@ -34,6 +34,8 @@ class Plan:
         n_other: Per piece, the gist tokens (`gist`) or pooled rows (`pool*`) it keeps.
         scored: False for a provisional plan of a surprisal policy (anchors by the rule part only, waiting for
             the model's token surprisal; `finish_plan` makes the final one).
+        head_scores: With `head_anchors`: (L, H, N) per layer and key/value head, the attention that head pays
+            each token while the text is repeated; each head keeps its own `anchors.sum()` best tokens.
     """
 
     text: str
@@ -44,6 +46,7 @@ class Plan:
     n_other: list[int]
     scored: bool = True
     offsets: Optional[np.ndarray] = None
+    head_scores: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:

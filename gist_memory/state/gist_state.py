@@ -3,7 +3,8 @@
 Layout of the tensors (nanoGPT-style shape comments):
     keys    (L, H, T, D)   post-RoPE keys, rotated at `positions`
     values  (L, H, T, Dv)
-    positions (T,) int64   position of each kept row inside its segment (segment starts at 0)
+    positions (T,) int64   position of each kept row inside its segment (segment starts at 0); (L, H, T) when each
+                           layer's head keeps its own raw tokens (`GistConfig.head_anchors`)
     kinds     (T,) uint8   KIND_GIST / KIND_ANCHOR / KIND_POOL
 
 A state is valid only for the model that wrote it: `model_fingerprint` names base model, adapter, gist config
@@ -49,8 +50,9 @@ class GistState:
     Attributes:
         keys: (L, H, T, D) post-RoPE keys of the kept rows.
         values: (L, H, T, Dv) values of the kept rows.
-        positions: (T,) position of each kept row within the segment.
-        kinds: (T,) row kinds (0 gist, 1 anchor, 2 pooled).
+        positions: (T,) position of each kept row within the segment; (L, H, T) when each layer's head keeps
+            its own raw tokens (row t of head h in layer l sits at positions[l, h, t]).
+        kinds: (T,) row kinds (0 gist, 1 anchor, 2 pooled), the same in every head.
         span: Length of the segment in position space (interleaved tokens incl. gists); a gapped splice
             places the next segment `span` positions later.
         num_tokens: Raw tokens of the passage (no gists): the text this state stands for.
@@ -79,10 +81,16 @@ class GistState:
         L, H, T, _ = self.keys.shape
         if self.values.shape[:3] != (L, H, T):
             raise StateFormatError(f"values {tuple(self.values.shape)} do not match keys {tuple(self.keys.shape)}")
-        if self.positions.shape != (T,) or self.kinds.shape != (T,):
-            raise StateFormatError(f"positions/kinds must have shape ({T},)")
+        if self.positions.shape not in ((T,), (L, H, T)) or self.kinds.shape != (T,):
+            raise StateFormatError(f"positions must have shape ({T},) or ({L}, {H}, {T}) and kinds ({T},); got "
+                                   f"{tuple(self.positions.shape)} and {tuple(self.kinds.shape)}")
 
     # ---- sizes ---------------------------------------------------------------------------------------
+    @property
+    def per_head(self) -> bool:
+        """Whether each layer's head keeps rows at its own positions (positions (L, H, T))."""
+        return self.positions.dim() == 3
+
     @property
     def num_kept(self) -> int:
         """Kept rows of every kind: the positions a reader attends to for this passage."""

@@ -50,10 +50,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--render-only", action="store_true", help="render --out without running anything")
     ap.add_argument("--anchors", default=None, choices=list(ANCHOR_POLICIES),
                     help="anchor policy for pool+anchors and gist+anchors instead of theirs (rows are labelled)")
+    ap.add_argument("--head-anchors", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --anchors recall: anchors chosen per layer and head (--no-head-anchors: shared)")
     ap.add_argument("--tag", default=None, help="name the learned rows of this run (e.g. 'adapted reader')")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     a = ap.parse_args(argv)
+    if a.head_anchors and a.anchors != "recall":
+        print("error: --head-anchors needs --anchors recall", file=sys.stderr)
+        return 2
     if a.render_only:
         recs = read_results(a.out)
         if not recs:
@@ -68,8 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recs = run_table(
             items, methods=a.methods, ratios=a.ratios, out=a.out, base=a.base, model=a.model, seed=a.seed,
             n_requested=a.items, generate=False if a.generate == "none" else a.generate,
-            loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors),
-            anchors=a.anchors, tag=a.tag,
+            loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors,
+                                  head_anchors=a.head_anchors),
+            anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)

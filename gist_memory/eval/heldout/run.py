@@ -44,25 +44,30 @@ GEN_TOKENS = {"planted": 24, "faq": 40}
 ANCHORED = ("pool+anchors", "gist+anchors")
 
 
-def pool_config(method: str, ratio: float, anchors: Optional[str] = None):  # noqa: ANN201 - GistConfig
-    """The training-free configs of the table (`pool`, `pool+anchors`; `anchors` overrides its policy)."""
+def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
+                head_anchors: bool = False):  # noqa: ANN201 - GistConfig  # fmt: skip
+    """The training-free configs of the table (`pool`, `pool+anchors`; `anchors` overrides its policy,
+    `head_anchors` chooses recall anchors per layer and head)."""
     from gist_memory import GistConfig
 
     if method == "pool":
         return GistConfig(compressor="pool", target_ratio=ratio, max_sentence_tokens=48, anchors="none")
     return GistConfig(compressor="pool+anchors", target_ratio=ratio, max_sentence_tokens=48,
-                      anchors=anchors or "capitalized",
+                      anchors=anchors or "capitalized", head_anchors=head_anchors,
                       max_anchor_fraction=0.75)  # fmt: skip
 
 
 def default_loader(base: Optional[str], model: Optional[str], device: Optional[str] = None,
-                   dtype: Any = None, anchors: Optional[str] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
+                   dtype: Any = None, anchors: Optional[str] = None,
+                   head_anchors: Optional[bool] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
     """`load(method, ratio) -> GistModel` for the table's methods.
 
     Args:
         base: Base LM for full/none/trunc/pool (None = the embedded SmolLM2).
         model: Saved gist model folder for gist/gist+anchors (None = the shipped adapter).
         anchors: Anchor policy for `pool+anchors` and `gist+anchors` instead of theirs (e.g. `surprisal`).
+        head_anchors: For `pool+anchors` and `gist+anchors`: recall anchors chosen per layer and head (True) or
+            shared (False) instead of the model's own setting (None; `pool+anchors`: shared).
     """
     from gist_memory import GistConfig, GistModel
 
@@ -71,13 +76,18 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
             return GistModel.from_base(base, GistConfig(compressor="pool", target_ratio=4.0, max_sentence_tokens=48),
                                        device=device, dtype=dtype)  # fmt: skip
         if method in ("pool", "pool+anchors"):
-            return GistModel.from_base(base, pool_config(method, float(ratio), anchors if method in ANCHORED else None),
+            return GistModel.from_base(base, pool_config(method, float(ratio), anchors if method in ANCHORED else None,
+                                                         bool(head_anchors) and method in ANCHORED),
                                        device=device, dtype=dtype)  # fmt: skip
         over: dict[str, Any] = {"target_ratio": float(ratio)}
         if method == "gist":
             over["anchors"] = "none"
         elif anchors:
             over["anchors"] = anchors
+        if method == "gist":
+            over["head_anchors"] = False
+        elif head_anchors is not None:
+            over["head_anchors"] = bool(head_anchors)
         return GistModel.from_pretrained(model, device=device, dtype=dtype, config_overrides=over)
 
     return load
@@ -207,6 +217,7 @@ def run_table(
     log: Callable[[str], None] = print,
     anchors: Optional[str] = None,
     tag: Optional[str] = None,
+    head_anchors: Optional[bool] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -222,6 +233,8 @@ def run_table(
         log: Progress printer.
         anchors: The anchor policy the loader gives `pool+anchors`/`gist+anchors` (recorded in their records and
             shown in their row names); None: their own.
+        head_anchors: With `anchors`: recall anchors per layer and head (True; labelled "<anchors> per head") or
+            shared (False), for `pool+anchors`/`gist+anchors`; None: the model's own (pool+anchors: shared).
         tag: A name for this run's learned rows (`gist`, `gist+anchors`), recorded and shown in their row names,
             e.g. to put two models side by side in one table.
 
@@ -229,7 +242,9 @@ def run_table(
         All records for the requested cells (those found in `out` and those run now). A method whose model
         cannot be loaded is logged and skipped (nothing written, so a later run fills it in).
     """
-    loader = loader or default_loader(base, model, anchors=anchors)
+    loader = loader or default_loader(base, model, anchors=anchors, head_anchors=head_anchors)
+    if anchors and head_anchors:
+        anchors = f"{anchors} per head"  # the label of these rows (the loader already has the policy)
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
@@ -269,7 +284,9 @@ def run_table(
         if tag and method.startswith("gist"):
             rec["tag"] = tag
         if method.startswith("gist"):
-            rec["model_anchors"] = str(getattr(getattr(gm, "config", None), "anchors", ""))
+            cfg = getattr(gm, "config", None)
+            rec["model_anchors"] = str(getattr(cfg, "anchors", "")) + (" per head" if getattr(cfg, "head_anchors", False)
+                                                                        else "")
         records.append(rec)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
