@@ -574,6 +574,10 @@ def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_di
     top = torch.as_tensor(plan.head_scores).topk(A, dim=-1).indices.sort(-1).values
     assert torch.equal(b.positions[:, :, :A], top)
     assert len({tuple(b.positions[li, h, :A].tolist()) for li in range(L) for h in range(H)}) > 1
+    from dataclasses import replace
+
+    again = m.compress_with_grad([text], plans=[replace(plan, head_scores=None)])[0]  # a plan without head scores
+    assert torch.equal(again.positions, b.positions)  # (e.g. from a device bundle) gets them at compression
     full = m.compress_for_training([plan])[1][0]  # the uncompressed twin: every raw row
     idx = top[..., None].expand(-1, -1, -1, full.keys.shape[-1])
     assert torch.allclose(b.keys[:, :, :A], full.keys.gather(2, idx), atol=1e-5)

@@ -284,12 +284,14 @@ class Compressing:
         layer's heads' own best tokens (as many per head as the plan keeps anchors), taken from the text pass
         `text` (per layer (1, H, >= N, D)); positions become (L, H, T). Rows: the anchors of each head in text
         order, then the other rows as they were. Otherwise `res` unchanged."""
-        if not self.config.head_anchors or plan.head_scores is None:
+        if not self.config.head_anchors:
             return res
         K, V, pos, kinds, span = res
         A = int((kinds == KIND_ANCHOR).sum())
         if A == 0:
             return res
+        if plan.head_scores is None:  # a plan made elsewhere (e.g. a device bundle's): score its heads here
+            plan.head_scores = self.token_recall_heads(plan.ids.tolist()).numpy()
         n = plan.num_tokens
         TK = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
         TV = torch.stack([v[0, :, :n] for _, v in text])
