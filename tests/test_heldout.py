@@ -261,3 +261,49 @@ def test_an_anchor_policy_override_is_recorded_labelled_and_resumed_apart(tiny_b
     assert "| pool+anchors @4x |" in md and "| pool+anchors (surprisal anchors) @4x |" in md
     tagged = [{**sup[0], "method": "gist+anchors", "tag": "adapted reader"}]
     assert "| gist+anchors (surprisal anchors, adapted reader) @4x |" in run.render_markdown(plain + tagged)
+
+
+def test_kvpress_rows_use_the_tables_items_prompts_and_budgets(tiny_base_dir, tmp_path, monkeypatch):
+    """The kvpress runner is faked (it needs its own environment): the job carries the table's prompts and each
+    passage's state budget, and its scores become cells that render beside the table's own rows."""
+    from gist_memory import GistModel
+    from gist_memory.eval import peers
+    from gist_memory.eval.heldout import kvpress
+    from gist_memory.eval.heldout.items import build_items, prompt
+    from gist_memory.eval.heldout.run import pool_config, read_results, render_markdown
+
+    items = build_items(3, seed=0, kinds=["entity_single", "entity_distractors", "faq"])
+    seen = []
+
+    def fake(python, job, timeout=0):  # noqa: ANN001, ANN202 - the runner's contract: one score per choice
+        seen.append(job)
+        out = []
+        for it in job["items"]:
+            scores = [-float(len(c)) for c in it["choices"]]  # the shortest choice wins
+            out.append({"scores": scores, "raw": sum(len(job["passages"][p]) for p in it["passages"]),
+                        "kept": sum(job["budgets"][p] for p in it["passages"])})
+        return {"versions": {"kvpress": "fake"}, "presses": {p: {"items": out} for p in job["presses"]}}
+
+    monkeypatch.setattr(peers, "run_kvpress", fake)
+    out = tmp_path / "r.jsonl"
+    recs = kvpress.run(items, ["kvzip"], [4.0], "python", out, 0, 3, base=tiny_base_dir, log=lambda s: None)
+    job = seen[0]
+    gm = GistModel.from_base(tiny_base_dir, pool_config("pool+anchors", 4.0), device="cpu")
+    flat = [it for k in ("entity_single", "entity_distractors", "faq") for it in items[k]]
+    assert len(job["items"]) == len(flat) == 9
+    for it, j in zip(flat, job["items"]):
+        assert (j["prefix"], j["suffix"]) == tuple(gm.template_ids(prompt(it)))
+        texts = it.passages
+        assert [job["budgets"][p] for p in j["passages"]] == [gm.plan(t).num_kept for t in texts]
+        assert len(j["choices"]) == (1 if it.kind == "faq" else 4)
+    by = {r["kind"]: r for r in recs}
+    assert set(by) == {"entity_single", "entity_distractors", "faq"} and all(r["method"] == "kvpress:kvzip" for r in recs)
+    for kind in ("entity_single", "entity_distractors"):
+        want = [int(min(range(4), key=lambda i: (len(gm.encode((it.continuations or it.choices)[i])), i))
+                    == it.answer_index) for it in items[kind]]
+        assert [p["correct"] for p in by[kind]["per_item"]] == want
+    assert by["faq"]["metrics"]["mean_ll"] == -sum(len(gm.encode(it.answer)) for it in items["faq"]) / 3
+    assert 3.5 < by["entity_single"]["achieved_ratio"] < 4.5
+    assert len(read_results(out)) == 3
+    assert kvpress.run(items, ["kvzip"], [4.0], "python", out, 0, 3, base=tiny_base_dir, log=lambda s: None) == []
+    assert "| kvpress:kvzip @4x |" in render_markdown(read_results(out))

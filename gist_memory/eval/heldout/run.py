@@ -157,7 +157,8 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
     }  # fmt: skip
 
 
-def _key(rec: dict) -> tuple:
+def cell_key(rec: dict) -> tuple:
+    """What makes a cell record the same cell (for resuming): method, ratio, kind, counts, seed, model, ..."""
     return (rec["method"], rec.get("ratio"), rec["kind"], rec.get("n_requested"), rec.get("seed"),
             rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"), rec.get("generate"),
             rec.get("anchors"), rec.get("tag"))  # fmt: skip
@@ -248,7 +249,7 @@ def run_table(
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
-    done = {_key(r): r for r in (read_results(out) if out else [])}
+    done = {cell_key(r): r for r in (read_results(out) if out else [])}
     records: list[dict] = []
     current: tuple = ()
     failed: set[tuple] = set()
@@ -259,8 +260,8 @@ def run_table(
             probe["anchors"] = anchors
         if tag and method.startswith("gist"):
             probe["tag"] = tag
-        if _key(probe) in done:
-            records.append(done[_key(probe)])
+        if cell_key(probe) in done:
+            records.append(done[cell_key(probe)])
             continue
         want = ("base",) if method in BASE_METHODS else (method, ratio)
         if want in failed:
@@ -341,7 +342,8 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
         latest[(_label(r), r.get("ratio"), r["kind"])] = r
     kinds = [k for k in (*PLANTED_KINDS, "faq") if any(key[2] == k for key in latest)]
     rows: list[tuple[str, Optional[float]]] = []
-    for m in METHODS:
+    peers = sorted({key[0] for key in latest if key[0].startswith("kvpress:")})  # gist_memory.eval.heldout.kvpress
+    for m in (*METHODS, *peers):
         labels = sorted({key[0] for key in latest if key[0] == m or key[0].startswith(m + " (")}, key=len)
         for lab in labels:
             rs = sorted({key[1] for key in latest if key[0] == lab}, key=lambda x: -1 if x is None else x)
