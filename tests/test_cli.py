@@ -279,6 +279,9 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     other = ship(stage2 / "checkpoint", tmp_path / "shipped-surprisal", anchors="surprisal")  # serve another policy
     assert GistModel.from_pretrained(other, device="cpu").config.anchors == "surprisal"
     assert "--anchors surprisal" in (other / "MODEL_CARD.md").read_text()
+    heads = ship(stage2 / "checkpoint", tmp_path / "shipped-heads", anchors="recall", head_anchors=True)
+    assert GistModel.from_pretrained(heads, device="cpu").config.head_anchors
+    assert "--anchors recall --head-anchors" in (heads / "MODEL_CARD.md").read_text()
     res = run(runner, "train", tmp_path / "stage3", *common, "--steps", "1", "--init-from", tmp_path / "nowhere")
     assert_one_line_error(res, "nowhere")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")

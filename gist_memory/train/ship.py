@@ -101,7 +101,7 @@ def stages(checkpoint: Path) -> list[Stage]:
 
 
 def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Path, card_extra: str = "",
-              anchors: Optional[str] = None) -> str:
+              anchors: Optional[str] = None, head_anchors: bool = False) -> str:
     """MODEL_CARD.md for a shipped adapter."""
     last = chain[-1].config if chain else {}
     total_steps = sum(s.step or 0 for s in chain)
@@ -137,7 +137,7 @@ def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Pat
 
 Each stage starts from the previous one's checkpoint (`--init-from`; the path in the command is where that
 stage's checkpoint was); `--stop-at` marks a run ended before its schedule's last step. Then
-`python -m gist_memory.train.ship {shipped_from}{f" --anchors {anchors}" if anchors else ""}`.
+`python -m gist_memory.train.ship {shipped_from}{f" --anchors {anchors}" if anchors else ""}{" --head-anchors" if head_anchors else ""}`.
 
 | stage | steps | passage tokens | minutes | ratios | command |
 |---|---|---|---|---|---|
@@ -148,10 +148,11 @@ stage's checkpoint was); `--stop-at` marks a run ended before its schedule's las
 
 
 def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target_ratio: Optional[float] = 4.0,
-         anchors: Optional[str] = None) -> Path:
+         anchors: Optional[str] = None, head_anchors: bool = False) -> Path:
     """Load `checkpoint`, re-save it compactly into `out` and write MODEL_CARD.md; returns `out`.
 
-    `anchors`: serve with this anchor policy instead of the one the writer trained with (recorded in the card).
+    `anchors`: serve with this anchor policy instead of the one the writer trained with (recorded in the card);
+    `head_anchors`: with `anchors="recall"`, each layer's heads keep their own anchor tokens.
     """
     import torch
 
@@ -161,6 +162,8 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
     over: dict = {"target_ratio": target_ratio}
     if anchors:
         over["anchors"] = anchors
+    if head_anchors:
+        over["head_anchors"] = True
     m = GistModel.from_pretrained(checkpoint, config_overrides=over)
     tmp = out.parent / (out.name + ".tmp")
     if tmp.exists():
@@ -168,7 +171,7 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
     m.save_pretrained(tmp, adapter_dtype=torch.bfloat16)
     size = sum(f.stat().st_size for f in tmp.iterdir())
     chain = stages(checkpoint)
-    (tmp / "MODEL_CARD.md").write_text(card_text(m, chain, size, checkpoint, card_extra, anchors), encoding="utf-8")
+    (tmp / "MODEL_CARD.md").write_text(card_text(m, chain, size, checkpoint, card_extra, anchors, head_anchors), encoding="utf-8")
     recipe = _run_dir(checkpoint) / "checkpoint" / "recipe.json"
     if (checkpoint / "recipe.json").is_file():
         recipe = checkpoint / "recipe.json"
@@ -192,9 +195,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--card-extra", help="a markdown file appended to the card (evaluation tables)")
     ap.add_argument("--ratio", type=float, default=4.0)
     ap.add_argument("--anchors", default=None, help="serve with this anchor policy (default: the trained one)")
+    ap.add_argument("--head-anchors", action="store_true", help="with --anchors recall: anchors per layer and head")
     a = ap.parse_args(argv)
     extra = Path(a.card_extra).read_text(encoding="utf-8") if a.card_extra else ""
-    out = ship(Path(a.checkpoint), Path(a.out), extra, a.ratio, a.anchors)
+    out = ship(Path(a.checkpoint), Path(a.out), extra, a.ratio, a.anchors, a.head_anchors)
     print(f"shipped {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
     return 0
 
