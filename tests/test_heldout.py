@@ -307,3 +307,24 @@ def test_kvpress_rows_use_the_tables_items_prompts_and_budgets(tiny_base_dir, tm
     assert len(read_results(out)) == 3
     assert kvpress.run(items, ["kvzip"], [4.0], "python", out, 0, 3, base=tiny_base_dir, log=lambda s: None) == []
     assert "| kvpress:kvzip @4x |" in render_markdown(read_results(out))
+
+
+def test_dev_faq_items_leave_out_the_reported_sample(tmp_path, monkeypatch, capsys):
+    """`--faq-exclude-seed 0` draws dev FAQ items that the reported seed-0 sample does not hold."""
+    from gist_memory.eval.heldout import __main__ as cli
+    from gist_memory.eval.heldout.items import build_items
+
+    got = {}
+
+    def fake_run_table(items, **kw):  # noqa: ANN001, ANN202
+        got.update(items)
+        return []
+
+    monkeypatch.setattr(cli, "run_table", fake_run_table)
+    monkeypatch.setattr(cli, "default_loader", lambda *a, **k: None)
+    assert cli.main(["--kinds", "faq", "--items", "20", "--seed", "1", "--faq-exclude-seed", "0",
+                     "--out", str(tmp_path / "r.jsonl")]) == 0
+    reported = {it.id for it in build_items(20, seed=0, kinds=["faq"])["faq"]}
+    dev = {it.id for it in got["faq"]}
+    assert len(dev) == 20 and not dev & reported
+    assert reported & {it.id for it in build_items(20, seed=1, kinds=["faq"])["faq"]}  # without it they overlap

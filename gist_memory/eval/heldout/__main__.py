@@ -38,6 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--faq-exclude-seed", type=int, default=None,
+                    help="leave out the FAQ items that this seed's sample of --items holds (dev runs: --seed 1 "
+                         "--faq-exclude-seed 0 keeps them apart from the reported seed-0 items)")
     ap.add_argument(
         "--generate",
         default="single",
@@ -66,7 +69,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     else:
         try:
-            items = build_items(a.items, seed=a.seed, kinds=a.kinds)
+            faq = None
+            if a.faq_exclude_seed is not None and "faq" in a.kinds:
+                from gist_memory.eval.heldout.faq import load_faq
+
+                held = {it.id for it in build_items(a.items, seed=a.faq_exclude_seed, kinds=["faq"])["faq"]}
+                faq = [it for it in load_faq() if it.id not in held]
+            items = build_items(a.items, seed=a.seed, kinds=a.kinds, faq_items=faq)
         except HeldoutError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
