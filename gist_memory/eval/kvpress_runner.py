@@ -58,9 +58,9 @@ class Runner:
             return KnormPress(compression_ratio=ratio)
         if name == "expected_attention":
             return ExpectedAttentionPress(compression_ratio=ratio)
-        if name == "kvzip":
+        if name in ("kvzip", "kvzip_uniform"):
             return KVzipPress(compression_ratio=ratio)
-        raise ValueError(f"unknown press {name!r} (knorm, expected_attention, kvzip)")
+        raise ValueError(f"unknown press {name!r} (knorm, expected_attention, kvzip, kvzip_uniform)")
 
     def kvzip_prefix(self) -> list[int]:
         """The chat template's opening as KVzip finds it (it reconstructs the context after it)."""
@@ -80,7 +80,7 @@ class Runner:
 
         n = len(ids)
         budget = max(1, min(int(budget), n))
-        kvzip = name == "kvzip"
+        kvzip = name in ("kvzip", "kvzip_uniform")
         ratio = max(0.0, 1.0 - (budget + 0.5) / n) if budget < n else 0.0
         if kvzip and budget < n:  # its ratio counts the template opening too: prune as many rows as the others
             ratio = (n - budget) / (len(prefix) + n)
@@ -101,6 +101,19 @@ class Runner:
                 return _post(model)
 
             press.compress_post = compress_post
+            if name == "kvzip_uniform":  # KVzip's scores, but every layer's head keeps the same number of rows
+
+                def uniform_post(model, _press=press, _start=start, _keep=budget):  # noqa: ANN001, ANN202
+                    import torch as _t
+
+                    sv = _press.score_val  # (layers, batch, kv heads, context)
+                    for layer in model.model.layers:
+                        s = sv[int(layer.self_attn.layer_idx)][0, :, _start:]  # (kv heads, passage)
+                        drop = _t.topk(-s, s.shape[1] - _keep, dim=1).indices  # each head's lowest rows
+                        h = _t.arange(s.shape[0]).repeat_interleave(drop.shape[1])
+                        layer.self_attn.masked_key_indices = (_t.zeros_like(h), h, drop.flatten().cpu() + _start)
+
+                press.compress_post = uniform_post
         t0 = time.perf_counter()
         with torch.no_grad():
             if ratio > 0:

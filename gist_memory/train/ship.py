@@ -100,6 +100,10 @@ def stages(checkpoint: Path) -> list[Stage]:
     return out[::-1]
 
 
+_RECON_ON = {"qa": "the QA passages", "cont": "the real continuation passages",
+             "both": "the QA passages and the real continuation passages"}
+
+
 def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Path, card_extra: str = "",
               anchors: Optional[str] = None, head_anchors: bool = False) -> str:
     """MODEL_CARD.md for a shipped adapter."""
@@ -128,7 +132,7 @@ def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Pat
 - **Objectives** (last stage): KL to the base model reading the whole text, on continuations of real passages
   (weight {last.get('w_cont')}, {last.get('cont_items')} passages a step) and on QA answers (weight
   {last.get('w_distill')}); QA answer cross-entropy reading the states only (weight {last.get('w_qa')});
-  reconstruction (weight {last.get('w_recon')}); lr LoRA {last.get('lr_lora')}, gists {last.get('lr_gist')}.
+  reconstruction (weight {last.get('w_recon')}{f", of {_RECON_ON.get(last.get('recon_on') or 'qa', last.get('recon_on'))}" if last.get('w_recon') else ''}); lr LoRA {last.get('lr_lora')}, gists {last.get('lr_gist')}.
 - **Steps / tokens seen**: {len(chain)} stage(s), {total_steps} optimiser steps, {total_tokens:,} passage tokens,
   {total_s / 60:.0f} CPU-minutes.
 - **Hardware**: 2 CPU cores (AMD EPYC, AVX2), fp32, no GPU.

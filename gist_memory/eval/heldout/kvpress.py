@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 from gist_memory.eval.heldout.items import KINDS, HeldoutError, HeldoutItem, build_items, prompt
 from gist_memory.eval.heldout.run import LABEL, RESULTS_VERSION, cell_key, pool_config, read_results
 
-PRESSES = ("kvzip", "knorm", "expected_attention")
+PRESSES = ("kvzip", "kvzip_uniform", "knorm", "expected_attention")
 
 
 def job_for(reader: Any, budget_gm: Any, items: dict[str, list[HeldoutItem]], presses: Sequence[str],
