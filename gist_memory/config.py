@@ -52,6 +52,9 @@ class GistConfig:
             head itself attends to most while the text is repeated (KVzip's per-head scoring, with the same number
             of rows in every head), instead of one set of words shared by all heads. Same rows per passage, same
             bytes; the kept positions then differ per head (`GistState.positions` is (L, H, T)).
+        head_anchor_fraction: With `head_anchors`: the share of each passage's anchor rows that every head chooses
+            for itself; the rest are the plan's best-scored anchor tokens, kept in every head (binding a value to its
+            subject may need the same words in all heads).
         max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
             whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
         anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the
@@ -80,6 +83,7 @@ class GistConfig:
     max_sentence_tokens: int = field(default=64, metadata={"help": "cut longer sentences into pieces"})
     anchors: Union[str, AnchorFn] = field(default="none", metadata={"help": "anchor policy"})
     head_anchors: bool = field(default=False, metadata={"help": "recall anchors chosen per layer and head"})
+    head_anchor_fraction: float = field(default=1.0, metadata={"help": "share of anchors chosen per head"})
     max_anchor_fraction: float = field(default=0.5, metadata={"help": "share of budget for anchors"})
     anchor_budget: str = field(default="passage", metadata={"help": "passage | sentence"})
     max_anchors_per_sentence: int = field(default=8, metadata={"help": "anchor cap with fixed N_g"})
@@ -112,6 +116,8 @@ class GistConfig:
             raise ValueError("anchors must be a policy name or a callable text -> [(start, end), ...]")
         if self.head_anchors and self.anchors != "recall":
             raise ValueError(f"head_anchors needs anchors='recall' (per-head attention scores), got {self.anchors!r}")
+        if not 0.0 <= self.head_anchor_fraction <= 1.0:
+            raise ValueError(f"head_anchor_fraction must be in [0, 1], got {self.head_anchor_fraction}")
         if self.splitter not in SPLITTERS:
             raise ValueError(f"splitter must be one of {SPLITTERS}, got {self.splitter!r}")
         if self.splitter == "senter" and not self.spacy_model:

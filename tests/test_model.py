@@ -583,6 +583,18 @@ def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_di
     assert torch.allclose(b.keys[:, :, :A], full.keys.gather(2, idx), atol=1e-5)
     assert torch.allclose(b.values[:, :, :A], full.values.gather(2, idx), atol=1e-5)
     assert torch.equal(b.keys[:, :, A:], a.keys[:, :, a.kinds != KIND_ANCHOR])  # the gist rows are unchanged
+    # head_anchor_fraction: 0 keeps the shared anchors in every head; 0.5 keeps half of them in every head
+    none_own = shared.with_config(head_anchors=True, head_anchor_fraction=0.0).compress([text])[0]
+    a_pos = a.positions[a.kinds == KIND_ANCHOR]
+    assert all(torch.equal(none_own.positions[li, h, :A], a_pos) for li in range(L) for h in range(H))
+    half = shared.with_config(head_anchors=True, head_anchor_fraction=0.5).compress([text])[0]
+    common = set(half.positions[0, 0, :A].tolist())
+    for li in range(L):
+        for h in range(H):
+            common &= set(half.positions[li, h, :A].tolist())
+    assert len(common) >= A - round(A * 0.5) and common <= set(a_pos.tolist())
+    with pytest.raises(ValueError, match="head_anchor_fraction"):
+        GistConfig(anchors="recall", head_anchors=True, head_anchor_fraction=1.5)
     # read gapped and packed (each head's rows renumbered by rank), stored and loaded unchanged
     q = "What is the code?"
     out = m.generate(q, states=[b, b], max_new_tokens=3)

@@ -295,7 +295,14 @@ class Compressing:
         n = plan.num_tokens
         TK = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)
         TV = torch.stack([v[0, :, :n] for _, v in text])
-        scores = torch.as_tensor(plan.head_scores, device=TK.device)[:, :, :n]
+        scores = torch.as_tensor(plan.head_scores, device=TK.device)[:, :, :n].float()
+        S = A - int(round(A * float(self.config.head_anchor_fraction)))  # rows shared by every head
+        if S:  # the plan's anchor tokens with the best recall score, in every head; each head then picks the rest
+            cand = torch.as_tensor(np.flatnonzero(plan.anchors[:n]), device=TK.device)
+            tok = scores.amax(dim=1).mean(dim=0)[cand]
+            shared = cand[tok.topk(min(S, len(cand))).indices]
+            scores = scores.clone()
+            scores[:, :, shared] = float("inf")
         top = scores.topk(A, dim=-1).indices.sort(dim=-1).values  # (L, H, A) token indices in text order
         ak = TK.gather(2, top[..., None].expand(-1, -1, -1, TK.shape[-1]))
         av = TV.gather(2, top[..., None].expand(-1, -1, -1, TV.shape[-1]))

@@ -55,6 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="anchor policy for pool+anchors and gist+anchors instead of theirs (rows are labelled)")
     ap.add_argument("--head-anchors", action=argparse.BooleanOptionalAction, default=None,
                     help="with --anchors recall: anchors chosen per layer and head (--no-head-anchors: shared)")
+    ap.add_argument("--head-anchor-fraction", type=float, default=None,
+                    help="with --head-anchors: the share of anchors each head chooses itself (the rest shared)")
     ap.add_argument("--tag", default=None, help="name the learned rows of this run (e.g. 'adapted reader')")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -83,8 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             items, methods=a.methods, ratios=a.ratios, out=a.out, base=a.base, model=a.model, seed=a.seed,
             n_requested=a.items, generate=False if a.generate == "none" else a.generate,
             loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors,
-                                  head_anchors=a.head_anchors),
-            anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors,
+                                  head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction),
+            anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)

@@ -45,7 +45,7 @@ ANCHORED = ("pool+anchors", "gist+anchors")
 
 
 def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
-                head_anchors: bool = False):  # noqa: ANN201 - GistConfig  # fmt: skip
+                head_anchors: bool = False, head_anchor_fraction: float = 1.0):  # noqa: ANN201 - GistConfig  # fmt: skip
     """The training-free configs of the table (`pool`, `pool+anchors`; `anchors` overrides its policy,
     `head_anchors` chooses recall anchors per layer and head)."""
     from gist_memory import GistConfig
@@ -54,12 +54,14 @@ def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
         return GistConfig(compressor="pool", target_ratio=ratio, max_sentence_tokens=48, anchors="none")
     return GistConfig(compressor="pool+anchors", target_ratio=ratio, max_sentence_tokens=48,
                       anchors=anchors or "capitalized", head_anchors=head_anchors,
+                      head_anchor_fraction=head_anchor_fraction,
                       max_anchor_fraction=0.75)  # fmt: skip
 
 
 def default_loader(base: Optional[str], model: Optional[str], device: Optional[str] = None,
                    dtype: Any = None, anchors: Optional[str] = None,
-                   head_anchors: Optional[bool] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
+                   head_anchors: Optional[bool] = None,
+                   head_anchor_fraction: Optional[float] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
     """`load(method, ratio) -> GistModel` for the table's methods.
 
     Args:
@@ -68,6 +70,7 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
         anchors: Anchor policy for `pool+anchors` and `gist+anchors` instead of theirs (e.g. `surprisal`).
         head_anchors: For `pool+anchors` and `gist+anchors`: recall anchors chosen per layer and head (True) or
             shared (False) instead of the model's own setting (None; `pool+anchors`: shared).
+        head_anchor_fraction: With head anchors: the share each head chooses itself (None: the config's).
     """
     from gist_memory import GistConfig, GistModel
 
@@ -77,7 +80,8 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
                                        device=device, dtype=dtype)  # fmt: skip
         if method in ("pool", "pool+anchors"):
             return GistModel.from_base(base, pool_config(method, float(ratio), anchors if method in ANCHORED else None,
-                                                         bool(head_anchors) and method in ANCHORED),
+                                                         bool(head_anchors) and method in ANCHORED,
+                                                         1.0 if head_anchor_fraction is None else head_anchor_fraction),
                                        device=device, dtype=dtype)  # fmt: skip
         over: dict[str, Any] = {"target_ratio": float(ratio)}
         if method == "gist":
@@ -88,6 +92,8 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
             over["head_anchors"] = False
         elif head_anchors is not None:
             over["head_anchors"] = bool(head_anchors)
+        if method != "gist" and head_anchor_fraction is not None:
+            over["head_anchor_fraction"] = float(head_anchor_fraction)
         return GistModel.from_pretrained(model, device=device, dtype=dtype, config_overrides=over)
 
     return load
@@ -219,6 +225,7 @@ def run_table(
     anchors: Optional[str] = None,
     tag: Optional[str] = None,
     head_anchors: Optional[bool] = None,
+    head_anchor_fraction: Optional[float] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -243,9 +250,11 @@ def run_table(
         All records for the requested cells (those found in `out` and those run now). A method whose model
         cannot be loaded is logged and skipped (nothing written, so a later run fills it in).
     """
-    loader = loader or default_loader(base, model, anchors=anchors, head_anchors=head_anchors)
-    if anchors and head_anchors:
-        anchors = f"{anchors} per head"  # the label of these rows (the loader already has the policy)
+    loader = loader or default_loader(base, model, anchors=anchors, head_anchors=head_anchors,
+                                      head_anchor_fraction=head_anchor_fraction)
+    if anchors and head_anchors:  # the label of these rows (the loader already has the policy)
+        frac = 1.0 if head_anchor_fraction is None else float(head_anchor_fraction)
+        anchors = f"{anchors} per head" + ("" if frac == 1.0 else f" ({frac:g} own)")
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
