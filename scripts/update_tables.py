@@ -23,12 +23,13 @@ RESULTS = ROOT / "docs" / "results" / "heldout.jsonl"
 READER = ROOT / "docs" / "results" / "reader.jsonl"
 START, END = "<!-- heldout-table:start -->", "<!-- heldout-table:end -->"
 NOTE = ("Machine: 2 vCPU AMD EPYC (AVX2), fp32, torch 1 thread, SmolLM2-135M-Instruct; 20 items per kind (one item "
-        "is 0.05; differences under ~0.2 are noise). Rows `gist`/`gist+anchors`: the shipped writer; the shipped "
-        "default serves it with recall anchors chosen per layer and head (`recall per head`; chosen on other items: "
-        "docs/evaluation.md; before: recall shared by all heads, and surprisal), `(capitalized anchors)` is the "
-        "policy it was trained with. `kvpress:kvzip`: NVIDIA kvpress's KVzip at the same rows per passage (spread "
-        "unevenly over heads; `python -m gist_memory.eval.heldout.kvpress`, in its own environment; it does not "
-        "generate).")
+        "is 0.05; differences under ~0.2 are noise). Rows tagged `stage 5`: the shipped writer, served by default "
+        "with recall anchors chosen per layer and head (`recall per head`; chosen on other items: "
+        "docs/evaluation.md). Untagged `gist`/`gist+anchors` rows: the stage-2 writer shipped before it, with the "
+        "anchor policies it was served with over time (capitalized: trained with; then surprisal, recall shared by "
+        "all heads, recall per head). `kvpress:kvzip`: NVIDIA kvpress's KVzip at the same rows per passage, spread "
+        "unevenly over heads; `kvpress:kvzip_uniform`: its scores with the same rows in every head "
+        "(`python -m gist_memory.eval.heldout.kvpress`, in kvpress's own environment; it does not generate).")
 
 
 READER_NOTE = ("Equal training: both writers start from the same stage-1 checkpoint and run the same stage 2 (100 steps, "
