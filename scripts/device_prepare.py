@@ -71,7 +71,8 @@ def recipe(a: argparse.Namespace):  # noqa: ANN201 - TrainConfig
         out_dir="unused", base=a.base, steps=2000,
         gist={"target_ratio": 4.0, "anchors": "capitalized", "max_sentence_tokens": 48, "max_anchor_fraction": 0.75},
         ratios=(4.0, 8.0), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
-        warmup=20, batch_items=2, cont_items=4, w_qa=0.5, w_distill=1.0, w_cont=1.0, w_recon=0.0,
+        warmup=20, batch_items=2, cont_items=4, w_qa=0.5, w_distill=1.0, w_cont=1.0, w_recon=a.w_recon,
+        recon_on=a.recon_on,
         eval_every=10**9, save_every=25, snapshot_every=25, log_every=1, pool_items=a.pool_items, device="cpu",
     )  # fmt: skip
 
@@ -88,6 +89,9 @@ def main(argv=None) -> int:  # noqa: ANN001
     ap.add_argument("--time-budget", type=int, default=420, help="seconds the training call's script may take")
     ap.add_argument("--batch-items", type=int, default=8, help="QA items per step on the GPU")
     ap.add_argument("--cont-items", type=int, default=8, help="continuation passages per step on the GPU")
+    ap.add_argument("--w-recon", type=float, default=1.0,
+                    help="reconstruction weight (1.0: the stage-5 mix, the one that moved the FAQ share on CPU)")
+    ap.add_argument("--recon-on", choices=("qa", "cont", "both"), default="both")
     ap.add_argument("--skip-bundle", action="store_true", help="keep an existing bundle (repack the base only)")
     a = ap.parse_args(argv)
 

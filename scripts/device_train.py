@@ -137,7 +137,7 @@ def make_trainer(cfg, gm, bundle):  # noqa: ANN001, ANN201
 
         def _cont_batch(self, micro: int) -> list[tuple[str, list[int]]]:
             c = self.cfg
-            if not c.w_cont or not pairs:
+            if not c.uses_cont or not pairs:  # continuation KL, or reconstruction of these passages
                 return []
             j = micro * c.cont_items
             return [pairs[(j + i) % len(pairs)] for i in range(c.cont_items)]

@@ -39,8 +39,8 @@ def _items():
 def _cfg(tmp_path, base):
     return TrainConfig(
         out_dir=str(tmp_path / "unused"), base=base, steps=100, batch_items=2, lr_lora=3e-3, lr_gist=1e-2,
-        warmup=1, ratios=(4.0, 8.0), curriculum=False, w_qa=0.5, w_recon=0.0, w_distill=1.0, w_cont=1.0,
-        cont_items=2, device="cpu",
+        warmup=1, ratios=(4.0, 8.0), curriculum=False, w_qa=0.5, w_recon=1.0, w_distill=1.0, w_cont=1.0,
+        cont_items=2, device="cpu", recon_on="both",
         gist={"target_ratio": 4.0, "anchors": "capitalized", "max_sentence_tokens": 48, "max_anchor_fraction": 0.75},
     )  # fmt: skip
 

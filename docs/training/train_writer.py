@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--anchor-dropout", type=float, default=0.0)
     ap.add_argument("--anchors", default="capitalized",
                     help="anchor policy the writer trains with (capitalized, surprisal, ...)")
+    ap.add_argument("--head-anchors", action="store_true",
+                    help="with --anchors recall: anchors per layer and head (how the shipped default serves states)")
     ap.add_argument("--reader", choices=("base", "adapted"), default="base",
                     help="adapted: the LoRA also acts where states are read (the frozen-vs-adapted comparison)")
     a = ap.parse_args()
@@ -44,7 +46,8 @@ def main() -> None:
 
     cfg = TrainConfig(
         out_dir=a.out, steps=a.steps, stop_at=a.stop_at, init_from=a.init_from, device=a.device,
-        gist={"target_ratio": 4.0, "anchors": a.anchors, "max_sentence_tokens": 48, "max_anchor_fraction": 0.75},
+        gist={"target_ratio": 4.0, "anchors": a.anchors, "max_sentence_tokens": 48, "max_anchor_fraction": 0.75,
+              **({"head_anchors": True} if a.head_anchors else {})},
         ratios=(4.0, 8.0), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
         warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
         w_cont=a.w_cont, w_recon=a.w_recon, recon_on=a.recon_on, eval_every=10**9, eval_items=0, save_every=25, snapshot_every=25, log_every=1,
