@@ -48,7 +48,8 @@ class GistConfig:
             every layer and head; costs an extra forward of about twice the text at ingest), `capitalized+recall`
             (the capitalised rule first, the rest by recall), or a callable
             `text -> [(start, end), ...]` (not serialisable; such a config cannot be saved).
-        head_anchors: With `anchors="recall"`: each layer's key/value head keeps its own raw tokens, the ones that
+        head_anchors: With `anchors="recall"` (or `"capitalized+recall"`: the capitalised words and numbers then stay
+            in every head and only the rest is chosen per head): each layer's key/value head keeps its own raw tokens, the ones that
             head itself attends to most while the text is repeated (KVzip's per-head scoring, with the same number
             of rows in every head), instead of one set of words shared by all heads. Same rows per passage, same
             bytes; the kept positions then differ per head (`GistState.positions` is (L, H, T)).
@@ -114,8 +115,9 @@ class GistConfig:
             raise ValueError(f"anchors must be one of {ANCHOR_POLICIES} or a callable, got {self.anchors!r}")
         if not isinstance(self.anchors, str) and not callable(self.anchors):
             raise ValueError("anchors must be a policy name or a callable text -> [(start, end), ...]")
-        if self.head_anchors and self.anchors != "recall":
-            raise ValueError(f"head_anchors needs anchors='recall' (per-head attention scores), got {self.anchors!r}")
+        if self.head_anchors and self.anchors not in RECALL_ANCHOR_POLICIES:
+            raise ValueError(f"head_anchors needs anchors='recall' or 'capitalized+recall' (per-head attention "
+                             f"scores), got {self.anchors!r}")
         if not 0.0 <= self.head_anchor_fraction <= 1.0:
             raise ValueError(f"head_anchor_fraction must be in [0, 1], got {self.head_anchor_fraction}")
         if self.splitter not in SPLITTERS:

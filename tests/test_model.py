@@ -593,6 +593,19 @@ def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_di
         for h in range(H):
             common &= set(half.positions[li, h, :A].tolist())
     assert len(common) >= A - round(A * 0.5) and common <= set(a_pos.tolist())
+    capr = GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4.0, anchors="capitalized+recall",
+                                                         head_anchors=True), device="cpu")
+    ctext = (TEXTS[0] + " the lazy dog slept while the quick brown fox ran around the quiet garden, and the old "
+             "house stood still by the water all through the long and quiet afternoon.")
+    cplan = capr.plan(ctext)
+    rule = set(np.flatnonzero(cplan.anchors & cplan.rule_anchors).tolist())
+    assert rule and rule != set(np.flatnonzero(cplan.anchors).tolist())
+    cs = capr.compress([ctext])[0]
+    Ac = cs.num_anchors
+    for li in range(L):
+        for h in range(H):
+            assert rule <= set(cs.positions[li, h, :Ac].tolist())  # names and numbers in every head
+    assert len({tuple(cs.positions[li, h, :Ac].tolist()) for li in range(L) for h in range(H)}) > 1
     with pytest.raises(ValueError, match="head_anchor_fraction"):
         GistConfig(anchors="recall", head_anchors=True, head_anchor_fraction=1.5)
     # read gapped and packed (each head's rows renumbered by rank), stored and loaded unchanged

@@ -297,9 +297,16 @@ class Compressing:
         TV = torch.stack([v[0, :, :n] for _, v in text])
         scores = torch.as_tensor(plan.head_scores, device=TK.device)[:, :, :n].float()
         S = A - int(round(A * float(self.config.head_anchor_fraction)))  # rows shared by every head
+        rule = plan.rule_anchors
+        if self.config.anchors != "recall" and rule is not None:  # the rule's words (names, numbers) in every head
+            keep = np.flatnonzero(plan.anchors[:n] & rule[:n])
+            S = max(S, len(keep))
+        else:
+            keep = np.zeros(0, dtype=np.int64)
         if S:  # the plan's anchor tokens with the best recall score, in every head; each head then picks the rest
             cand = torch.as_tensor(np.flatnonzero(plan.anchors[:n]), device=TK.device)
             tok = scores.amax(dim=1).mean(dim=0)[cand]
+            tok[torch.isin(cand, torch.as_tensor(keep, device=TK.device))] = float("inf")
             shared = cand[tok.topk(min(S, len(cand))).indices]
             scores = scores.clone()
             scores[:, :, shared] = float("inf")

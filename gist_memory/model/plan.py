@@ -36,6 +36,8 @@ class Plan:
             the model's token surprisal; `finish_plan` makes the final one).
         head_scores: With `head_anchors`: (L, H, N) per layer and key/value head, the attention that head pays
             each token while the text is repeated; each head keeps its own `anchors.sum()` best tokens.
+        rule_anchors: (N,) bool, the tokens the policy's rule part selects (e.g. `capitalized` of
+            `capitalized+recall`), before any model scores; None when unknown.
     """
 
     text: str
@@ -47,6 +49,7 @@ class Plan:
     scored: bool = True
     offsets: Optional[np.ndarray] = None
     head_scores: Optional[np.ndarray] = None
+    rule_anchors: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:
@@ -134,17 +137,19 @@ def _allocate(text: str, ids: np.ndarray, offsets: np.ndarray, sents, config: Gi
 
     use_anchors = config.compressor != "pool" and config.anchors != "none"
     prio = np.full(len(ids), -1, dtype=np.int64)
+    rule = np.zeros(len(ids), dtype=bool)
     scored = True
     if use_anchors:
         spans = anchor_char_spans(text, sents, config.anchors, splitter)
         prio = anchor_token_mask(offsets, spans, len(text))
+        rule = prio >= 0
         if needs_scores(config):
             if token_scores is None:
                 scored = False
             else:
                 prio = surprisal_priorities(prio, offsets, text, token_scores)
     plan = _rows(text, ids, pieces, char_spans, prio, config)
-    plan.scored, plan.offsets = scored, offsets
+    plan.scored, plan.offsets, plan.rule_anchors = scored, offsets, rule
     return plan
 
 

@@ -61,8 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     a = ap.parse_args(argv)
-    if a.head_anchors and a.anchors != "recall":
-        print("error: --head-anchors needs --anchors recall", file=sys.stderr)
+    if a.head_anchors and a.anchors not in ("recall", "capitalized+recall"):
+        print("error: --head-anchors needs --anchors recall or capitalized+recall", file=sys.stderr)
         return 2
     if a.render_only:
         recs = read_results(a.out)
