@@ -124,3 +124,12 @@ def test_a_peers_run_on_the_tiny_model_reports_every_row(tiny_base_dir, monkeypa
     assert any(n.startswith("LLMLingua-2 rows skipped") for n in res["notes"])
     md = P.render(res)
     assert "| KV pool+anchors 4x |" in md and "kvpress rows skipped" in md
+    from types import SimpleNamespace
+
+    from gist_memory import GistConfig
+
+    assert res["trained_anchors"] is None and "anchors)." not in md.split("\n")[0]  # no trained model here
+    fake = SimpleNamespace(trained={4.0: SimpleNamespace(config=GistConfig(anchors="recall", head_anchors=True))})
+    assert P._anchors_of(fake, 4.0) == "recall per head"
+    assert "Trained model: the shipped adapter (recall per head anchors)." in P.render({**res, "trained_anchors":
+                                                                                          "recall per head"})

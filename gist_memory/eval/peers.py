@@ -209,7 +209,8 @@ def run_peers(args: argparse.Namespace, log=print) -> dict[str, Any]:  # noqa: A
             notes.append(f"kvpress runner versions: {res['versions']}")
         return {"rows": rows, "notes": notes, "items": len(items), "ratio": r, "k": args.k,
                 "passage_tokens": args.passage_tokens, "machine": B.machine_info(bench),
-                "trained": getattr(bench, "trained_path", None), "command": "python -m gist_memory.eval.peers " +
+                "trained": getattr(bench, "trained_path", None), "trained_anchors": _anchors_of(bench, r),
+                "command": "python -m gist_memory.eval.peers " +
                 " ".join(sys.argv[1:])}
     finally:
         bench.close()
@@ -246,6 +247,15 @@ def _llmlingua2_row(bench, items, speed_passages, args, full_ttft, log):  # noqa
             "full_ttft_s": full_ttft, "compress_s_per_passage": statistics.median(secs), "env": "ours"}
 
 
+def _anchors_of(bench, ratio: float) -> Optional[str]:  # noqa: ANN001
+    """How the trained rows' model chose its anchors (e.g. "recall per head"), recorded with the results."""
+    gm = (bench.trained or {}).get(ratio) if isinstance(getattr(bench, "trained", None), dict) else None
+    cfg = getattr(gm, "config", None)
+    if cfg is None or not isinstance(getattr(cfg, "anchors", None), str):
+        return None
+    return cfg.anchors + (" per head" if getattr(cfg, "head_anchors", False) else "")
+
+
 def render(res: dict[str, Any]) -> str:
     """The markdown table (kinds as columns), with machine, command and notes."""
     kinds = sorted({k for r in res["rows"] for k in r["by_kind"]})
@@ -257,7 +267,8 @@ def render(res: dict[str, Any]) -> str:
         f"~{res['passage_tokens']} tokens. Machine: {mi['cpu']}, {mi['cores']} cores, torch threads "
         f"{mi['torch_threads']}, {mi['dtype']}, 1-min load average {f(mi.get('loadavg_1m_at_start'), '{:.1f}')} at "
         f"the start (another benchmark ran on the other core). Trained model: the shipped adapter"
-        f"{'' if not res['trained'] or 'default_model' in str(res['trained']) else ' ' + str(res['trained'])}.",
+        f"{'' if not res['trained'] or 'default_model' in str(res['trained']) else ' ' + str(res['trained'])}"
+        f"{' (' + res['trained_anchors'] + ' anchors)' if res.get('trained_anchors') else ''}.",
         "",
         "| method | accuracy | " + " | ".join(kinds) + " | achieved ratio | positions / passage | TTFT k | "
         "TTFT full / method | compression s / passage |",
