@@ -44,7 +44,8 @@ _OPTIONS: dict[str, Any] = {  # ModelOptions field -> its typer annotation (the 
     "ratio": Annotated[Optional[float], typer.Option(
         "--ratio", help="Target compression ratio: raw tokens per kept row (default 4).", rich_help_panel=_PANEL)],
     "anchors": Annotated[Optional[str], typer.Option(
-        "--anchors", help="Anchor policy with --base: none, entities, capitalized.", rich_help_panel=_PANEL)],
+        "--anchors", help="Anchor policy with --base: none, entities, capitalized, surprisal, "
+        "capitalized+surprisal, recall, capitalized+recall.", rich_help_panel=_PANEL)],
     "device": Annotated[Optional[str], typer.Option(
         "--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available).", rich_help_panel=_PANEL)],
     "dtype": Annotated[Optional[str], typer.Option(

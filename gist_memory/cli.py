@@ -890,7 +890,8 @@ def train(
                                                 rich_help_panel="Model")] = None,
     target_ratio: Annotated[Optional[float], typer.Option(help="GistConfig target_ratio (default 4).",
                                                           rich_help_panel="Model")] = None,
-    anchors: Annotated[Optional[str], typer.Option(help="GistConfig anchors: none, entities, capitalized.",
+    anchors: Annotated[Optional[str], typer.Option(help="GistConfig anchors: none, entities, capitalized, surprisal, recall, ... "
+                                                   "(config.ANCHOR_POLICIES).",
                                                    rich_help_panel="Model")] = None,
     max_sentence_tokens: Annotated[Optional[int], typer.Option(help="GistConfig max_sentence_tokens.",
                                                                rich_help_panel="Model")] = None,

@@ -18,9 +18,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from gist_memory.eval.heldout.items import KINDS, HeldoutError, HeldoutItem, build_items, prompt
 from gist_memory.eval.heldout.run import LABEL, RESULTS_VERSION, cell_key, pool_config, read_results
