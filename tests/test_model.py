@@ -228,6 +228,10 @@ def test_gapped_positions_past_the_window_are_packed(tiny_base_dir):
     packed = prefix_len + sum(s.num_kept for s in states)
     assert packed < gapped
     assert m.prepare("q", states)[1] == gapped  # inside the window: positions as in the raw text
+    suffix = len(m.prepare("q", states)[2])
+    m.model.config.max_position_embeddings = gapped + suffix + 4  # prompt fits, 4 tokens of answer too
+    assert m.prepare("q", states)[1] == gapped and m.prepare("q", states, reserve=4)[1] == gapped
+    assert m.prepare("q", states, reserve=5)[1] == packed  # the answer would run past the window
     m.model.config.max_position_embeddings = gapped  # the suffix would run past it
     layers, nxt, _ = m.prepare("q", states)
     assert nxt == packed and layers[0][0].shape[2] == packed

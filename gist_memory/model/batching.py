@@ -115,7 +115,7 @@ class Row:
         seed = g.get("seed")
         self.rng = torch.Generator(device="cpu").manual_seed(int(seed)) if seed is not None else None
         self.layers, self.start, self.head = model.prepare(request.prompt, request.states, g.get("system_prompt"),
-                                                           g.get("context_prefix", ""))
+                                                           g.get("context_prefix", ""), reserve=self.max_new)
         if not self.head:
             raise ValueError("empty prompt: nothing to generate from")
         self.eos = model._eos_ids(g.get("eos_token_id"))

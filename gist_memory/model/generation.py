@@ -128,7 +128,7 @@ class Generating:
         guide: Optional[GrammarGuide] = None,
     ) -> Iterator[str]:
         t0 = time.perf_counter()
-        layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix)
+        layers, start, head = self.prepare(prompt, states, system_prompt, context_prefix, reserve=max_new_tokens)
         if not head:
             raise ValueError("empty prompt: nothing to generate from")
         eos = self._eos_ids(eos_token_id)

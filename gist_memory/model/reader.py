@@ -105,8 +105,12 @@ class Reading:
         states: Optional[Sequence[GistState]] = None,
         system_prompt: Optional[str] = None,
         context_prefix: str = "",
+        reserve: int = 0,
     ) -> tuple[Optional[list[tuple[torch.Tensor, torch.Tensor]]], int, list[int]]:
         """The cache the answer starts from: (per-layer K/V or None, next position, ids still to feed).
+
+        `reserve`: positions the caller will add after the prompt (e.g. `max_new_tokens`), counted when deciding
+        whether a `gapped` placement still fits the model's window (`splice_mode`).
 
         With states: the raw prefix's K/V plus the re-rotated states; the suffix ids remain to be fed.
         Without: no cache; the whole templated prompt remains to be fed (the full-text / no-context twin).
@@ -120,7 +124,8 @@ class Reading:
         after_ids = self.encode(after)
         prefix = self.prefix_cache(prefix_ids)
         layers, pos = kv.splice(
-            prefix, len(prefix_ids), states, self.rope, self.splice_mode(len(prefix_ids), states, len(after_ids)),
+            prefix, len(prefix_ids), states, self.rope,
+            self.splice_mode(len(prefix_ids), states, len(after_ids) + max(0, int(reserve))),
             device=self.device, dtype=self.dtype,
         )  # fmt: skip
         return layers, pos, after_ids
