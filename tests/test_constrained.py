@@ -229,9 +229,9 @@ def test_instructions_reach_the_system_prompt(tiny_model):
     seen = {}
     prepare = tiny_model.prepare
 
-    def spy(prompt, states, system_prompt, context_prefix):  # noqa: ANN001, ANN202
+    def spy(prompt, states, system_prompt, context_prefix, **kw):  # noqa: ANN001, ANN003, ANN202
         seen["prompt"], seen["system"] = prompt, system_prompt
-        return prepare(prompt, states, system_prompt, context_prefix)
+        return prepare(prompt, states, system_prompt, context_prefix, **kw)
 
     tiny_model.prepare = spy
     try:
