@@ -209,7 +209,7 @@ def run_bench(model, marks, *, keep_recent: int = 2, raw_token_budget: Optional[
             )
             if mode == "compressed":
                 p = comp._plan(msgs, None, {})  # from the cache: nothing is compressed here
-                _, start, head = model.prepare(p.prompt, p.states, p.system_prompt)
+                _, start, head = model.prepare(p.prompt, p.states, p.system_prompt, reserve=max_tokens)
                 row.update(compressed_turns=g["compressed_turns"], raw_turns=g["raw_turns"],
                            raw_turn_tokens=g["raw_turn_tokens"], new_compressions=g["new_compressions"],
                            compress_s=g["compress_s"], max_position=start + len(head) + max_tokens - 1)
