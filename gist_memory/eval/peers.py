@@ -61,36 +61,47 @@ def find_kvpress_python(explicit: Optional[str] = None) -> tuple[Optional[str], 
     return None, "kvpress rows skipped: no Python with kvpress found (" + "; ".join(why or ["none given"]) + f"); {hint}"
 
 
+class PassageTable:
+    """The runner job's passages: each distinct text once, by id, with its token ids and its state's row budget."""
+
+    def __init__(self, reader, budget_gm) -> None:  # noqa: ANN001 - GistModels
+        self.reader, self.budget_gm = reader, budget_gm
+        self.ids: dict[str, str] = {}
+        self.passages: dict[str, list[int]] = {}
+        self.budgets: dict[str, int] = {}
+
+    def id(self, text: str) -> str:
+        """The id of `text` (added on first sight)."""
+        if text not in self.ids:
+            pid = self.ids[text] = f"p{len(self.ids)}"
+            self.passages[pid] = self.reader.encode(text)
+            self.budgets[pid] = int(self.budget_gm.plan(text).num_kept)
+        return self.ids[text]
+
+    def job(self, model_dir: str, threads: Optional[int], presses: Sequence[str], items: list[dict[str, Any]],
+            speed: Sequence[dict[str, Any]] = (), repeats: int = 1) -> dict[str, Any]:  # fmt: skip
+        """The runner's job over these passages."""
+        return {"model": model_dir, "dtype": "float32", "threads": threads, "presses": list(presses),
+                "passages": self.passages, "budgets": self.budgets, "items": items, "speed": list(speed),
+                "repeats": repeats}
+
+
 def kvpress_job(reader, budget_gm, items, speed_passages: Sequence[str], question: str, presses: Sequence[str],  # noqa: ANN001
                 model_dir: str, threads: Optional[int], repeats: int) -> dict[str, Any]:
     """The runner's job: token ids of every prompt piece (our tokenizer and chat template), per-passage budgets."""
     from gist_memory.data.qa import choice_continuations, question_prompt
 
-    pids: dict[str, str] = {}
-    passages: dict[str, list[int]] = {}
-    budgets: dict[str, int] = {}
-
-    def pid(text: str) -> str:
-        if text not in pids:
-            pids[text] = f"p{len(pids)}"
-            passages[pids[text]] = reader.encode(text)
-            budgets[pids[text]] = int(budget_gm.plan(text).num_kept)
-        return pids[text]
-
-    def pieces(q: str) -> tuple[list[int], list[int]]:
-        return reader.template_ids(q)
-
+    table = PassageTable(reader, budget_gm)
     job_items = []
     for it in items:
-        pre, suf = pieces(question_prompt(it))
-        job_items.append({"id": it.id, "prefix": pre, "suffix": suf, "passages": [pid(p) for p in it.passages],
+        pre, suf = reader.template_ids(question_prompt(it))
+        job_items.append({"id": it.id, "prefix": pre, "suffix": suf, "passages": [table.id(p) for p in it.passages],
                           "choices": [reader.encode(c) for c in choice_continuations(it)]})
     speed = []
     if speed_passages:
-        pre, suf = pieces(question)
-        speed.append({"prefix": pre, "suffix": suf, "passages": [pid(p) for p in speed_passages]})
-    return {"model": model_dir, "dtype": "float32", "threads": threads, "presses": list(presses),
-            "passages": passages, "budgets": budgets, "items": job_items, "speed": speed, "repeats": repeats}
+        pre, suf = reader.template_ids(question)
+        speed.append({"prefix": pre, "suffix": suf, "passages": [table.id(p) for p in speed_passages]})
+    return table.job(model_dir, threads, presses, job_items, speed, repeats)
 
 
 def run_kvpress(python: str, job: dict[str, Any], timeout: float = 6 * 3600) -> dict[str, Any]:

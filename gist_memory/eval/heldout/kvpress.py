@@ -32,28 +32,19 @@ def job_for(reader: Any, budget_gm: Any, items: dict[str, list[HeldoutItem]], pr
             model_dir: str, threads: Optional[int]) -> tuple[dict[str, Any], list[tuple[str, HeldoutItem]]]:  # fmt: skip
     """The runner's job for every item (our tokenizer and chat template; budgets from `budget_gm`'s plans) and the
     (kind, item) each job item stands for."""
-    pids: dict[str, str] = {}
-    passages: dict[str, list[int]] = {}
-    budgets: dict[str, int] = {}
+    from gist_memory.eval.peers import PassageTable
 
-    def pid(text: str) -> str:
-        if text not in pids:
-            pids[text] = f"p{len(pids)}"
-            passages[pids[text]] = reader.encode(text)
-            budgets[pids[text]] = int(budget_gm.plan(text).num_kept)
-        return pids[text]
-
+    table = PassageTable(reader, budget_gm)
     job_items, order = [], []
     for kind, its in items.items():
         for it in its:
             pre, suf = reader.template_ids(prompt(it))
             conts = [it.answer] if kind == "faq" else list(it.continuations or it.choices)
-            job_items.append({"id": it.id, "prefix": pre, "suffix": suf, "passages": [pid(p) for p in it.passages],
+            job_items.append({"id": it.id, "prefix": pre, "suffix": suf,
+                              "passages": [table.id(p) for p in it.passages],
                               "choices": [reader.encode(c) for c in conts]})
             order.append((kind, it))
-    job = {"model": model_dir, "dtype": "float32", "threads": threads, "presses": list(presses),
-           "passages": passages, "budgets": budgets, "items": job_items, "speed": [], "repeats": 1}
-    return job, order
+    return table.job(model_dir, threads, presses, job_items), order
 
 
 def records(res: dict[str, Any], order: list[tuple[str, HeldoutItem]], ratio: float, meta: dict[str, Any],
