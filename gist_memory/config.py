@@ -22,6 +22,7 @@ ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+
 # policies whose ranking needs the base model's own reading of the text (surprisal from pass 1; recall from an extra pass)
 SCORED_ANCHOR_POLICIES = ("surprisal", "capitalized+surprisal", "recall", "capitalized+recall")
 RECALL_ANCHOR_POLICIES = ("recall", "capitalized+recall")
+HEAD_BUDGETS = ("even", "layer", "global")
 SPLITTERS = ("sentencizer", "senter")
 
 AnchorFn = Callable[[str], list[tuple[int, int]]]
@@ -56,6 +57,13 @@ class GistConfig:
         head_anchor_fraction: With `head_anchors`: the share of each passage's anchor rows that every head chooses
             for itself; the rest are the plan's best-scored anchor tokens, kept in every head (binding a value to its
             subject may need the same words in all heads).
+        head_budget: With `head_anchors`: how the anchor rows are spread over heads. `even` (every head of every
+            layer keeps the same number), `layer` (each layer's budget goes to its heads' best-scored tokens
+            together, so a head that attends to many tokens keeps more of them than one that attends to few), or
+            `global` (one ranking across all layers and heads, as KVzip does). Uneven counts are padded to the
+            widest head; the padding is masked where states are read and not stored at rest.
+        head_budget_cap: With an uneven `head_budget`: no head keeps more than this many times the even count
+            (bounds the width of the spliced cache, which is the widest head's).
         max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
             whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
         anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the
@@ -85,6 +93,8 @@ class GistConfig:
     anchors: Union[str, AnchorFn] = field(default="none", metadata={"help": "anchor policy"})
     head_anchors: bool = field(default=False, metadata={"help": "recall anchors chosen per layer and head"})
     head_anchor_fraction: float = field(default=1.0, metadata={"help": "share of anchors chosen per head"})
+    head_budget: str = field(default="even", metadata={"help": "even | layer | global"})
+    head_budget_cap: float = field(default=4.0, metadata={"help": "most rows per head, times the even count"})
     max_anchor_fraction: float = field(default=0.5, metadata={"help": "share of budget for anchors"})
     anchor_budget: str = field(default="passage", metadata={"help": "passage | sentence"})
     max_anchors_per_sentence: int = field(default=8, metadata={"help": "anchor cap with fixed N_g"})
@@ -120,6 +130,12 @@ class GistConfig:
                              f"scores), got {self.anchors!r}")
         if not 0.0 <= self.head_anchor_fraction <= 1.0:
             raise ValueError(f"head_anchor_fraction must be in [0, 1], got {self.head_anchor_fraction}")
+        if self.head_budget not in HEAD_BUDGETS:
+            raise ValueError(f"head_budget must be one of {HEAD_BUDGETS}, got {self.head_budget!r}")
+        if self.head_budget != "even" and not self.head_anchors:
+            raise ValueError(f"head_budget={self.head_budget!r} spreads per-head anchors; it needs head_anchors=True")
+        if not float(self.head_budget_cap) >= 1.0:
+            raise ValueError(f"head_budget_cap must be >= 1, got {self.head_budget_cap}")
         if self.splitter not in SPLITTERS:
             raise ValueError(f"splitter must be one of {SPLITTERS}, got {self.splitter!r}")
         if self.splitter == "senter" and not self.spacy_model:
@@ -171,6 +187,8 @@ class GistConfig:
     def fingerprint(self) -> str:
         """sha256 of the settings that change what a state holds (callable policies by qualified name)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["head_budget"] == "even":  # what states held before uneven budgets existed: the same fingerprint
+            del d["head_budget"], d["head_budget_cap"]
         if callable(d["anchors"]):
             fn = d["anchors"]
             d["anchors"] = f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

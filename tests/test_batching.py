@@ -64,6 +64,24 @@ def qwen(tiny_qwen_dir, tmp_path_factory):
     return m, m.compress(PASSAGES)
 
 
+@pytest.fixture(scope="module")
+def ragged(tiny_qwen_dir, tmp_path_factory):
+    """Per-head anchors spread unevenly over heads: states with empty slots, read through the key mask."""
+    from gist_memory import GistConfig, GistModel
+
+    path = _sharp(tiny_qwen_dir, tmp_path_factory.mktemp("sharp-ragged"))
+    m = GistModel.from_base(path, GistConfig(compressor="pool+anchors", target_ratio=4, anchors="recall",
+                                             head_anchors=True, head_budget="layer", head_budget_cap=3), device="cpu")
+    st = m.compress(PASSAGES)
+    assert all(s.has_empty_slots for s in st)
+    g = torch.Generator().manual_seed(0)
+    for s in st:  # garbage in the empty slots: any read that missed the mask would answer differently
+        empty = ~s.key_mask()
+        s.keys[empty] = 30 * torch.randn(s.keys[empty].shape, generator=g)
+        s.values[empty] = 30 * torch.randn(s.values[empty].shape, generator=g)
+    return m, st
+
+
 def _requests(model, st):  # noqa: ANN001, ANN202
     """Mixed requests: with 0-3 states, chat turns, system prompts, lengths, penalties, seeded sampling, stops."""
     chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
@@ -102,7 +120,7 @@ def _plain(u: Usage) -> dict:
 
 
 @pytest.mark.parametrize("prefill", ["padded", "rows"])
-@pytest.mark.parametrize("arch", ["llama", "qwen"])
+@pytest.mark.parametrize("arch", ["llama", "qwen", "ragged"])
 def test_batch_equals_single_generation(arch, prefill, request):
     model, st = request.getfixturevalue(arch)
     reqs, probe_text = _requests(model, st)
@@ -174,8 +192,9 @@ def test_long_answers_past_the_spare_room(llama):
     assert generate_batch(model, reqs) == [model.generate(r.prompt, states=r.states, **r.gen) for r in reqs]
 
 
-def test_rows_join_a_running_batch(llama):
-    model, st = llama
+@pytest.mark.parametrize("arch", ["llama", "ragged"])
+def test_rows_join_a_running_batch(arch, request):
+    model, st = request.getfixturevalue(arch)
     reqs, _ = _requests(model, st)
     first, later = reqs[:3], reqs[3:]
     dec = Decoder(model)

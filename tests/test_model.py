@@ -556,6 +556,101 @@ def test_recall_scores_are_the_attention_a_copy_pays_each_token(tiny_base_dir):
     assert heads.shape == (len(out.attentions), n_kv, len(ids)) and torch.allclose(heads, ref_h, atol=1e-4)
 
 
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_uneven_head_budgets_keep_the_best_rows_and_mask_the_empty_slots(budget, tiny_qwen_dir, tmp_path):
+    from dataclasses import replace
+
+    from gist_memory.state import KIND_ANCHOR
+    from gist_memory.store import GistStore
+
+    text = TEXTS[0] + " " + TEXTS[1]
+    even = GistModel.from_base(tiny_qwen_dir, GistConfig(target_ratio=4.0, anchors="recall", head_anchors=True),
+                               device="cpu")
+    m = even.with_config(head_budget=budget, head_budget_cap=3.0)
+    with pytest.raises(ValueError, match="needs head_anchors=True"):
+        GistConfig(anchors="recall", head_budget="layer")
+    with pytest.raises(ValueError, match="head_budget must be one of"):
+        GistConfig(anchors="recall", head_anchors=True, head_budget="ragged")
+    with pytest.raises(ValueError, match="head_budget_cap"):
+        GistConfig(anchors="recall", head_anchors=True, head_budget="layer", head_budget_cap=0.5)
+    plan = m.plan(text)
+    e, u = even.compress([text])[0], m.compress([text])[0]
+    A = e.num_anchors
+    L, H, _ = u.positions.shape
+    W = u.num_anchors  # the widest head's anchor rows
+    real = u.positions[:, :, :W] >= 0
+    counts = real.sum(-1)  # (L, H) rows each head keeps
+    assert u.has_empty_slots and not e.has_empty_slots and W > A and int(counts.max()) == W
+    assert int(counts.max()) <= round(3.0 * A)  # the cap
+    # the same rows in all, spread by score: per layer (`layer`) or over the whole model (`global`)
+    if budget == "layer":
+        assert (counts.sum(-1) == A * H).all()
+    else:
+        assert int(counts.sum()) == A * H * L and len(set(counts.sum(-1).tolist())) > 1
+    assert u.num_rows == pytest.approx(e.num_rows) and u.compression_ratio == pytest.approx(e.compression_ratio)
+    assert (u.kinds[:W] == KIND_ANCHOR).all() and torch.equal(u.keys[:, :, W:], e.keys[:, :, A:])  # gists as before
+    scores = torch.as_tensor(plan.head_scores)
+    taken = torch.zeros_like(scores, dtype=torch.bool)
+    for li in range(L):
+        for h in range(H):
+            tok = u.positions[li, h, :W][real[li, h]]
+            assert torch.equal(tok, tok.sort().values)  # text order, empty slots last
+            taken[li, h, tok] = True
+    # every kept token scores at least as high as any token left out of its group (a layer, or the whole model)
+    group = (lambda x: x) if budget == "layer" else (lambda x: x.reshape(1, -1))
+    for li in range(L) if budget == "layer" else [0]:
+        sc = group(scores[li] if budget == "layer" else scores).reshape(-1)
+        tk = group(taken[li] if budget == "layer" else taken).reshape(-1)
+        capped = (counts[li] if budget == "layer" else counts).reshape(-1) >= round(3.0 * A)
+        if not capped.any():
+            assert float(sc[tk].min()) >= float(sc[~tk].max())
+    assert torch.count_nonzero(u.keys[:, :, :W][~real]) == 0  # empty slots hold zeros
+    # read: garbage in the empty slots changes nothing, gapped or packed, next to other states
+    g = torch.Generator().manual_seed(0)
+    for mode in ("gapped", "packed"):
+        mm = m.with_config(position_mode=mode)
+        s0 = mm.compress([text])[0]
+        junk = replace(s0, keys=s0.keys.clone(), values=s0.values.clone())
+        empty = ~junk.key_mask()
+        junk.keys[empty] = 30 * torch.randn(junk.keys[empty].shape, generator=g)
+        junk.values[empty] = 30 * torch.randn(junk.values[empty].shape, generator=g)
+        other = mm.compress([TEXTS[2]])[0]
+        q = "What is the code?"
+        (l0, p0, h0), (l1, p1, h1) = mm.prepare(q, [s0, other]), mm.prepare(q, [junk, other])
+        assert p0 == p1 and h0 == h1 and kv.key_mask_of(l1) is not None
+        x = torch.as_tensor([h0])
+        y0, c0 = mm.forward_ids(x, l0, p0)
+        y1, c1 = mm.forward_ids(x, l1, p1)
+        assert torch.allclose(y0, y1, atol=1e-4)
+        nxt = torch.as_tensor([[int(y1[0, -1].argmax())]])  # and the step after, from the returned cache
+        z0, _ = mm.forward_ids(nxt, kv.cache_layers(c0), p0 + x.shape[1])
+        z1, _ = mm.forward_ids(nxt, kv.cache_layers(c1), p1 + x.shape[1])
+        assert torch.allclose(z0, z1, atol=1e-4)
+        assert mm.generate(q, states=[junk, other], max_new_tokens=6) == mm.generate(q, states=[s0, other],
+                                                                                    max_new_tokens=6)
+        # without the mask the garbage would show (the test can fail)
+        bare = kv.with_key_mask(list(l1), None)
+        y2, _ = mm.forward_ids(x, bare, p1)
+        assert not torch.allclose(y0, y2, atol=1e-2)
+    # at rest only the real rows: a state file and a store entry hold about what the even state holds
+    blob = u.to_bytes()
+    back = GistState.from_bytes(blob)
+    assert torch.equal(back.keys, u.keys) and torch.equal(back.values, u.values)
+    assert torch.equal(back.positions, u.positions) and back.num_rows == u.num_rows
+    assert len(blob) < len(e.to_bytes()) + 4 * u.positions.numel() + 4096
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
+        store = GistStore(tmp_path / dtype, storage_dtype=dtype)
+        got = store.get(store.put(u))
+        assert got.has_empty_slots and torch.equal(got.positions, u.positions)
+        assert torch.count_nonzero(got.keys[~u.key_mask()]) == 0 if dtype != "int4" else True
+        assert torch.allclose(got.keys.float(), u.keys, atol=0.3 if dtype == "int4" else 2e-2)
+    # a compact file whose positions do not match its rows is refused, naming the problem
+    from gist_memory.state.gist_state import StateFormatError, expand_rows
+
+    with pytest.raises(StateFormatError, match="stored rows"):
+        expand_rows(u.keys[0, 0], u.positions)
+
+
 def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_dir, tmp_path):
     from gist_memory.state import KIND_ANCHOR
     from gist_memory.store import GistStore

@@ -191,7 +191,8 @@ class Row:
             states = self.request.states or []
             fed = len(self.head)
             self.request.usage.update(Usage(
-                raw_tokens=int(sum(s.num_tokens for s in states)), kept_rows=int(sum(s.num_kept for s in states)),
+                raw_tokens=int(sum(s.num_tokens for s in states)),
+                kept_rows=int(round(sum(s.num_rows for s in states))),
                 positions_read=self.cached + fed, prompt_tokens=fed, new_tokens=len(self.out_ids),
                 ttft_s=self.ttft, total_s=time.perf_counter() - self.t0,
             ))
@@ -281,7 +282,7 @@ class Decoder:
                         k[i, :, Tm - T[i]:] = r.layers[li][0][0]
                         v[i, :, Tm - T[i]:] = r.layers[li][1][0]
                 layers.append((k, v))
-            cache = kv.cache_from_layers(layers)
+            cache = kv.cache_from_layers(kv.with_key_mask(layers, _prefill_key_mask(rows, Tm, layers, dev)))
         out = kv.call(self.model.model, cache=cache, input_ids=ids.to(dev), position_ids=pos.to(dev),
                       attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1)
         self.forwards += 1
@@ -358,8 +359,12 @@ class Decoder:
         self.mask = mask[:, first:]
         self.pos = self.pos.index_select(0, idx)
         self.logits = self.logits.index_select(0, idx)
-        self.cache = roomy_cache([(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-                                  for k, v in kv.cache_layers(self.cache)])
+        km = kv.key_mask_of(self.cache)
+        if km is not None:
+            km = [m.expand(len(self.rows), -1, -1).index_select(0, idx)[:, :, first:] for m in km]
+        self.cache = roomy_cache(kv.with_key_mask(
+            [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
+             for k, v in kv.cache_layers(self.cache)], km))
         self.rows = [self.rows[i] for i in keep]
 
     def _forward(self, nxt: list[int]) -> None:
@@ -392,7 +397,26 @@ def roomy_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int 
     if _RoomyLayer is None or not isinstance(getattr(cache, "layers", None), list):
         return kv.cache_from_layers(layers)
     cache.layers = [_RoomyLayer(k, v, spare) for k, v in layers]
+    if kv.key_mask_of(layers) is not None:
+        cache._gist_key_mask = kv.key_mask_of(layers)
     return cache
+
+
+def _prefill_key_mask(rows: Sequence[Row], Tm: int, layers, dev) -> Optional[list[torch.Tensor]]:  # noqa: ANN001
+    """Per layer (B, H, Tm): the rows' state key masks, right-aligned as `_prefill_padded` places their caches
+    (True elsewhere: padding is masked by the batch mask); None when no row's states have empty slots."""
+    masks = [kv.key_mask_of(r.layers) for r in rows]
+    if all(m is None for m in masks):
+        return None
+    out = []
+    for li, (k, _) in enumerate(layers):
+        km = torch.ones((len(rows), k.shape[1], Tm), dtype=torch.bool, device=dev)
+        for i, (r, m) in enumerate(zip(rows, masks)):
+            if m is not None:
+                M = int(m[li].shape[-1])
+                km[i, :, Tm - r.cached:Tm - r.cached + M] = m[li][0].to(dev)
+        out.append(km)
+    return out
 
 
 try:
@@ -462,6 +486,7 @@ def _concat(parts: Sequence[_Part]) -> _Part:
         vs = [F.pad(p.layers[li][1], (0, 0, L - p.length, 0)) for p in parts]
         layers.append((torch.cat(ks, dim=0), torch.cat(vs, dim=0)))
     mask = torch.cat([F.pad(p.mask, (L - p.length, 0)) for p in parts], dim=0)
+    layers = kv.with_key_mask(layers, _concat_key_masks(parts, L))
     return _Part([r for p in parts for r in p.rows], layers, mask, torch.cat([p.pos for p in parts]),
                  torch.cat([p.logits for p in parts]))
 
@@ -518,3 +543,23 @@ def generate_batch(
             raise r.error
         results[index[id(r)]] = r.error if r.error is not None else r.answer
     return results  # type: ignore[return-value]
+
+
+def _concat_key_masks(parts: Sequence[_Part], L: int) -> Optional[list[torch.Tensor]]:
+    """The parts' key masks (`kv.Layers.key_mask`), left-padded as `_concat` pads their caches to L slots and
+    stacked (True where a part has none); None when no part has one."""
+    masks = [kv.key_mask_of(p.layers) for p in parts]
+    if all(m is None for m in masks):
+        return None
+    out = []
+    for li in range(len(parts[0].layers)):
+        cols = []
+        for p, m in zip(parts, masks):
+            b, H = int(p.mask.shape[0]), int(p.layers[li][0].shape[1])
+            dev = p.mask.device
+            own = m[li].to(dev).expand(b, -1, -1) if m is not None else torch.ones((b, H, 0), dtype=torch.bool,
+                                                                                      device=dev)
+            cols.append(torch.cat([torch.ones((b, H, L - p.length), dtype=torch.bool, device=dev), own], dim=-1))
+        W = max(int(c.shape[-1]) for c in cols)
+        out.append(torch.cat([F.pad(c, (0, W - int(c.shape[-1])), value=True) for c in cols], dim=0))
+    return out

@@ -310,16 +310,40 @@ class Compressing:
             shared = cand[tok.topk(min(S, len(cand))).indices]
             scores = scores.clone()
             scores[:, :, shared] = float("inf")
-        top = scores.topk(A, dim=-1).indices.sort(dim=-1).values  # (L, H, A) token indices in text order
-        ak = TK.gather(2, top[..., None].expand(-1, -1, -1, TK.shape[-1]))
-        av = TV.gather(2, top[..., None].expand(-1, -1, -1, TV.shape[-1]))
+        top = self._head_picks(scores, A)  # (L, H, W) token indices in text order, -1 where a head keeps fewer
+        real = top >= 0
+        idx = top.clamp(min=0)[..., None]
+        ak = TK.gather(2, idx.expand(-1, -1, -1, TK.shape[-1])) * real[..., None]
+        av = TV.gather(2, idx.expand(-1, -1, -1, TV.shape[-1])) * real[..., None]
+        W = int(top.shape[-1])
         other = kinds != KIND_ANCHOR
         L, H = K.shape[:2]
         rest_pos = pos[other].to(top.device)
         new_pos = torch.cat([top, rest_pos.expand(L, H, -1) if rest_pos.dim() == 1 else rest_pos], dim=-1)
-        new_kinds = torch.cat([torch.full((A,), KIND_ANCHOR, dtype=kinds.dtype, device=kinds.device), kinds[other]])
+        new_kinds = torch.cat([torch.full((W,), KIND_ANCHOR, dtype=kinds.dtype, device=kinds.device), kinds[other]])
         return (torch.cat([ak.to(K.dtype), K[:, :, other]], 2), torch.cat([av.to(V.dtype), V[:, :, other]], 2),
                 new_pos, new_kinds, span)
+
+    def _head_picks(self, scores: torch.Tensor, A: int) -> torch.Tensor:
+        """(L, H, W) token indices each layer's head keeps, in text order, from per-head scores (L, H, n).
+
+        `even`: the top A of every head (W = A). `layer` / `global`: the top A * H of each layer's heads together /
+        A * H * L of all heads, no head over `head_budget_cap` * A; heads that keep fewer are padded with -1 up to
+        the widest head (W)."""
+        L, H, n = scores.shape
+        A = min(A, n)
+        if self.config.head_budget == "even" or A == 0:
+            return scores.topk(A, dim=-1).indices.sort(dim=-1).values
+        cap = min(n, max(A, int(round(float(self.config.head_budget_cap) * A))))
+        ranked = scores.topk(cap, dim=-1)  # each head's best `cap` tokens: no head can take more
+        flat = ranked.values.reshape(L, -1) if self.config.head_budget == "layer" else ranked.values.reshape(1, -1)
+        take = torch.zeros_like(flat, dtype=torch.bool)
+        take.scatter_(1, flat.topk(A * H * (L if self.config.head_budget == "global" else 1), dim=-1).indices, True)
+        take = take.reshape(L, H, cap)
+        W = max(1, int(take.sum(-1).max()))
+        tok = torch.where(take, ranked.indices, torch.full_like(ranked.indices, n))  # not taken -> n, sorts last
+        tok = tok.sort(dim=-1).values[..., :W]
+        return torch.where(tok < n, tok, torch.full_like(tok, -1))
 
     def _all_rows(self, text, n: int) -> tuple:  # noqa: ANN001
         K = torch.stack([k[0, :, :n] for k, _ in text])  # (L, H, n, D)

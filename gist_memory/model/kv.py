@@ -88,18 +88,47 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Ten
     return out.to(keys.dtype)
 
 
+class Layers(list):
+    """Per-layer (keys, values), plus `key_mask` where some heads keep fewer rows than others.
+
+    `key_mask`: None, or per layer a bool (1 or B, H_kv, M) tensor over the first M cached positions, False at a
+    head's empty slot (a row that head did not keep; `GistState.key_mask`). Positions after the first M are real
+    in every head. The mask travels with the layers into a `DynamicCache` (`cache_from_layers`) and back
+    (`cache_layers`), and `call` applies it in every attention of the model (`masked_attention`)."""
+
+    key_mask: Optional[list[torch.Tensor]] = None
+
+
+def key_mask_of(obj) -> Optional[list[torch.Tensor]]:  # noqa: ANN001 - Layers, a DynamicCache or anything else
+    """The per-layer key mask carried by `Layers` or by a cache made from them; None if there is none."""
+    return getattr(obj, "key_mask", None) if isinstance(obj, Layers) else getattr(obj, "_gist_key_mask", None)
+
+
+def with_key_mask(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: Optional[list[torch.Tensor]]) -> Layers:
+    """`layers` as `Layers` carrying `mask` (see `Layers.key_mask`)."""
+    out = Layers(layers)
+    out.key_mask = mask
+    return out
+
+
 def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):  # noqa: ANN201 - DynamicCache
-    """A `DynamicCache` holding the given per-layer (keys, values), each (B, H, T, D)."""
+    """A `DynamicCache` holding the given per-layer (keys, values), each (B, H, T, D), and their key mask if any."""
     from transformers import DynamicCache
 
-    return DynamicCache(list(layers))
+    cache = DynamicCache(list(layers))
+    mask = key_mask_of(layers)
+    if mask is not None:
+        cache._gist_key_mask = mask
+    return cache
 
 
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
-    """Per-layer (keys, values) of a `DynamicCache` (or a legacy tuple cache)."""
+def cache_layers(cache) -> Layers:  # noqa: ANN001
+    """Per-layer (keys, values) of a `DynamicCache` (or a legacy tuple cache), with its key mask if any."""
     if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(k, v) for k, v in cache]
+        out = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        out = [(k, v) for k, v in cache]
+    return with_key_mask(out, getattr(cache, "_gist_key_mask", None))
 
 
 def empty_like_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int = 1):  # noqa: ANN201
@@ -128,7 +157,8 @@ def splice(
         device / dtype: Where the cache lives.
 
     Returns:
-        (per-layer (1, H, P + kept, D) K/V, next free position for the tokens that follow).
+        (per-layer (1, H, P + kept, D) K/V, next free position for the tokens that follow). The layers carry a key
+        mask (`Layers.key_mask`) when some state's heads keep fewer rows than its widest head.
     """
     layers_k: list[list[torch.Tensor]] = []
     layers_v: list[list[torch.Tensor]] = []
@@ -137,6 +167,10 @@ def splice(
         n_layers = len(prefix)
         layers_k = [[k] for k, _ in prefix]
         layers_v = [[v] for _, v in prefix]
+    ragged = any(st.has_empty_slots for st in states)
+    masks: list[list[torch.Tensor]] = []
+    if ragged and prefix is not None:
+        masks = [[torch.ones(k.shape[1], k.shape[2], dtype=torch.bool, device=device)] for k, _ in prefix]
     offset = prefix_len
     for st in states:
         if n_layers is None:
@@ -148,10 +182,13 @@ def splice(
         keys = st.keys.to(device=device, dtype=dtype)  # (L, H, T, D)
         values = st.values.to(device=device, dtype=dtype)
         pos = st.positions.to(device if device is not None else keys.device)
-        if position_mode == "packed":  # each row takes its rank among its head's rows
-            new_pos = offset + torch.argsort(torch.argsort(pos, dim=-1, stable=True), dim=-1)
+        if ragged and not masks:
+            masks = [[] for _ in range(n_layers)]
+        if position_mode == "packed":  # each row takes its rank among its head's rows (empty slots rank last)
+            order = torch.where(pos >= 0, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max))
+            new_pos = offset + torch.argsort(torch.argsort(order, dim=-1, stable=True), dim=-1)
             delta = new_pos - pos
-            offset += st.num_kept
+            offset += int((pos >= 0).sum(-1).max()) if st.has_empty_slots else st.num_kept
         else:
             delta = torch.full_like(pos, offset)
             offset += st.span
@@ -160,8 +197,14 @@ def splice(
         for li in range(n_layers):
             layers_k[li].append(keys[li][None])
             layers_v[li].append(values[li][None])
+        if ragged:
+            real = st.key_mask()
+            H, T = keys.shape[1], keys.shape[2]
+            for li in range(n_layers):
+                m = real[li] if real is not None else torch.ones(H, T, dtype=torch.bool)
+                masks[li].append(m.to(device if device is not None else keys.device))
     out = [(torch.cat(ks, dim=2), torch.cat(vs, dim=2)) for ks, vs in zip(layers_k, layers_v)]
-    return out, offset
+    return with_key_mask(out, [torch.cat(m, dim=-1)[None] for m in masks] if ragged else None), offset
 
 
 _CACHE_ARG: dict[type, str] = {}
@@ -183,7 +226,72 @@ def call(module, cache=None, **kwargs):  # noqa: ANN001, ANN201 - a transformers
         _CACHE_ARG[cls] = name
     if cache is not None:
         kwargs[name] = cache
+        mask = key_mask_of(cache)
+        if mask is not None:
+            masked_attention(module)
+            kwargs["gist_key_mask"] = mask
     return module(**kwargs)
+
+
+_MASKED_PREFIX = "gist_masked:"
+
+
+def masked_attention(module) -> None:  # noqa: ANN001 - a transformers model or decoder
+    """Route `module`'s attention through a wrapper of its own implementation (sdpa, eager, ...) that also applies
+    a per-layer, per-head key mask passed as the `gist_key_mask` keyword (see `Layers.key_mask`); without that
+    keyword the wrapper calls the implementation unchanged. Registers the wrapper with transformers'
+    `AttentionInterface` (and the implementation's mask function under the same name) once per implementation."""
+    config = module.config
+    impl = config._attn_implementation or "eager"
+    if impl.startswith(_MASKED_PREFIX):
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _MASKED_PREFIX + impl
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _masked_attention_fn(impl))
+        if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
+    config._attn_implementation = name
+
+
+def _masked_attention_fn(impl: str):  # noqa: ANN202
+    def attention(module, query, key, value, attention_mask, gist_key_mask=None, **kwargs):  # noqa: ANN001, ANN202
+        if impl == "eager":  # the model's own eager function (each modeling file defines one)
+            import sys
+
+            base = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            base = ALL_ATTENTION_FUNCTIONS[impl]
+        if gist_key_mask is not None:
+            attention_mask = head_key_mask(attention_mask, gist_key_mask[module.layer_idx], query, key)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def head_key_mask(attention_mask: Optional[torch.Tensor], keep: torch.Tensor, query: torch.Tensor,
+                  key: torch.Tensor) -> torch.Tensor:
+    """`attention_mask` (None, bool (B, 1, Q, K) with True = attend, or additive float) combined with a per-head
+    key mask `keep` (1 or B, H_kv, M) over the first M keys; returns (B, H_q, Q, K) of the same kind (bool when
+    `attention_mask` is None or bool). Query head h reads key/value head h // (H_q / H_kv), as `repeat_kv` does."""
+    B, Hq, Q, _ = query.shape
+    K = key.shape[-2]
+    keep = keep.to(query.device)
+    M = min(int(keep.shape[-1]), K)
+    full = torch.ones((keep.shape[0], keep.shape[1], K), dtype=torch.bool, device=query.device)
+    full[..., :M] = keep[..., :M]
+    full = full.repeat_interleave(Hq // full.shape[1], dim=1)[:, :, None, :]  # (1 or B, Hq, 1, K)
+    if attention_mask is None:  # no mask given: causal over the last Q keys (full attention when Q == 1)
+        causal = torch.ones((Q, K), dtype=torch.bool, device=query.device).tril(K - Q)
+        return full & causal
+    am = attention_mask[:, :, :, :K]
+    if am.dtype == torch.bool:
+        return am & full
+    return am + torch.where(full, 0.0, torch.finfo(am.dtype).min).to(am.dtype)
 
 
 def out_cache(out):  # noqa: ANN001, ANN201

@@ -162,7 +162,8 @@ class Reading:
         B, S = ids.shape
         cache = None
         if layers is not None:
-            cache = kv.cache_from_layers([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in layers])
+            cache = kv.cache_from_layers(kv.with_key_mask([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+                                                           for k, v in layers], kv.key_mask_of(layers)))
         pos = (start + torch.arange(S, device=ids.device))[None].expand(B, -1)
         with self.reading(layers, adapted):
             out = kv.call(self.model, cache=cache, input_ids=ids, position_ids=pos, use_cache=True)
@@ -177,7 +178,7 @@ class Reading:
         states = states or []
         return Usage(
             raw_tokens=int(sum(s.num_tokens for s in states)),
-            kept_rows=int(sum(s.num_kept for s in states)),
+            kept_rows=int(round(sum(s.num_rows for s in states))),
             positions_read=cached + fed,
             prompt_tokens=fed,
             **extra,

@@ -4,7 +4,9 @@ Layout of the tensors (nanoGPT-style shape comments):
     keys    (L, H, T, D)   post-RoPE keys, rotated at `positions`
     values  (L, H, T, Dv)
     positions (T,) int64   position of each kept row inside its segment (segment starts at 0); (L, H, T) when each
-                           layer's head keeps its own raw tokens (`GistConfig.head_anchors`)
+                           layer's head keeps its own raw tokens (`GistConfig.head_anchors`); there -1 marks an
+                           empty slot of a head that keeps fewer rows than the widest (`head_budget`), masked
+                           where the state is read
     kinds     (T,) uint8   KIND_GIST / KIND_ANCHOR / KIND_POOL
 
 A state is valid only for the model that wrote it: `model_fingerprint` names base model, adapter, gist config
@@ -84,6 +86,8 @@ class GistState:
         if self.positions.shape not in ((T,), (L, H, T)) or self.kinds.shape != (T,):
             raise StateFormatError(f"positions must have shape ({T},) or ({L}, {H}, {T}) and kinds ({T},); got "
                                    f"{tuple(self.positions.shape)} and {tuple(self.kinds.shape)}")
+        if self.positions.numel() and int(self.positions.min()) < (-1 if self.positions.dim() == 3 else 0):
+            raise StateFormatError("positions must be >= 0 (-1 marks an empty slot, only in per-head positions)")
 
     # ---- sizes ---------------------------------------------------------------------------------------
     @property
@@ -97,6 +101,23 @@ class GistState:
         return int(self.keys.shape[2])
 
     @property
+    def num_rows(self) -> float:
+        """Rows each head really keeps, on average over layers and heads: `num_kept` less the empty slots of heads
+        that keep fewer than the widest (`GistConfig.head_budget`). What `compression_ratio` divides by."""
+        if not self.has_empty_slots:
+            return float(self.num_kept)
+        return float((self.positions >= 0).sum()) / float(self.positions.shape[0] * self.positions.shape[1])
+
+    @property
+    def has_empty_slots(self) -> bool:
+        """Whether some heads keep fewer rows than the widest (their empty slots have position -1)."""
+        return self.per_head and bool((self.positions < 0).any())
+
+    def key_mask(self) -> Optional[torch.Tensor]:
+        """(L, H, T) bool, True where a head's row is real; None when every slot is (nothing to mask)."""
+        return (self.positions >= 0) if self.has_empty_slots else None
+
+    @property
     def num_gists(self) -> int:
         """Kept rows (gists, anchors and pooled rows): what `compression_ratio` divides by."""
         return self.num_kept
@@ -108,8 +129,8 @@ class GistState:
 
     @property
     def compression_ratio(self) -> float:
-        """Raw tokens / kept rows."""
-        return self.num_tokens / max(1, self.num_kept)
+        """Raw tokens / rows kept per head (`num_rows`)."""
+        return self.num_tokens / max(1.0, self.num_rows)
 
     @property
     def num_layers(self) -> int:
@@ -151,9 +172,12 @@ class GistState:
 
     # ---- serialisation -------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
+        keys, values = self.keys.detach().cpu(), self.values.detach().cpu()
+        if self.has_empty_slots:  # only the rows heads really keep: (R, D), head by head (`compact_rows`)
+            keys, values = compact_rows(keys, self.positions), compact_rows(values, self.positions)
         return {
-            "keys": self.keys.detach().contiguous().cpu(),
-            "values": self.values.detach().contiguous().cpu(),
+            "keys": keys.contiguous(),
+            "values": values.contiguous(),
             "positions": self.positions.detach().to(torch.int64).contiguous().cpu(),
             "kinds": self.kinds.detach().to(torch.uint8).contiguous().cpu(),
         }
@@ -242,8 +266,11 @@ class GistState:
             h = json.loads(meta["header"])
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise StateFormatError(f"{where}: bad state header: {e}") from e
-        return cls.from_header(tensors["keys"], tensors["values"], tensors["positions"], tensors["kinds"], h,
-                               where=where)
+        keys, values = tensors["keys"], tensors["values"]
+        if keys.dim() == 2:  # stored compact (a state whose heads keep uneven numbers of rows)
+            keys = expand_rows(keys, tensors["positions"], where)
+            values = expand_rows(values, tensors["positions"], where)
+        return cls.from_header(keys, values, tensors["positions"], tensors["kinds"], h, where=where)
 
     @classmethod
     def from_header(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor,
@@ -265,6 +292,29 @@ class GistState:
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise StateFormatError(f"{where}: bad state header: {e}") from e
+
+
+def compact_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(L, H, T, D) rows -> (R, D): the rows whose per-head position is >= 0 (real rows, not empty slots), layer by
+    layer, head by head, in slot order. What a state whose heads keep uneven numbers of rows stores at rest."""
+    return x[positions.to(x.device) >= 0]
+
+
+def expand_rows(flat: torch.Tensor, positions: torch.Tensor, where: str = "state") -> torch.Tensor:
+    """Inverse of `compact_rows`: (R, D) -> (L, H, T, D) with zeros in the empty slots (positions -1).
+
+    Raises:
+        StateFormatError: the positions are not per head, or the row count does not match them.
+    """
+    if positions.dim() != 3 or flat.dim() != 2:
+        raise StateFormatError(f"{where}: compact rows {tuple(flat.shape)} need per-head positions (L, H, T); got "
+                               f"{tuple(positions.shape)}")
+    real = positions >= 0
+    if int(real.sum()) != int(flat.shape[0]):
+        raise StateFormatError(f"{where}: {int(flat.shape[0])} stored rows, but the positions name {int(real.sum())}")
+    out = flat.new_zeros((*positions.shape, flat.shape[-1]))
+    out[real] = flat
+    return out
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -28,7 +28,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from gist_memory.state.gist_state import GistState, StateFormatError, _write_all
+from gist_memory.state.gist_state import GistState, StateFormatError, _write_all, compact_rows, expand_rows
 from gist_memory.store.backends import BackendSpec, LocalFolderBackend, StorageBackend, open_backend
 from gist_memory.store.backends.base import is_key, unique
 from gist_memory.store.backends.local import FILE_MODE, TMP_PREFIX  # noqa: F401  (re-exported)
@@ -270,6 +270,9 @@ def encode_entry(state: GistState, storage_dtype: str, key: str) -> bytes:
     else:
         dt = _FLOAT_DTYPES[storage_dtype]
         tensors.update(keys=cast(keys, dt).contiguous(), values=cast(values, dt).contiguous())
+    if state.has_empty_slots and storage_dtype != "int4":  # only the rows heads really keep (int4 packs by group)
+        tensors["keys"] = compact_rows(tensors["keys"], state.positions.cpu()).contiguous()
+        tensors["values"] = compact_rows(tensors["values"], state.positions.cpu()).contiguous()
     header = {
         "span": state.span,
         "num_tokens": state.num_tokens,
@@ -318,6 +321,9 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: Optiona
             meta.get("key") != key or key_for(h["text_hash"], h["model_fingerprint"], storage_dtype) != key
         ):
             raise StateFormatError(f"{where}: entry does not belong under key {key[:16]}...")
+        if tensors["keys"].dim() == 2:  # compact rows of a state whose heads keep uneven numbers of rows
+            tensors = {**tensors, "keys": expand_rows(tensors["keys"], tensors["positions"], where),
+                       "values": expand_rows(tensors["values"], tensors["positions"], where)}
         if storage_dtype == "int8":
             keys = dequantize_int8(tensors["keys"], tensors["keys_scale"], state_dtype)
             values = dequantize_int8(tensors["values"], tensors["values_scale"], state_dtype)

@@ -57,6 +57,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="with --anchors recall: anchors chosen per layer and head (--no-head-anchors: shared)")
     ap.add_argument("--head-anchor-fraction", type=float, default=None,
                     help="with --head-anchors: the share of anchors each head chooses itself (the rest shared)")
+    ap.add_argument("--head-budget", default=None, choices=["even", "layer", "global"],
+                    help="with --head-anchors: how anchor rows are spread over heads (GistConfig.head_budget)")
+    ap.add_argument("--head-budget-cap", type=float, default=None,
+                    help="with an uneven --head-budget: most rows per head, times the even count")
     ap.add_argument("--tag", default=None, help="name the learned rows of this run (e.g. 'adapted reader')")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -85,8 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             items, methods=a.methods, ratios=a.ratios, out=a.out, base=a.base, model=a.model, seed=a.seed,
             n_requested=a.items, generate=False if a.generate == "none" else a.generate,
             loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors,
-                                  head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction),
+                                  head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
+                                  head_budget=a.head_budget, head_budget_cap=a.head_budget_cap),
             anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
+            head_budget=a.head_budget, head_budget_cap=a.head_budget_cap,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)

@@ -45,23 +45,25 @@ ANCHORED = ("pool+anchors", "gist+anchors")
 
 
 def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
-                head_anchors: bool = False, head_anchor_fraction: float = 1.0):  # noqa: ANN201 - GistConfig  # fmt: skip
+                head_anchors: bool = False, head_anchor_fraction: float = 1.0,
+                **head: Any):  # noqa: ANN201 - GistConfig  # fmt: skip
     """The training-free configs of the table (`pool`, `pool+anchors`; `anchors` overrides its policy,
-    `head_anchors` chooses recall anchors per layer and head)."""
+    `head_anchors` chooses recall anchors per layer and head, `head` sets `head_budget` / `head_budget_cap`)."""
     from gist_memory import GistConfig
 
     if method == "pool":
         return GistConfig(compressor="pool", target_ratio=ratio, max_sentence_tokens=48, anchors="none")
     return GistConfig(compressor="pool+anchors", target_ratio=ratio, max_sentence_tokens=48,
                       anchors=anchors or "capitalized", head_anchors=head_anchors,
-                      head_anchor_fraction=head_anchor_fraction,
+                      head_anchor_fraction=head_anchor_fraction, **(head if head_anchors else {}),
                       max_anchor_fraction=0.75)  # fmt: skip
 
 
 def default_loader(base: Optional[str], model: Optional[str], device: Optional[str] = None,
                    dtype: Any = None, anchors: Optional[str] = None,
                    head_anchors: Optional[bool] = None,
-                   head_anchor_fraction: Optional[float] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
+                   head_anchor_fraction: Optional[float] = None, head_budget: Optional[str] = None,
+                   head_budget_cap: Optional[float] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
     """`load(method, ratio) -> GistModel` for the table's methods.
 
     Args:
@@ -71,8 +73,11 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
         head_anchors: For `pool+anchors` and `gist+anchors`: recall anchors chosen per layer and head (True) or
             shared (False) instead of the model's own setting (None; `pool+anchors`: shared).
         head_anchor_fraction: With head anchors: the share each head chooses itself (None: the config's).
+        head_budget / head_budget_cap: With head anchors: how rows are spread over heads (None: the config's).
     """
     from gist_memory import GistConfig, GistModel
+
+    head = {k: v for k, v in (("head_budget", head_budget), ("head_budget_cap", head_budget_cap)) if v is not None}
 
     def load(method: str, ratio: Optional[float]):  # noqa: ANN202
         if method in BASE_METHODS:
@@ -81,7 +86,8 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
         if method in ("pool", "pool+anchors"):
             return GistModel.from_base(base, pool_config(method, float(ratio), anchors if method in ANCHORED else None,
                                                          bool(head_anchors) and method in ANCHORED,
-                                                         1.0 if head_anchor_fraction is None else head_anchor_fraction),
+                                                         1.0 if head_anchor_fraction is None else head_anchor_fraction,
+                                                         **head),
                                        device=device, dtype=dtype)  # fmt: skip
         over: dict[str, Any] = {"target_ratio": float(ratio)}
         if method == "gist":
@@ -94,6 +100,8 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
             over["head_anchors"] = bool(head_anchors)
         if method != "gist" and head_anchor_fraction is not None:
             over["head_anchor_fraction"] = float(head_anchor_fraction)
+        if method != "gist":
+            over.update(head)
         return GistModel.from_pretrained(model, device=device, dtype=dtype, config_overrides=over)
 
     return load
@@ -116,7 +124,7 @@ def _context(gm, method: str, ratio: Optional[float], item: HeldoutItem) -> tupl
         cut = [_truncate(gm, p, float(ratio)) for p in item.passages]
         return "\n\n".join(c[0] for c in cut) + "\n\n", None, sum(c[1] for c in cut), sum(c[2] for c in cut)
     states = gm.compress(item.passages)
-    return "", states, sum(s.num_tokens for s in states), sum(s.num_kept for s in states)
+    return "", states, sum(s.num_tokens for s in states), sum(s.num_rows for s in states)
 
 
 def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence[HeldoutItem],
@@ -124,10 +132,12 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
     """Scores `items` of one kind with one method; returns the cell record (metrics, per-item results, timing)."""
     t0 = time.perf_counter()
     raw = kept = 0
+    width = 0  # positions the states take in the reader's cache (more than kept rows where heads keep unevenly)
     per_item: list[dict] = []
     for item in items:
         ctx, states, r, k = _context(gm, method, ratio, item)
         raw, kept = raw + r, kept + k
+        width += sum(s.num_kept for s in states or [])
         q = ctx + prompt(item)
         rec: dict[str, Any] = {"id": item.id}
         if kind == "faq":
@@ -159,6 +169,7 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
         "method": method, "ratio": ratio, "kind": kind, "n": n, "metrics": metrics,
         "raw_tokens": raw, "kept_rows": kept,
         "achieved_ratio": (raw / kept) if kept else None,
+        **({"read_positions": width} if width and abs(width - kept) > 0.5 else {}),
         "seconds": round(time.perf_counter() - t0, 2), "per_item": per_item,
     }  # fmt: skip
 
@@ -226,6 +237,8 @@ def run_table(
     tag: Optional[str] = None,
     head_anchors: Optional[bool] = None,
     head_anchor_fraction: Optional[float] = None,
+    head_budget: Optional[str] = None,
+    head_budget_cap: Optional[float] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -251,10 +264,13 @@ def run_table(
         cannot be loaded is logged and skipped (nothing written, so a later run fills it in).
     """
     loader = loader or default_loader(base, model, anchors=anchors, head_anchors=head_anchors,
-                                      head_anchor_fraction=head_anchor_fraction)
+                                      head_anchor_fraction=head_anchor_fraction, head_budget=head_budget,
+                                      head_budget_cap=head_budget_cap)
     if anchors and head_anchors:  # the label of these rows (the loader already has the policy)
         frac = 1.0 if head_anchor_fraction is None else float(head_anchor_fraction)
         anchors = f"{anchors} per head" + ("" if frac == 1.0 else f" ({frac:g} own)")
+        if head_budget and head_budget != "even":
+            anchors += f", {head_budget} budget" + ("" if head_budget_cap is None else f" cap {head_budget_cap:g}")
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
@@ -343,7 +359,8 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
     answers that contain the answer. The FAQ column reads `LL recovered / key phrase`: the fraction of full text's
     log-likelihood gain over no context that the method recovers on the reference answer's first sentence, and the
     share of generated answers containing the key phrase. `achieved` is raw tokens / kept rows over all cells of
-    the row.
+    the row (rows per head, on average; where heads keep unevenly, `reads` is raw tokens / the positions the states
+    take in the reader's cache, the widest head's rows).
     """
     recs = list(results)
     latest: dict[tuple, dict] = {}
@@ -368,6 +385,9 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
         raw = sum(c["raw_tokens"] for c in cells if c)
         kept = sum(c["kept_rows"] for c in cells if c)
         ach = "-" if m == "none" or not kept else f"{raw / kept:.2f}x"
+        wide = sum(c.get("read_positions", c["kept_rows"]) for c in cells if c)
+        if kept and wide > kept + 0.5:  # heads keep unevenly: the cache is as wide as the widest head
+            ach += f" (reads {raw / wide:.2f}x)"
         vals = []
         for k, c in zip(kinds, cells):
             if c is None:
@@ -387,6 +407,9 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
         "Cells: multiple choice among 4 values (chance 0.25) / greedy answer contains the value; FAQ: fraction of "
         "full text's log-likelihood gain (over no context) recovered on the reference answer / generated answer "
         "contains the key phrase. `trunc`: the first tokens of each passage at the same budget. "
+        + ("`reads`: where heads keep uneven numbers of rows, raw tokens per position of the reader's cache (the "
+           "widest head's rows; the others' empty slots are masked; at rest only the kept rows are stored). "
+           if any("read_positions" in c for c in latest.values()) else "")
         + (f"`gist+anchors` uses the model's own anchor policy ({', '.join(anchors)}); `gist` the same model with "
            "anchors off." if anchors else ""),
     ]  # fmt: skip
