@@ -651,6 +651,27 @@ def test_uneven_head_budgets_keep_the_best_rows_and_mask_the_empty_slots(budget,
         expand_rows(u.keys[0, 0], u.positions)
 
 
+def test_key_mask_reads_alike_under_eager_attention_and_flash_is_refused(tiny_qwen_dir):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    m = GistModel.from_base(tiny_qwen_dir, GistConfig(target_ratio=4.0, anchors="recall", head_anchors=True,
+                                                      head_budget="global"), device="cpu",
+                            attn_implementation="eager")
+    s0 = m.compress([TEXTS[0] + " " + TEXTS[1]])[0]
+    junk = replace(s0, keys=s0.keys.clone(), values=s0.values.clone())
+    junk.keys[~junk.key_mask()] = 50.0
+    q = "What is the code?"
+    (l0, p0, h0), (l1, p1, _) = m.prepare(q, [s0]), m.prepare(q, [junk])
+    x = torch.as_tensor([h0])
+    assert torch.allclose(m.forward_ids(x, l0, p0)[0], m.forward_ids(x, l1, p1)[0], atol=1e-4)
+    assert m.model.config._attn_implementation == "gist_masked:eager"  # the model's own eager function, wrapped
+    assert m.generate(q, max_new_tokens=4) == m.generate(q, max_new_tokens=4)  # without states: the plain path
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(ValueError, match="per-head key mask"):
+        kv.masked_attention(flash)
+
+
 def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_dir, tmp_path):
     from gist_memory.state import KIND_ANCHOR
     from gist_memory.store import GistStore

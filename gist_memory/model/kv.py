@@ -248,6 +248,10 @@ def masked_attention(module) -> None:  # noqa: ANN001 - a transformers model or 
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    if "flash" in impl or "flex" in impl or "paged" in impl:
+        raise ValueError(f"states whose heads keep uneven numbers of rows (GistConfig.head_budget) are read with a "
+                         f"per-head key mask, which {impl!r} attention cannot take; load the model with "
+                         f"attn_implementation='sdpa' or 'eager', or use head_budget='even'")
     name = _MASKED_PREFIX + impl
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, _masked_attention_fn(impl))

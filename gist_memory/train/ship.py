@@ -104,8 +104,16 @@ _RECON_ON = {"qa": "the QA passages", "cont": "the real continuation passages",
              "both": "the QA passages and the real continuation passages"}
 
 
+def _serve_flags(anchors: Optional[str], head_anchors: bool, head_budget: Optional[str],
+                 head_budget_cap: Optional[float]) -> str:
+    return ((f" --anchors {anchors}" if anchors else "") + (" --head-anchors" if head_anchors else "")
+            + (f" --head-budget {head_budget}" if head_budget else "")
+            + (f" --head-budget-cap {head_budget_cap:g}" if head_budget_cap is not None else ""))
+
+
 def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Path, card_extra: str = "",
-              anchors: Optional[str] = None, head_anchors: bool = False) -> str:
+              anchors: Optional[str] = None, head_anchors: bool = False, head_budget: Optional[str] = None,
+              head_budget_cap: Optional[float] = None) -> str:
     """MODEL_CARD.md for a shipped adapter."""
     last = chain[-1].config if chain else {}
     total_steps = sum(s.step or 0 for s in chain)
@@ -141,7 +149,7 @@ def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Pat
 
 Each stage starts from the previous one's checkpoint (`--init-from`; the path in the command is where that
 stage's checkpoint was); `--stop-at` marks a run ended before its schedule's last step. Then
-`python -m gist_memory.train.ship {shipped_from}{f" --anchors {anchors}" if anchors else ""}{" --head-anchors" if head_anchors else ""}`.
+`python -m gist_memory.train.ship {shipped_from}{_serve_flags(anchors, head_anchors, head_budget, head_budget_cap)}`.
 
 | stage | steps | passage tokens | minutes | ratios | command |
 |---|---|---|---|---|---|
@@ -152,11 +160,13 @@ stage's checkpoint was); `--stop-at` marks a run ended before its schedule's las
 
 
 def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target_ratio: Optional[float] = 4.0,
-         anchors: Optional[str] = None, head_anchors: bool = False) -> Path:
+         anchors: Optional[str] = None, head_anchors: bool = False, head_budget: Optional[str] = None,
+         head_budget_cap: Optional[float] = None) -> Path:
     """Load `checkpoint`, re-save it compactly into `out` and write MODEL_CARD.md; returns `out`.
 
     `anchors`: serve with this anchor policy instead of the one the writer trained with (recorded in the card);
-    `head_anchors`: with `anchors="recall"`, each layer's heads keep their own anchor tokens.
+    `head_anchors`: with `anchors="recall"`, each layer's heads keep their own anchor tokens; `head_budget` /
+    `head_budget_cap`: how those rows are spread over heads (`GistConfig.head_budget`).
     """
     import torch
 
@@ -168,6 +178,10 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
         over["anchors"] = anchors
     if head_anchors:
         over["head_anchors"] = True
+    if head_budget:
+        over["head_budget"] = head_budget
+    if head_budget_cap is not None:
+        over["head_budget_cap"] = float(head_budget_cap)
     m = GistModel.from_pretrained(checkpoint, config_overrides=over)
     tmp = out.parent / (out.name + ".tmp")
     if tmp.exists():
@@ -175,7 +189,8 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
     m.save_pretrained(tmp, adapter_dtype=torch.bfloat16)
     size = sum(f.stat().st_size for f in tmp.iterdir())
     chain = stages(checkpoint)
-    (tmp / "MODEL_CARD.md").write_text(card_text(m, chain, size, checkpoint, card_extra, anchors, head_anchors), encoding="utf-8")
+    (tmp / "MODEL_CARD.md").write_text(card_text(m, chain, size, checkpoint, card_extra, anchors, head_anchors,
+                                                            head_budget, head_budget_cap), encoding="utf-8")
     recipe = _run_dir(checkpoint) / "checkpoint" / "recipe.json"
     if (checkpoint / "recipe.json").is_file():
         recipe = checkpoint / "recipe.json"
@@ -200,9 +215,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ratio", type=float, default=4.0)
     ap.add_argument("--anchors", default=None, help="serve with this anchor policy (default: the trained one)")
     ap.add_argument("--head-anchors", action="store_true", help="with --anchors recall: anchors per layer and head")
+    ap.add_argument("--head-budget", default=None, choices=["even", "layer", "global"],
+                    help="with --head-anchors: how anchor rows are spread over heads")
+    ap.add_argument("--head-budget-cap", type=float, default=None, help="most rows per head, times the even count")
     a = ap.parse_args(argv)
     extra = Path(a.card_extra).read_text(encoding="utf-8") if a.card_extra else ""
-    out = ship(Path(a.checkpoint), Path(a.out), extra, a.ratio, a.anchors, a.head_anchors)
+    out = ship(Path(a.checkpoint), Path(a.out), extra, a.ratio, a.anchors, a.head_anchors, a.head_budget,
+               a.head_budget_cap)
     print(f"shipped {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
     return 0
 
