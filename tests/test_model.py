@@ -411,8 +411,9 @@ def test_usage_comes_back_with_each_call(tiny_model):
     it = tiny_model.stream("What is the code?", states=st, max_new_tokens=5, usage=streamed)
     assert streamed.total_s == 0  # filled when the stream ends, not before
     assert "".join(it) == text and streamed.new_tokens == u.new_tokens
-    assert set(u.to_dict()) == {"raw_tokens", "kept_rows", "positions_read", "prompt_tokens", "new_tokens",
-                                "ttft_s", "total_s"}
+    assert set(u.to_dict()) == {"raw_tokens", "kept_rows", "positions_read", "state_positions", "prompt_tokens",
+                                "new_tokens", "ttft_s", "total_s"}
+    assert u.state_positions == st[0].num_kept
     with pytest.raises(TypeError, match="usage must be"):
         tiny_model.generate("q", usage={}, max_new_tokens=1)
 
@@ -628,8 +629,14 @@ def test_uneven_head_budgets_keep_the_best_rows_and_mask_the_empty_slots(budget,
         assert torch.allclose(z0, z1, atol=1e-4)
         assert mm.generate(q, states=[junk, other], max_new_tokens=6) == mm.generate(q, states=[s0, other],
                                                                                     max_new_tokens=6)
+        # each layer is only as wide as its widest head; laid out at one width (masked slots in front) it reads alike
+        widths = {int(k.shape[2]) for k, _ in l1}
+        assert len(widths) > 1
+        flat = kv.uniform_widths(l1)
+        assert {int(k.shape[2]) for k, _ in flat} == {max(widths)}
+        assert torch.allclose(mm.forward_ids(x, flat, p1)[0], y1, atol=1e-4)
         # without the mask the garbage would show (the test can fail)
-        bare = kv.with_key_mask(list(l1), None)
+        bare = kv.with_key_mask(list(flat), None)
         y2, _ = mm.forward_ids(x, bare, p1)
         assert not torch.allclose(y0, y2, atol=1e-2)
     # at rest only the real rows: a state file and a store entry hold about what the even state holds

@@ -116,6 +116,12 @@ class Row:
         self.rng = torch.Generator(device="cpu").manual_seed(int(seed)) if seed is not None else None
         self.layers, self.start, self.head = model.prepare(request.prompt, request.states, g.get("system_prompt"),
                                                            g.get("context_prefix", ""), reserve=self.max_new)
+        # positions read, as the single-request path counts them (layers may differ in width); then one width for
+        # all layers, as the padded batch lays them out (narrower layers get masked slots)
+        self.read = 0 if self.layers is None else int(round(sum(int(k.shape[2]) for k, _ in self.layers)
+                                                            / max(1, len(self.layers))))
+        if self.layers is not None:
+            self.layers = kv.uniform_widths(self.layers)
         if not self.head:
             raise ValueError("empty prompt: nothing to generate from")
         self.eos = model._eos_ids(g.get("eos_token_id"))
@@ -193,7 +199,8 @@ class Row:
             self.request.usage.update(Usage(
                 raw_tokens=int(sum(s.num_tokens for s in states)),
                 kept_rows=int(round(sum(s.num_rows for s in states))),
-                positions_read=self.cached + fed, prompt_tokens=fed, new_tokens=len(self.out_ids),
+                state_positions=int(round(sum(s.num_positions for s in states))),
+                positions_read=self.read + fed, prompt_tokens=fed, new_tokens=len(self.out_ids),
                 ttft_s=self.ttft, total_s=time.perf_counter() - self.t0,
             ))
         if self.on_done is not None:

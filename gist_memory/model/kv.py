@@ -194,17 +194,41 @@ def splice(
             offset += st.span
         if st.num_kept:
             keys = rotate(keys, delta, spec)
+        real = st.key_mask() if ragged else None
+        if real is not None:
+            real = real.to(keys.device)
         for li in range(n_layers):
-            layers_k[li].append(keys[li][None])
-            layers_v[li].append(values[li][None])
-        if ragged:
-            real = st.key_mask()
-            H, T = keys.shape[1], keys.shape[2]
-            for li in range(n_layers):
-                m = real[li] if real is not None else torch.ones(H, T, dtype=torch.bool)
-                masks[li].append(m.to(device if device is not None else keys.device))
+            k, v = keys[li], values[li]
+            if real is not None:  # each layer only as wide as its widest head: drop slots empty in all its heads
+                cols = real[li].any(dim=0)
+                k, v = k[:, cols], v[:, cols]
+                masks[li].append(real[li][:, cols])
+            elif ragged:
+                masks[li].append(torch.ones(k.shape[0], k.shape[1], dtype=torch.bool, device=k.device))
+            layers_k[li].append(k[None])
+            layers_v[li].append(v[None])
     out = [(torch.cat(ks, dim=2), torch.cat(vs, dim=2)) for ks, vs in zip(layers_k, layers_v)]
     return with_key_mask(out, [torch.cat(m, dim=-1)[None] for m in masks] if ragged else None), offset
+
+
+def uniform_widths(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+    """`layers` with every layer as wide as the widest: narrower layers get masked zero slots in front (where
+    callers that lay out one width for all layers, e.g. a padded batch, need it). Unchanged when already uniform."""
+    if not layers:
+        return layers
+    W = max(int(k.shape[2]) for k, _ in layers)
+    if all(int(k.shape[2]) == W for k, _ in layers):
+        return layers
+    mask = key_mask_of(layers)
+    out, masks = [], []
+    for li, (k, v) in enumerate(layers):
+        gap = W - int(k.shape[2])
+        m = mask[li] if mask is not None else torch.ones(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool,
+                                                         device=k.device)
+        out.append((torch.cat([k.new_zeros(*k.shape[:2], gap, k.shape[3]), k], dim=2),
+                    torch.cat([v.new_zeros(*v.shape[:2], gap, v.shape[3]), v], dim=2)))
+        masks.append(torch.cat([torch.zeros(*m.shape[:2], gap, dtype=torch.bool, device=m.device), m], dim=-1))
+    return with_key_mask(out, masks)
 
 
 _CACHE_ARG: dict[type, str] = {}
@@ -231,6 +255,20 @@ def call(module, cache=None, **kwargs):  # noqa: ANN001, ANN201 - a transformers
             masked_attention(module)
             kwargs["gist_key_mask"] = mask
     return module(**kwargs)
+
+
+def _mask_for_width(am: torch.Tensor, K: int, Q: int) -> torch.Tensor:
+    """A mask made for keys of another length (another layer's) redrawn for K keys: every cached key visible and
+    the last Q columns (the queries' own, causal among them) as given. Only a mask whose cached part is all
+    visible can be redrawn (one unpadded sequence); a padded batch lays out one width for all layers
+    (`uniform_widths`)."""
+    past = am[..., : am.shape[-1] - Q]
+    visible = past.all() if am.dtype == torch.bool else bool((past == 0).all())
+    if not visible:
+        raise ValueError("a padded attention mask cannot be redrawn for layers of different widths; lay the cache "
+                         "out with kv.uniform_widths first")
+    fill = torch.ones if am.dtype == torch.bool else torch.zeros
+    return torch.cat([fill((*am.shape[:3], K - Q), dtype=am.dtype, device=am.device), am[..., -Q:]], dim=-1)
 
 
 _MASKED_PREFIX = "gist_masked:"
@@ -292,7 +330,10 @@ def head_key_mask(attention_mask: Optional[torch.Tensor], keep: torch.Tensor, qu
     if attention_mask is None:  # no mask given: causal over the last Q keys (full attention when Q == 1)
         causal = torch.ones((Q, K), dtype=torch.bool, device=query.device).tril(K - Q)
         return full & causal
-    am = attention_mask[:, :, :, :K]
+    am = attention_mask
+    if am.shape[-1] != K:  # made for another layer's width (layers of a spliced cache may differ): rebuild it
+        am = _mask_for_width(am, K, Q)
+    am = am[:, :, :, :K]
     if am.dtype == torch.bool:
         return am & full
     return am + torch.where(full, 0.0, torch.finfo(am.dtype).min).to(am.dtype)

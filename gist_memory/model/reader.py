@@ -174,11 +174,12 @@ class Reading:
     # ---- usage -------------------------------------------------------------------------------------
     @staticmethod
     def _usage(states, layers, fed: int, **extra: Any) -> Usage:  # noqa: ANN001
-        cached = 0 if layers is None else int(layers[0][0].shape[2])
+        cached = 0 if layers is None else _mean_width(layers)
         states = states or []
         return Usage(
             raw_tokens=int(sum(s.num_tokens for s in states)),
             kept_rows=int(round(sum(s.num_rows for s in states))),
+            state_positions=int(round(sum(s.num_positions for s in states))),
             positions_read=cached + fed,
             prompt_tokens=fed,
             **extra,
@@ -201,6 +202,11 @@ class Reading:
     @last_usage.setter
     def last_usage(self, value: dict[str, Any]) -> None:
         self._last_usage.value = dict(value)
+
+
+def _mean_width(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Cached positions per layer, averaged (spliced layers may differ in width: `kv.splice`)."""
+    return int(round(sum(int(k.shape[2]) for k, _ in layers) / max(1, len(layers))))
 
 
 def _layers_bytes(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -24,6 +24,8 @@ class Usage:
         raw_tokens: Raw tokens the states stand for (0 without states).
         kept_rows: Rows the states keep (gists + anchors; 0 without states).
         positions_read: Positions the answer attended over: cached (prefix + states) plus fed prompt tokens.
+        state_positions: Positions the states take in the cache: `kept_rows`, or more where heads keep uneven
+            numbers of rows (`GistConfig.head_budget`: the cache is as wide as the widest head).
         prompt_tokens: Prompt tokens fed through the model (the part not taken from a cache).
         new_tokens: Tokens generated (0 for scoring).
         ttft_s: Seconds to the first generated token (None for scoring, or when no token was picked).
@@ -33,6 +35,7 @@ class Usage:
     raw_tokens: int = 0
     kept_rows: int = 0
     positions_read: int = 0
+    state_positions: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
     ttft_s: Optional[float] = None

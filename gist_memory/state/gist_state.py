@@ -109,6 +109,15 @@ class GistState:
         return float((self.positions >= 0).sum()) / float(self.positions.shape[0] * self.positions.shape[1])
 
     @property
+    def num_positions(self) -> float:
+        """Positions the state takes in a reader's cache, on average over layers: `num_kept`, or where heads keep
+        uneven numbers of rows each layer's widest head's (a spliced layer drops the slots empty in all its
+        heads)."""
+        if not self.has_empty_slots:
+            return float(self.num_kept)
+        return float((self.positions >= 0).any(dim=1).sum(-1).float().mean())
+
+    @property
     def has_empty_slots(self) -> bool:
         """Whether some heads keep fewer rows than the widest (their empty slots have position -1)."""
         return self.per_head and bool((self.positions < 0).any())

@@ -132,12 +132,12 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
     """Scores `items` of one kind with one method; returns the cell record (metrics, per-item results, timing)."""
     t0 = time.perf_counter()
     raw = kept = 0
-    width = 0  # positions the states take in the reader's cache (more than kept rows where heads keep unevenly)
+    width = 0.0  # positions the states take in the reader's cache (more than kept rows where heads keep unevenly)
     per_item: list[dict] = []
     for item in items:
         ctx, states, r, k = _context(gm, method, ratio, item)
         raw, kept = raw + r, kept + k
-        width += sum(s.num_kept for s in states or [])
+        width += sum(s.num_positions for s in states or [])
         q = ctx + prompt(item)
         rec: dict[str, Any] = {"id": item.id}
         if kind == "faq":
@@ -169,7 +169,7 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
         "method": method, "ratio": ratio, "kind": kind, "n": n, "metrics": metrics,
         "raw_tokens": raw, "kept_rows": kept,
         "achieved_ratio": (raw / kept) if kept else None,
-        **({"read_positions": width} if width and abs(width - kept) > 0.5 else {}),
+        **({"read_positions": round(width, 1)} if width and abs(width - kept) > 0.5 else {}),
         "seconds": round(time.perf_counter() - t0, 2), "per_item": per_item,
     }  # fmt: skip
 
@@ -313,6 +313,8 @@ def run_table(
             cfg = getattr(gm, "config", None)
             rec["model_anchors"] = str(getattr(cfg, "anchors", "")) + (" per head" if getattr(cfg, "head_anchors", False)
                                                                         else "")
+            if getattr(cfg, "head_anchors", False) and getattr(cfg, "head_budget", "even") != "even":
+                rec["model_anchors"] += f", {cfg.head_budget} budget cap {float(cfg.head_budget_cap):g}"
         records.append(rec)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
