@@ -89,9 +89,33 @@ def test_stop_at_ends_early_on_the_full_schedule_and_resume_goes_on(tmp_path, ti
     assert (run / "checkpoint" / "recipe.json").is_file() and (run / "snapshots" / "step-00002").is_dir()
     rest = Trainer(_cfg(tmp_path / "b", tiny_base_dir, steps=4), items=_items(), eval_items=[])
     assert rest.step == 2  # stop_at is not part of the recipe
-    assert [h["lr_scale"] for h in rest.train(progress=False) if "lr_scale" in h] == ref[2:]
+    before = part.history[-1]
+    assert rest.tokens_done == before["tokens"] and rest.elapsed_done == pytest.approx(before["elapsed_s"], abs=0.1)
+    hist = [h for h in rest.train(progress=False) if "lr_scale" in h]
+    assert [h["lr_scale"] for h in hist] == ref[2:]
+    # the resumed session counts on: tokens and seconds from the run's start, as the full run logged them
+    full_tokens = [h["tokens"] for h in full.history if "lr_scale" in h]
+    assert [h["tokens"] for h in hist] == full_tokens[2:] and hist[0]["elapsed_s"] >= before["elapsed_s"]
     with pytest.raises(ValueError, match="stop_at"):
         _cfg(tmp_path, tiny_base_dir, steps=4, stop_at=5)
+
+
+def test_ship_counts_tokens_across_resumed_sessions():
+    from gist_memory.train.ship import _cumulative
+
+    # trainers before 0.3 restarted their counters on resume: session 1 ran to step 3, resumed from step 2
+    old = [{"step": 1, "tokens": 10, "elapsed_s": 1.0}, {"step": 2, "tokens": 20, "elapsed_s": 2.0},
+           {"step": 3, "tokens": 30, "elapsed_s": 3.0},
+           {"step": 3, "tokens": 12, "elapsed_s": 1.5}, {"step": 4, "tokens": 22, "elapsed_s": 2.5},
+           {"step": 5, "tokens": 5, "elapsed_s": 0.5}]  # a third session, resumed at step 4 with no overlap
+    got = _cumulative(old)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert [r["tokens"] for r in got] == [10, 20, 32, 42, 47]
+    assert got[-1]["elapsed_s"] == pytest.approx(5.0)  # 2.0 + 2.5 of session 2 + 0.5
+    # counters that already go on (this trainer): the redone records are dropped, nothing is added
+    new = [{"step": 1, "tokens": 10}, {"step": 2, "tokens": 20}, {"step": 3, "tokens": 30},
+           {"step": 3, "tokens": 31}, {"step": 4, "tokens": 41}]
+    assert [r["tokens"] for r in _cumulative(new)] == [10, 20, 31, 41]
 
 
 def test_init_from_warm_starts(trained, tiny_base_dir, tmp_path):

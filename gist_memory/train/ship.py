@@ -91,13 +91,39 @@ def stages(checkpoint: Path) -> list[Stage]:
             step, tokens = p.get("step"), p.get("tokens")
         if log_file.is_file():
             recs = [json.loads(x) for x in log_file.read_text(encoding="utf-8").splitlines() if x.strip()]
-            recs = [r for r in recs if "lr_scale" in r and (step is None or r["step"] <= step)]
+            recs = _cumulative([r for r in recs if "lr_scale" in r])
+            recs = [r for r in recs if step is None or r["step"] <= step]
             if recs:
                 step, tokens, seconds = recs[-1]["step"], recs[-1]["tokens"], recs[-1].get("elapsed_s")
         out.append(Stage(folder=folder, config=cfg, step=step, tokens=tokens, seconds=seconds))
         nxt = cfg.get("init_from")
         folder = Path(nxt) if nxt and Path(nxt).exists() else None
     return out[::-1]
+
+
+def _cumulative(recs: list[dict]) -> list[dict]:
+    """Step records of a log that may span resumed sessions, with `tokens` / `elapsed_s` counted from the run's
+    start. A session resumed from a checkpoint at step S logs S+1, S+2, ...: the previous session's records past S
+    were redone and are dropped. Trainers before 0.3 restarted their counters in a resumed session (its first
+    `tokens` is below the count at S); those sessions are added to the count at S."""
+    out: list[dict] = []
+    raw_prev, base_t, base_e = None, 0, 0.0
+    for r in recs:
+        r = dict(r)
+        t = int(r.get("tokens", 0))
+        if out and (r["step"] <= out[-1]["step"] or (raw_prev is not None and t < raw_prev)):  # a resumed session
+            while out and out[-1]["step"] >= r["step"]:
+                out.pop()
+            if out and t < out[-1]["tokens"]:  # its counters restarted
+                base_t, base_e = out[-1]["tokens"], float(out[-1].get("elapsed_s") or 0.0)
+            else:
+                base_t, base_e = 0, 0.0
+        raw_prev = t
+        r["tokens"] = t + base_t
+        if r.get("elapsed_s") is not None:
+            r["elapsed_s"] = float(r["elapsed_s"]) + base_e
+        out.append(r)
+    return out
 
 
 _RECON_ON = {"qa": "the QA passages", "cont": "the real continuation passages",

@@ -177,6 +177,7 @@ class Trainer:
         self.gist_config = self.model.config
         self.gist_config_anchors = self.model.config.anchors
         self.step = 0
+        self.tokens_done, self.elapsed_done = 0, 0.0  # passage tokens and seconds of the steps done so far
         self.history: list[dict[str, Any]] = []
         self._setup_params()
         self.items = items
@@ -317,7 +318,8 @@ class Trainer:
         order = list(range(len(self.items)))
         rng.shuffle(order)
         self.model.model.train()
-        t_start, tokens = time.perf_counter(), 0
+        t_start, tokens = time.perf_counter(), self.tokens_done  # a resumed run counts on from its checkpoint
+        tokens0, elapsed0 = tokens, self.elapsed_done
         bar = _bar(c.steps, self.step, progress)
         if self.eval_set and self.step == 0 and c.eval_every <= c.steps:
             self.evaluate(0)  # the untrained starting point of the learning curve
@@ -351,9 +353,12 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
             self.opt.step()
             self.step += 1
-            elapsed = time.perf_counter() - t_start
+            now = time.perf_counter() - t_start
+            elapsed = elapsed0 + now
+            self.tokens_done, self.elapsed_done = tokens, elapsed
             rec = {"step": self.step, "ratio": ratio, "lr_scale": round(scale, 4), **{k: round(v, 4) for k, v in logs.items()},
-                   "tokens": tokens, "tok_per_s": round(tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 1)}
+                   "tokens": tokens, "tok_per_s": round((tokens - tokens0) / max(now, 1e-9), 1),
+                   "elapsed_s": round(elapsed, 1)}
             self._log(rec)
             if bar is not None:
                 bar.update(1)
@@ -432,7 +437,8 @@ class Trainer:
             self.model.save_pretrained(tmp)
         finally:
             self.model.config.target_ratio, self.model.config.anchors = keep, keep_anchors
-        torch.save({"opt": self.opt.state_dict(), "step": self.step}, tmp / "trainer_state.pt")
+        torch.save({"opt": self.opt.state_dict(), "step": self.step, "tokens": self.tokens_done,
+                    "elapsed_s": float(self.elapsed_done)}, tmp / "trainer_state.pt")
         (tmp / "recipe.json").write_text(json.dumps(self.cfg.recipe(), sort_keys=True, indent=2))
         final = self.out / "checkpoint"
         old = self.out / ".checkpoint-old"
@@ -471,6 +477,8 @@ class Trainer:
         st = torch.load(ck / "trainer_state.pt", weights_only=True)  # our own file, tensors only
         self.opt.load_state_dict(st["opt"])
         self.step = int(st["step"])
+        self.tokens_done = int(st.get("tokens", 0))  # checkpoints before 0.3 did not keep them: counted from 0
+        self.elapsed_done = float(st.get("elapsed_s", 0.0))
         return True
 
     def _load_weights(self, folder: Path) -> None:
