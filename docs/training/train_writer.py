@@ -35,6 +35,9 @@ def main() -> None:
                     help="anchor policy the writer trains with (capitalized, surprisal, ...)")
     ap.add_argument("--head-anchors", action="store_true",
                     help="with --anchors recall: anchors per layer and head (how the shipped default serves states)")
+    ap.add_argument("--head-budget", choices=("even", "layer", "global"), default=None,
+                    help="with --head-anchors: how anchor rows are spread over heads (the shipped default: global)")
+    ap.add_argument("--head-budget-cap", type=float, default=None, help="most rows per head, times the even count")
     ap.add_argument("--reader", choices=("base", "adapted"), default="base",
                     help="adapted: the LoRA also acts where states are read (the frozen-vs-adapted comparison)")
     a = ap.parse_args()
@@ -47,7 +50,9 @@ def main() -> None:
     cfg = TrainConfig(
         out_dir=a.out, steps=a.steps, stop_at=a.stop_at, init_from=a.init_from, device=a.device,
         gist={"target_ratio": 4.0, "anchors": a.anchors, "max_sentence_tokens": 48, "max_anchor_fraction": 0.75,
-              **({"head_anchors": True} if a.head_anchors else {})},
+              **({"head_anchors": True} if a.head_anchors else {}),
+              **({"head_budget": a.head_budget} if a.head_budget else {}),
+              **({"head_budget_cap": a.head_budget_cap} if a.head_budget_cap is not None else {})},
         ratios=(4.0, 8.0), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
         warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
         w_cont=a.w_cont, w_recon=a.w_recon, recon_on=a.recon_on, eval_every=10**9, eval_items=0, save_every=25, snapshot_every=25, log_every=1,
