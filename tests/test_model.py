@@ -658,6 +658,25 @@ def test_uneven_head_budgets_keep_the_best_rows_and_mask_the_empty_slots(budget,
         expand_rows(u.keys[0, 0], u.positions)
 
 
+def test_head_key_mask_combines_and_redraws_masks():
+    q = torch.zeros(1, 4, 2, 8)  # (B, H_q, Q, D): 4 query heads over 2 key/value heads
+    k = torch.zeros(1, 2, 6, 8)  # 6 keys: 4 cached + the 2 queries' own
+    keep = torch.tensor([[[True, False, True], [False, True, True]]])  # (1, H_kv, 3): first 3 cached keys
+    m = kv.head_key_mask(None, keep, q, k)
+    assert m.shape == (1, 4, 2, 6) and m.dtype == torch.bool
+    assert m[0, 0, 0].tolist() == [True, False, True, True, True, False]  # head 0 -> kv head 0; causal at the end
+    assert m[0, 3, 1].tolist() == [False, True, True, True, True, True]  # head 3 -> kv head 1
+    causal = torch.ones(2, 5, dtype=torch.bool).tril(3)[None, None]  # made for a layer 1 key narrower
+    assert torch.equal(kv.head_key_mask(causal, keep, q, k), m)  # redrawn for this layer's 6 keys
+    add = torch.zeros(1, 1, 2, 6).masked_fill(~torch.ones(2, 6, dtype=torch.bool).tril(4), float("-inf"))
+    f = kv.head_key_mask(add, keep, q, k)
+    assert torch.equal(f > -1e30, m)  # additive masks stay additive
+    padded = causal.clone()
+    padded[..., 0] = False  # a padded batch row: its mask cannot be redrawn for another width
+    with pytest.raises(ValueError, match="uniform_widths"):
+        kv.head_key_mask(padded, keep, q, k)
+
+
 def test_key_mask_reads_alike_under_eager_attention_and_flash_is_refused(tiny_qwen_dir):
     from dataclasses import replace
     from types import SimpleNamespace
