@@ -118,8 +118,7 @@ class Row:
                                                            g.get("context_prefix", ""), reserve=self.max_new)
         # positions read, as the single-request path counts them (layers may differ in width); then one width for
         # all layers, as the padded batch lays them out (narrower layers get masked slots)
-        self.read = 0 if self.layers is None else int(round(sum(int(k.shape[2]) for k, _ in self.layers)
-                                                            / max(1, len(self.layers))))
+        self.read = 0 if self.layers is None else kv.mean_width(self.layers)
         if self.layers is not None:
             self.layers = kv.uniform_widths(self.layers)
         if not self.head:

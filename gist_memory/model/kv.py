@@ -211,6 +211,11 @@ def splice(
     return with_key_mask(out, [torch.cat(m, dim=-1)[None] for m in masks] if ragged else None), offset
 
 
+def mean_width(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Cached positions per layer, averaged (spliced layers may differ in width: `splice`)."""
+    return int(round(sum(int(k.shape[2]) for k, _ in layers) / max(1, len(layers))))
+
+
 def uniform_widths(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
     """`layers` with every layer as wide as the widest: narrower layers get masked zero slots in front (where
     callers that lay out one width for all layers, e.g. a padded batch, need it). Unchanged when already uniform."""

@@ -174,7 +174,7 @@ class Reading:
     # ---- usage -------------------------------------------------------------------------------------
     @staticmethod
     def _usage(states, layers, fed: int, **extra: Any) -> Usage:  # noqa: ANN001
-        cached = 0 if layers is None else _mean_width(layers)
+        cached = 0 if layers is None else kv.mean_width(layers)
         states = states or []
         return Usage(
             raw_tokens=int(sum(s.num_tokens for s in states)),
@@ -202,11 +202,6 @@ class Reading:
     @last_usage.setter
     def last_usage(self, value: dict[str, Any]) -> None:
         self._last_usage.value = dict(value)
-
-
-def _mean_width(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Cached positions per layer, averaged (spliced layers may differ in width: `kv.splice`)."""
-    return int(round(sum(int(k.shape[2]) for k, _ in layers) / max(1, len(layers))))
 
 
 def _layers_bytes(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
