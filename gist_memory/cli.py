@@ -924,6 +924,9 @@ def train(
     w_cont: Annotated[Optional[float], typer.Option(help="Weight of KL to the base model reading the whole text, on "
                                                     "continuations of real passages (needs --cont-items >= 1).",
                                                     rich_help_panel=_O)] = None,
+    w_mixed: Annotated[Optional[float], typer.Option(help="Weight of QA with the answer's passage as raw text after "
+                                                     "the other passages' states (several-passage items), so states "
+                                                     "stay quiet about subjects not asked.", rich_help_panel=_O)] = None,
     cont_items: Annotated[Optional[int], typer.Option(help="Continuation passages per micro-batch (for --w-cont).",
                                                       rich_help_panel=_O)] = None,
     cont_tokens: Annotated[Optional[int], typer.Option(help="Continuation tokens scored per passage (for --w-cont).",

@@ -241,3 +241,31 @@ def test_an_adapted_reader_run_keeps_the_teacher_on_the_base_and_saves_its_reade
     assert GistModel.from_pretrained(tmp_path / "run" / "checkpoint").reader_adapted
     with pytest.raises(ValueError, match="stage 'lora'"):
         TrainConfig(out_dir=str(tmp_path), stage="gist", reader="adapted")
+
+
+def test_mixed_qa_reads_the_answer_passage_raw_after_the_other_passages_states(tmp_path, tiny_base_dir, monkeypatch):
+    P3 = "Ivo Brandt built the Kessel mill in 1790. The mill ground oats. It stood by a slow river."
+    multi = QAItem(id="m", kind="planted_distractors", passages=[P1, P2, P3], question="Who built the Kessel mill?",
+                   answer="Ivo Brandt", choices=["Ivo Brandt", "Maren Voss", "Anna Holt", "Tom Reed"],
+                   answer_index=0, answer_passage=2)  # fmt: skip
+    cfg = _cfg(tmp_path, tiny_base_dir, steps=3, batch_items=1, w_qa=0.0, w_recon=0.0, w_mixed=1.0)
+    assert cfg.uses_qa and "w_mixed" in cfg.recipe()
+    tr = Trainer(cfg, items=[_items()[0], multi], eval_items=[])
+    seen = []
+    orig = tr._answer_logits
+
+    def spy(prompt, states, target, teacher=False):
+        seen.append((prompt, len(states)))
+        return orig(prompt, states, target, teacher)
+
+    monkeypatch.setattr(tr, "_answer_logits", spy)
+    g0 = tr.model.writer.gist_embeddings.detach().clone()
+    hist = tr.train(progress=False)
+    # only the three-passage item has a mixed term: its answer passage raw in the prompt, the two others as states
+    assert seen and all(p.startswith(P3) and n == 2 for p, n in seen)
+    assert [h for h in hist if "mixed" in h] and all(h["mixed"] > 0 for h in hist if "mixed" in h)
+    assert not torch.equal(g0, tr.model.writer.gist_embeddings.detach())  # the states' writer got the gradient
+    # a recipe without it is the recipe of runs saved before it existed (they resume unchanged)
+    assert "w_mixed" not in _cfg(tmp_path, tiny_base_dir).recipe()
+    with pytest.raises(ValueError, match="weights"):
+        _cfg(tmp_path, tiny_base_dir, w_mixed=-1.0)

@@ -60,6 +60,9 @@ class TrainConfig:
     w_recon: float = 0.5
     w_distill: float = 0.0
     w_cont: float = 0.0
+    # QA over items of several passages read with the answer's passage as raw text after the other passages'
+    # states: a state must not outweigh raw text about another subject (what it keeps binds to its own subject)
+    w_mixed: float = 0.0
     cont_items: int = 0
     cont_tokens: int = 48
     recon_tokens: int = 96
@@ -95,8 +98,8 @@ class TrainConfig:
             raise ValueError("steps, batch_items and grad_accum must be >= 1")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}")
-        if min(self.w_qa, self.w_recon, self.w_distill, self.w_cont) < 0 or (
-            self.w_qa + self.w_recon + self.w_distill + self.w_cont
+        if min(self.w_qa, self.w_recon, self.w_distill, self.w_cont, self.w_mixed) < 0 or (
+            self.w_qa + self.w_recon + self.w_distill + self.w_cont + self.w_mixed
         ) <= 0:
             raise ValueError("objective weights must be >= 0 and not all zero")
         if self.recon_on not in ("qa", "cont", "both"):
@@ -117,7 +120,7 @@ class TrainConfig:
     @property
     def uses_qa(self) -> bool:
         """Whether steps draw QA items."""
-        return bool(self.w_qa or self.w_distill or (self.w_recon and self.recon_on != "cont"))
+        return bool(self.w_qa or self.w_distill or self.w_mixed or (self.w_recon and self.recon_on != "cont"))
 
     def use_bf16(self, device_type: str) -> bool:
         """bf16 autocast: on CUDA by default; on CPU only when asked (AVX2-only CPUs run bf16 ~15x slower)."""
@@ -129,6 +132,8 @@ class TrainConfig:
         for k in ("out_dir", "steps", "eval_every", "save_every", "snapshot_every", "log_every", "eval_items",
                   "device", "stop_at"):
             d.pop(k)
+        if not d["w_mixed"]:  # added in 0.3: recipes saved before it (and runs without it) match as before
+            d.pop("w_mixed")
         d["ratios"] = list(d["ratios"])
         d["kinds"] = list(d["kinds"])
         return d
@@ -276,7 +281,7 @@ class Trainer:
         passages = [p for it in items for p in it.passages]
         plans = [m.plan(t) for t in passages + [ctx for ctx, _ in cont]]
         states, twins = m.compress_for_training(plans)
-        out: dict[str, list[torch.Tensor]] = {"qa": [], "recon": [], "distill": [], "cont": []}
+        out: dict[str, list[torch.Tensor]] = {"qa": [], "recon": [], "distill": [], "cont": [], "mixed": []}
         i = 0
         for it in items:
             st, tw = states[i : i + len(it.passages)], twins[i : i + len(it.passages)]
@@ -290,6 +295,11 @@ class Trainer:
                     with torch.no_grad():
                         t_logits = self._answer_logits(question_prompt(it), tw, target, teacher=True)
                     out["distill"].append(self._kl(s_logits, t_logits))
+            if c.w_mixed and len(it.passages) > 1:
+                a = it.answer_passage
+                others = [s for j, s in enumerate(st) if j != a]
+                x_logits = self._answer_logits(it.passages[a] + "\n\n" + question_prompt(it), others, target)
+                out["mixed"].append(F.cross_entropy(x_logits, torch.as_tensor(target, device=x_logits.device)))
             if c.w_recon and c.recon_on != "cont":
                 a = it.answer_passage
                 rec = m.encode(it.passages[a])[: c.recon_tokens]
@@ -345,7 +355,8 @@ class Trainer:
                 with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=c.use_bf16(self.model.device.type)):
                     terms = self.losses(batch, cont)
                     loss = sum(getattr(c, f"w_{k}") * v for k, v in terms.items())
-                (loss / c.grad_accum).backward()
+                if isinstance(loss, torch.Tensor):  # (a micro-batch can have no term: e.g. only w_mixed, one passage)
+                    (loss / c.grad_accum).backward()
                 for k, v in terms.items():
                     logs[k] = logs.get(k, 0.0) + float(v.detach()) / c.grad_accum
                 tokens += sum(len(self.model.encode(p)) for it in batch for p in it.passages)
