@@ -17,7 +17,8 @@ question names one subject) is scored by multiple choice (chance 0.25) with its 
 `--method pool+anchors` compresses with training-free pooling and the same anchors as the shipped config (the
 held-out table's `pool+anchors` row for that policy), to tell what the learned gist rows add or cost. Dev seed 1 by
 default (the reported held-out table uses seed 0): this is a diagnostic, not a reported result. Prints a markdown
-table (one row per kind) and appends one JSON line per kind to `--out` when given.
+table (one row per kind) and appends one JSON line per kind to `--out` when given; `--render FILE.jsonl` prints
+the table of a results file without running anything.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def score_item(gm, it) -> dict[str, int]:  # noqa: ANN001 - GistModel, HeldoutIt
     }
 
 
+def render(path: str) -> str:
+    """The markdown table of a results file (one row per model/method and kind)."""
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    out = ["| method (dev items) | kind | n | " + " | ".join(CONDITIONS) + " |", "|---|---|---|" + "---|" * len(CONDITIONS)]
+    for r in rows:
+        acc = r["accuracy"]
+        out.append(f"| {r['method']} ({r['tag']}) @{r['ratio']:g}x, seed {r['seed']} | {r['kind']} | {r['n']} | "
+                   + " | ".join(f"{acc[c]:.2f}" for c in CONDITIONS) + " |")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +82,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ratio", type=float, default=4.0)
     ap.add_argument("--tag", default=None, help="a name for this row (default: the model folder)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--render", default=None, metavar="FILE", help="print the table of a results file and stop")
     a = ap.parse_args(argv)
+    if a.render:
+        print(render(a.render))
+        return 0
 
     from gist_memory import GistModel
     from gist_memory.eval.heldout.items import build_items

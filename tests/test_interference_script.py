@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from gist_memory.eval.heldout.items import build_items
@@ -50,3 +51,14 @@ def test_each_arrangement_reads_what_it_names():
                           ([], True), ([], True), ([], True)]
     assert got == {"states": 0, "target state only": 1, "states, target last": 0,
                    "others' states + target text": 0, "full": 1, "full, target last": 1, "target text only": 1}
+
+
+def test_render_prints_one_row_per_result(tmp_path):
+    mod = _load()
+    acc = dict.fromkeys(mod.CONDITIONS, 0.5)
+    acc["full"] = 0.25
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps({"kind": k, "n": 20, "seed": 1, "ratio": 4.0, "method": "gist+anchors",
+                                       "tag": "t", "accuracy": acc}) for k in ("entity_distractors", "common_distractors")))
+    lines = mod.render(str(f)).splitlines()
+    assert len(lines) == 4 and "| entity_distractors | 20 | 0.50 | 0.50 | 0.50 | 0.50 | 0.25 |" in lines[2]
