@@ -4,7 +4,8 @@
 
 Each FILE is what `python -m gist_memory.eval.heldout --model SNAPSHOT --out FILE` wrote for one snapshot; the
 reference file holds the `full` and `none` FAQ cells the recovered fraction needs. Prints one row per snapshot:
-multiple-choice accuracy at 4x of `gist` (anchors off) and `gist+anchors` on the one-passage kinds, and the FAQ
+multiple-choice accuracy at 4x of `gist` (anchors off) and `gist+anchors` on the one-passage kinds (and of
+`gist+anchors` among four passages), and the FAQ
 log-likelihood gain recovered (of `gist` and of `gist+anchors`). A missing cell prints as ""; a column with no
 value in any row is left out.
 """
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     ref = {(r["method"], r["kind"]): r for r in read_results(a.reference) if r["method"] in ("full", "none")}
     cols = [("gist", "entity_single"), ("gist", "common_single"), ("gist", "faq"),
-            ("gist+anchors", "entity_single"), ("gist+anchors", "common_single"), ("gist+anchors", "faq")]
+            ("gist+anchors", "entity_single"), ("gist+anchors", "common_single"), ("gist+anchors", "entity_distractors"),
+            ("gist+anchors", "common_distractors"), ("gist+anchors", "faq")]
     rows = []
     for spec in a.runs:
         label, path = spec.split("=", 1)

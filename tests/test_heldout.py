@@ -328,3 +328,17 @@ def test_dev_faq_items_leave_out_the_reported_sample(tmp_path, monkeypatch, caps
     dev = {it.id for it in got["faq"]}
     assert len(dev) == 20 and not dev & reported
     assert reported & {it.id for it in build_items(20, seed=1, kinds=["faq"])["faq"]}  # without it they overlap
+
+
+def test_loader_turns_a_head_budget_off_with_the_anchors(tiny_base_dir, tmp_path):
+    from gist_memory import GistConfig, GistModel
+
+    gist_dir = tmp_path / "gist"
+    GistModel.from_base(tiny_base_dir, GistConfig(target_ratio=4, anchors="recall", head_anchors=True,
+                                                  head_budget="global", max_sentence_tokens=48),
+                        device="cpu").save_pretrained(gist_dir)  # fmt: skip
+    load = run.default_loader(tiny_base_dir, str(gist_dir), device="cpu")
+    alone = load("gist", 8.0).config
+    assert (alone.anchors, alone.head_anchors, alone.head_budget, alone.target_ratio) == ("none", False, "even", 8.0)
+    served = load("gist+anchors", 4.0).config
+    assert (served.anchors, served.head_anchors, served.head_budget) == ("recall", True, "global")

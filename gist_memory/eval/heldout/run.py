@@ -94,8 +94,9 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
             over["anchors"] = "none"
         elif anchors:
             over["anchors"] = anchors
-        if method == "gist":
+        if method == "gist":  # anchors off: no per-head anchors to spread either
             over["head_anchors"] = False
+            over["head_budget"] = "even"
         elif head_anchors is not None:
             over["head_anchors"] = bool(head_anchors)
         if method != "gist" and head_anchor_fraction is not None:
