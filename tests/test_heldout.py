@@ -342,3 +342,15 @@ def test_loader_turns_a_head_budget_off_with_the_anchors(tiny_base_dir, tmp_path
     assert (alone.anchors, alone.head_anchors, alone.head_budget, alone.target_ratio) == ("none", False, "even", 8.0)
     served = load("gist+anchors", 4.0).config
     assert (served.anchors, served.head_anchors, served.head_budget) == ("recall", True, "global")
+
+
+def test_rows_of_equal_label_length_follow_the_results_file():
+    def cell(tag):
+        return {"method": "gist", "ratio": 4.0, "kind": "common_single", "n": 1, "tag": tag,
+                "metrics": {"mc_accuracy": 1.0}, "raw_tokens": 40, "kept_rows": 10, "per_item": [{}], "version": 1}
+
+    tags = ["stage 7 step 200", "stage 5 step 400", "stage 6 step 325"]  # equal lengths: hashing used to decide
+    for order in (tags, tags[::-1]):
+        md = run.render_markdown([cell(t) for t in order])
+        rows = [line.split(" @")[0] for line in md.splitlines() if line.startswith("| gist (")]
+        assert rows == [f"| gist ({t})" for t in order]

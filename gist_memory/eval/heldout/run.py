@@ -367,13 +367,16 @@ def render_markdown(results: Iterable[dict], title: Optional[str] = None, note: 
     """
     recs = list(results)
     latest: dict[tuple, dict] = {}
+    first: dict[str, int] = {}  # where each label first appears: ties in the row order follow the file, not hashing
     for r in recs:
         latest[(_label(r), r.get("ratio"), r["kind"])] = r
+        first.setdefault(_label(r), len(first))
     kinds = [k for k in (*PLANTED_KINDS, "faq") if any(key[2] == k for key in latest)]
     rows: list[tuple[str, Optional[float]]] = []
     peers = sorted({key[0] for key in latest if key[0].startswith("kvpress:")})  # gist_memory.eval.heldout.kvpress
     for m in (*METHODS, *peers):
-        labels = sorted({key[0] for key in latest if key[0] == m or key[0].startswith(m + " (")}, key=len)
+        labels = sorted({key[0] for key in latest if key[0] == m or key[0].startswith(m + " (")},
+                        key=lambda lab: (len(lab), first[lab]))
         for lab in labels:
             rs = sorted({key[1] for key in latest if key[0] == lab}, key=lambda x: -1 if x is None else x)
             rows += [(lab, r) for r in rs]
