@@ -146,6 +146,7 @@ def compare(
     on_token: Optional[Callable[[str], None]] = None,
     filter: Optional[dict[str, Any]] = None,
     repeats: int = 1,
+    context_order: str = "best_last",
 ) -> Comparison:
     """Answer `question` from the states of the `k` best passages, then (optionally) from the same passages as text.
 
@@ -161,9 +162,15 @@ def compare(
         filter: Metadata filter for the search.
         repeats: Time to first token is the median of this many runs of each twin (the extra runs decode one
             token), which steadies the numbers on a busy machine.
+        context_order: The order both twins read the passages in (`GistMemory.ask`): `best_last` (default) or
+            `best_first`.
     """
+    from gist_memory.store.memory import reading_order
+
+    reading_order([], context_order)
     hits = memory.search(question, k=k, filter=filter)
-    states = memory.states_for(hits) if hits else []
+    read = reading_order(hits, context_order)
+    states = memory.states_for(read) if read else []
     per_pos = kv_bytes_per_position(model)
     pieces = []
     used = call_usage()
@@ -179,7 +186,7 @@ def compare(
     out = Comparison(question, "".join(pieces).strip(), hits, raw, kept, gist)
     n_full = max_new_tokens if full_new_tokens is None else full_new_tokens
     if n_full > 0 and hits:
-        prompt = full_text_prompt(question, [h.text for h in hits])
+        prompt = full_text_prompt(question, [h.text for h in read])
         text, full = model.generate_with_usage(prompt, max_new_tokens=n_full)
         out.full = Usage.from_last_usage(full.to_dict(), per_pos)
         out.full.ttft_s = _median_ttft(model, prompt, None, repeats, out.full.ttft_s)

@@ -59,7 +59,12 @@ def test_add_search_ask(model, emb):
     assert ans.sources[0].id == ids[3] and "2 states" in ans.text
     call = model.last_generate
     assert call["prompt"].startswith("when was") and call["max_new_tokens"] == 7
-    assert [s.text_hash for s in call["states"]] == [h.state.text_hash for h in ans.sources]
+    # sources in search order; the states read with the best match last, nearest the question
+    assert [s.text_hash for s in call["states"]] == [h.state.text_hash for h in ans.sources][::-1]
+    ans = mem.ask("when was the Eiffel Tower in Paris finished", k=2, max_new_tokens=7, context_order="best_first")
+    assert [s.text_hash for s in model.last_generate["states"]] == [h.state.text_hash for h in ans.sources]
+    with pytest.raises(ValueError, match="context_order"):
+        mem.ask("anything", k=2, context_order="random")
     got = mem.get(ids[2])
     assert got.text == TEXTS[2] and math.isnan(got.score) and got.state.num_tokens == len(TEXTS[2].split())
     assert mem.get("nope") is None and ids[0] in mem and "nope" not in mem

