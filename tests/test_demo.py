@@ -62,3 +62,44 @@ def test_helpers(tiny_base_dir):
 def test_quick_from_env(monkeypatch, env):
     monkeypatch.setenv("GIST_DEMO_QUICK", env)
     assert demo._parser().parse_args([]).quick
+
+
+def test_both_twins_read_the_passages_in_one_order(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    hits = [SimpleNamespace(id=f"p{i}", text=f"passage {i}", state=SimpleNamespace(num_tokens=8, num_kept=2, tag=i))
+            for i in range(3)]  # search order: best first
+
+    class Memory:
+        def search(self, question, k=4, filter=None):
+            return hits[:k]
+
+        def states_for(self, hs):
+            return [h.state for h in hs]
+
+    class Model:
+        dtype = torch.float32
+        model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, num_attention_heads=2,
+                                                       num_key_value_heads=1, head_dim=4, hidden_size=8))
+
+        def __init__(self):
+            self.calls = []
+
+        def stream(self, question, states=None, max_new_tokens=8, usage=None):
+            self.calls.append(("states", [s.tag for s in states]))
+            yield "ok"
+
+        def generate_with_usage(self, prompt, states=None, max_new_tokens=8):
+            self.calls.append(("text", prompt))
+            return "ok", demo.call_usage()
+
+    for order, tags in (("best_last", [2, 1, 0]), ("best_first", [0, 1, 2])):
+        m = Model()
+        out = demo.compare(m, Memory(), "q?", k=3, context_order=order)
+        assert m.calls[0] == ("states", tags)
+        assert m.calls[1] == ("text", demo.full_text_prompt("q?", [f"passage {t}" for t in tags]))
+        assert [h.id for h in out.sources] == ["p0", "p1", "p2"]  # what was found, in search order
+    with pytest.raises(ValueError, match="context_order"):
+        demo.compare(Model(), Memory(), "q?", context_order="shuffled")
