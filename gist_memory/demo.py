@@ -167,7 +167,6 @@ def compare(
     """
     from gist_memory.store.memory import reading_order
 
-    reading_order([], context_order)
     hits = memory.search(question, k=k, filter=filter)
     read = reading_order(hits, context_order)
     states = memory.states_for(read) if read else []

@@ -889,7 +889,6 @@ class GistMemory:
                 (`reading_order`); `Answer.sources` stay in search order either way.
             **gen_kwargs: Passed to `model.generate` (max_new_tokens, do_sample, ...).
         """
-        reading_order([], context_order)  # an unknown order fails before the search
         hits = self.search(question, k=k, filter=filter)
         read = reading_order(hits, context_order)
         states = self.states_for(read) if read else []
