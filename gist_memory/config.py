@@ -64,6 +64,10 @@ class GistConfig:
             widest head; the padding is masked where states are read and not stored at rest.
         head_budget_cap: With an uneven `head_budget`: no head keeps more than this many times the even count
             (bounds the width of the spliced cache, which is the widest head's).
+        head_budget_cap_ratio: With `target_ratio`: the ratio `head_budget_cap` is stated at. At another target
+            ratio the cap scales with `target_ratio / head_budget_cap_ratio`, so the most rows one head may keep stay
+            the same share of the passage at every ratio (the even count halves from 4x to 8x; a fixed multiple of it
+            would halve the widest head too). None: the same multiple of the even count at every ratio.
         max_anchor_fraction: With `target_ratio`, at most this share of the row budget goes to anchors (of the
             whole text's budget with `anchor_budget="passage"`, of each sentence's with `"sentence"`).
         anchor_budget: With `target_ratio` and anchors: `passage` (default) ranks anchor candidates across the
@@ -95,6 +99,8 @@ class GistConfig:
     head_anchor_fraction: float = field(default=1.0, metadata={"help": "share of anchors chosen per head"})
     head_budget: str = field(default="even", metadata={"help": "even | layer | global"})
     head_budget_cap: float = field(default=4.0, metadata={"help": "most rows per head, times the even count"})
+    head_budget_cap_ratio: Optional[float] = field(
+        default=None, metadata={"help": "target ratio the cap is stated at (it scales with the ratio); None: fixed"})
     max_anchor_fraction: float = field(default=0.5, metadata={"help": "share of budget for anchors"})
     anchor_budget: str = field(default="passage", metadata={"help": "passage | sentence"})
     max_anchors_per_sentence: int = field(default=8, metadata={"help": "anchor cap with fixed N_g"})
@@ -136,6 +142,8 @@ class GistConfig:
             raise ValueError(f"head_budget={self.head_budget!r} spreads per-head anchors; it needs head_anchors=True")
         if not float(self.head_budget_cap) >= 1.0:
             raise ValueError(f"head_budget_cap must be >= 1, got {self.head_budget_cap}")
+        if self.head_budget_cap_ratio is not None and not float(self.head_budget_cap_ratio) > 0:
+            raise ValueError(f"head_budget_cap_ratio must be a ratio > 0 or None, got {self.head_budget_cap_ratio}")
         if self.splitter not in SPLITTERS:
             raise ValueError(f"splitter must be one of {SPLITTERS}, got {self.splitter!r}")
         if self.splitter == "senter" and not self.spacy_model:
@@ -159,6 +167,14 @@ class GistConfig:
         self.num_gist_tokens = max(int(self.num_gist_tokens), int(needed))
 
     # ---- derived -------------------------------------------------------------------------------------
+    def head_cap(self) -> float:
+        """The most rows one head keeps, times the even count, at this config's `target_ratio`
+        (`head_budget_cap`, scaled by `target_ratio / head_budget_cap_ratio` when both are set; never below 1)."""
+        cap = float(self.head_budget_cap)
+        if self.head_budget_cap_ratio is not None and self.target_ratio is not None:
+            cap *= float(self.target_ratio) / float(self.head_budget_cap_ratio)
+        return max(1.0, cap)
+
     @property
     def gist_tokens(self) -> list[str]:
         """The gist token strings added to the tokenizer."""
@@ -189,6 +205,10 @@ class GistConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if d["head_budget"] == "even":  # what states held before uneven budgets existed: the same fingerprint
             del d["head_budget"], d["head_budget_cap"]
+        if d["head_budget_cap_ratio"] is None or "head_budget" not in d:  # nor does a cap that does not scale
+            del d["head_budget_cap_ratio"]
+        else:
+            d["head_budget_cap_ratio"] = float(d["head_budget_cap_ratio"])
         if callable(d["anchors"]):
             fn = d["anchors"]
             d["anchors"] = f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

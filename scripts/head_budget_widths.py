@@ -17,7 +17,15 @@ import sys
 from typing import Optional
 
 BUDGETS = [("even", None), ("layer", 2.0), ("layer", 4.0), ("global", 2.0), ("global", 3.0), ("global", 4.0),
-           ("global", 8.0)]
+           ("global", 8.0), ("global", 16.0)]
+
+
+def _budget(spec: str) -> tuple[str, Optional[float]]:
+    """`even`, `layer:4`, `global:16` -> (budget, cap)."""
+    name, _, cap = spec.partition(":")
+    if name not in ("even", "layer", "global"):
+        raise SystemExit(f"unknown head budget {name!r} (even, layer or global)")
+    return name, (float(cap) if cap else None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -27,7 +35,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--items", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=4.0)
+    ap.add_argument("--budgets", nargs="+", default=None, metavar="BUDGET[:CAP]",
+                    help="only these budgets, e.g. even global:4 global:16 (default: all of the table's)")
     a = ap.parse_args(argv)
+    budgets = BUDGETS if a.budgets is None else [_budget(b) for b in a.budgets]
 
     from gist_memory import GistModel
     from gist_memory.eval.heldout.faq import load_faq
@@ -42,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                   "head_anchors": True, "head_budget": "even"})
     raw = 0
     rows = []
-    for budget, cap in BUDGETS:
+    for budget, cap in budgets:
         m = base.with_config(head_budget=budget, **({} if cap is None else {"head_budget_cap": cap}))
         states = m.compress(texts)
         raw = sum(s.num_tokens for s in states)
@@ -55,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ref = rows[0][4]
     print(f"{len(texts)} dev FAQ passages, {raw} raw tokens, target ratio {a.ratio:g}x\n")
     print("| head budget | raw / kept rows per head | raw / cache positions (mean over layers) | "
-          "raw / widest layer | store bytes (float32) vs even |")
+          f"raw / widest layer | store bytes (float32) vs {rows[0][0]} |")
     print("|---|---|---|---|---|")
     for name, kept, read, widest, size in rows:
         print(f"| {name} | {raw / kept:.2f}x | {raw / read:.2f}x | {raw / widest:.2f}x | {size / ref:.2f} |")

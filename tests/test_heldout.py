@@ -342,6 +342,10 @@ def test_loader_turns_a_head_budget_off_with_the_anchors(tiny_base_dir, tmp_path
     assert (alone.anchors, alone.head_anchors, alone.head_budget, alone.target_ratio) == ("none", False, "even", 8.0)
     served = load("gist+anchors", 4.0).config
     assert (served.anchors, served.head_anchors, served.head_budget) == ("recall", True, "global")
+    scaled = run.default_loader(tiny_base_dir, str(gist_dir), device="cpu", head_budget_cap=4.0,
+                                head_budget_cap_ratio=4.0)  # the cap stated at 4x: twice the even count's multiple at 8x
+    assert (scaled("gist+anchors", 4.0).config.head_cap(), scaled("gist+anchors", 8.0).config.head_cap()) == (4.0, 8.0)
+    assert load("gist+anchors", 8.0).config.head_cap() == 4.0  # the saved config's own, unscaled
 
 
 def test_rows_of_equal_label_length_follow_the_results_file():

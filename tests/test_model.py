@@ -698,6 +698,30 @@ def test_key_mask_reads_alike_under_eager_attention_and_flash_is_refused(tiny_qw
         kv.masked_attention(flash)
 
 
+def test_a_cap_stated_at_one_ratio_keeps_the_widest_head_at_the_same_share_of_the_passage(tiny_qwen_dir):
+    """`head_budget_cap_ratio`: cap 1 stated at 4x is cap 2 at 8x (and never below 1: cap 1 at 2x); states at 8x
+    equal those of a plain cap 2, and differ from the plain cap 1 they would have had without it."""
+    text = TEXTS[0] + " " + TEXTS[1]
+    with pytest.raises(ValueError, match="head_budget_cap_ratio"):
+        GistConfig(anchors="recall", head_anchors=True, head_budget="global", head_budget_cap_ratio=0)
+    cfg = GistConfig(target_ratio=8.0, anchors="recall", head_anchors=True, head_budget="global", head_budget_cap=1.0,
+                     head_budget_cap_ratio=4.0)
+    assert cfg.head_cap() == 2.0
+    assert GistConfig.from_dict({**cfg.to_dict(), "target_ratio": 4.0}).head_cap() == 1.0
+    assert GistConfig.from_dict({**cfg.to_dict(), "target_ratio": 2.0}).head_cap() == 1.0
+    assert GistConfig.from_dict({**cfg.to_dict(), "head_budget_cap_ratio": None}).head_cap() == 1.0
+    assert cfg.fingerprint() != GistConfig.from_dict({**cfg.to_dict(), "head_budget_cap_ratio": None}).fingerprint()
+    scaled = GistModel.from_base(tiny_qwen_dir, cfg, device="cpu")
+    s = scaled.compress([text])[0]
+    p2 = scaled.with_config(head_budget_cap=2.0, head_budget_cap_ratio=None).compress([text])[0]
+    p1 = scaled.with_config(head_budget_cap_ratio=None).compress([text])[0]
+    assert torch.equal(s.positions, p2.positions) and torch.equal(s.keys, p2.keys)
+    assert s.num_rows == pytest.approx(p1.num_rows)  # the same rows per head on average either way
+    A = scaled.with_config(head_budget="even").compress([text])[0].num_anchors  # the even count
+    widest = [int((x.positions[:, :, : x.num_anchors] >= 0).sum(-1).max()) for x in (p1, s)]
+    assert 0 < A == widest[0] < widest[1] <= 2 * A  # cap 1 is the even count; cap 2 lets the best heads keep more
+
+
 def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_dir, tmp_path):
     from gist_memory.state import KIND_ANCHOR
     from gist_memory.store import GistStore

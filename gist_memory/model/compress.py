@@ -328,13 +328,13 @@ class Compressing:
         """(L, H, W) token indices each layer's head keeps, in text order, from per-head scores (L, H, n).
 
         `even`: the top A of every head (W = A). `layer` / `global`: the top A * H of each layer's heads together /
-        A * H * L of all heads, no head over `head_budget_cap` * A; heads that keep fewer are padded with -1 up to
+        A * H * L of all heads, no head over `GistConfig.head_cap()` * A; heads that keep fewer are padded with -1 up to
         the widest head (W)."""
         L, H, n = scores.shape
         A = min(A, n)
         if self.config.head_budget == "even" or A == 0:
             return scores.topk(A, dim=-1).indices.sort(dim=-1).values
-        cap = min(n, max(A, int(round(float(self.config.head_budget_cap) * A))))
+        cap = min(n, max(A, int(round(self.config.head_cap() * A))))
         ranked = scores.topk(cap, dim=-1)  # each head's best `cap` tokens: no head can take more
         flat = ranked.values.reshape(L, -1) if self.config.head_budget == "layer" else ranked.values.reshape(1, -1)
         take = torch.zeros_like(flat, dtype=torch.bool)

@@ -61,6 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="with --head-anchors: how anchor rows are spread over heads (GistConfig.head_budget)")
     ap.add_argument("--head-budget-cap", type=float, default=None,
                     help="with an uneven --head-budget: most rows per head, times the even count")
+    ap.add_argument("--head-budget-cap-ratio", type=float, default=None,
+                    help="the target ratio --head-budget-cap is stated at; it scales with the ratio (e.g. 4: cap 4 "
+                         "at 4x is cap 8 at 8x)")
     ap.add_argument("--tag", default=None, help="name the learned rows of this run (e.g. 'adapted reader')")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -90,9 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_requested=a.items, generate=False if a.generate == "none" else a.generate,
             loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors,
                                   head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
-                                  head_budget=a.head_budget, head_budget_cap=a.head_budget_cap),
+                                  head_budget=a.head_budget, head_budget_cap=a.head_budget_cap,
+                                  head_budget_cap_ratio=a.head_budget_cap_ratio),
             anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
-            head_budget=a.head_budget, head_budget_cap=a.head_budget_cap,
+            head_budget=a.head_budget, head_budget_cap=a.head_budget_cap, head_budget_cap_ratio=a.head_budget_cap_ratio,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)

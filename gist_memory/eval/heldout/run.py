@@ -48,7 +48,8 @@ def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
                 head_anchors: bool = False, head_anchor_fraction: float = 1.0,
                 **head: Any):  # noqa: ANN201 - GistConfig  # fmt: skip
     """The training-free configs of the table (`pool`, `pool+anchors`; `anchors` overrides its policy,
-    `head_anchors` chooses recall anchors per layer and head, `head` sets `head_budget` / `head_budget_cap`)."""
+    `head_anchors` chooses recall anchors per layer and head, `head` sets `head_budget` / `head_budget_cap` /
+    `head_budget_cap_ratio`)."""
     from gist_memory import GistConfig
 
     if method == "pool":
@@ -63,7 +64,8 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
                    dtype: Any = None, anchors: Optional[str] = None,
                    head_anchors: Optional[bool] = None,
                    head_anchor_fraction: Optional[float] = None, head_budget: Optional[str] = None,
-                   head_budget_cap: Optional[float] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
+                   head_budget_cap: Optional[float] = None,
+                   head_budget_cap_ratio: Optional[float] = None) -> Callable[[str, Optional[float]], Any]:  # fmt: skip
     """`load(method, ratio) -> GistModel` for the table's methods.
 
     Args:
@@ -73,11 +75,13 @@ def default_loader(base: Optional[str], model: Optional[str], device: Optional[s
         head_anchors: For `pool+anchors` and `gist+anchors`: recall anchors chosen per layer and head (True) or
             shared (False) instead of the model's own setting (None; `pool+anchors`: shared).
         head_anchor_fraction: With head anchors: the share each head chooses itself (None: the config's).
-        head_budget / head_budget_cap: With head anchors: how rows are spread over heads (None: the config's).
+        head_budget / head_budget_cap / head_budget_cap_ratio: With head anchors: how rows are spread over heads
+            (None: the config's).
     """
     from gist_memory import GistConfig, GistModel
 
-    head = {k: v for k, v in (("head_budget", head_budget), ("head_budget_cap", head_budget_cap)) if v is not None}
+    head = {k: v for k, v in (("head_budget", head_budget), ("head_budget_cap", head_budget_cap),
+                              ("head_budget_cap_ratio", head_budget_cap_ratio)) if v is not None}
 
     def load(method: str, ratio: Optional[float]):  # noqa: ANN202
         if method in BASE_METHODS:
@@ -240,6 +244,7 @@ def run_table(
     head_anchor_fraction: Optional[float] = None,
     head_budget: Optional[str] = None,
     head_budget_cap: Optional[float] = None,
+    head_budget_cap_ratio: Optional[float] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -266,12 +271,14 @@ def run_table(
     """
     loader = loader or default_loader(base, model, anchors=anchors, head_anchors=head_anchors,
                                       head_anchor_fraction=head_anchor_fraction, head_budget=head_budget,
-                                      head_budget_cap=head_budget_cap)
+                                      head_budget_cap=head_budget_cap, head_budget_cap_ratio=head_budget_cap_ratio)
     if anchors and head_anchors:  # the label of these rows (the loader already has the policy)
         frac = 1.0 if head_anchor_fraction is None else float(head_anchor_fraction)
         anchors = f"{anchors} per head" + ("" if frac == 1.0 else f" ({frac:g} own)")
         if head_budget and head_budget != "even":
             anchors += f", {head_budget} budget" + ("" if head_budget_cap is None else f" cap {head_budget_cap:g}")
+            if head_budget_cap_ratio is not None:
+                anchors += f" at {head_budget_cap_ratio:g}x"
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
@@ -316,6 +323,8 @@ def run_table(
                                                                         else "")
             if getattr(cfg, "head_anchors", False) and getattr(cfg, "head_budget", "even") != "even":
                 rec["model_anchors"] += f", {cfg.head_budget} budget cap {float(cfg.head_budget_cap):g}"
+                if getattr(cfg, "head_budget_cap_ratio", None) is not None:
+                    rec["model_anchors"] += f" at {float(cfg.head_budget_cap_ratio):g}x"
         records.append(rec)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
