@@ -282,6 +282,10 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     heads = ship(stage2 / "checkpoint", tmp_path / "shipped-heads", anchors="recall", head_anchors=True)
     assert GistModel.from_pretrained(heads, device="cpu").config.head_anchors
     assert "--anchors recall --head-anchors" in (heads / "MODEL_CARD.md").read_text()
+    scaled = ship(stage2 / "checkpoint", tmp_path / "shipped-scaled", anchors="recall", head_anchors=True,
+                  head_budget="global", head_budget_cap=4, head_budget_cap_ratio=4)  # the cap stated at 4x
+    assert GistModel.from_pretrained(scaled, device="cpu", config_overrides={"target_ratio": 8}).config.head_cap() == 8
+    assert "--head-budget-cap 4 --head-budget-cap-ratio 4`" in (scaled / "MODEL_CARD.md").read_text()
     res = run(runner, "train", tmp_path / "stage3", *common, "--steps", "1", "--init-from", tmp_path / "nowhere")
     assert_one_line_error(res, "nowhere")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")
