@@ -205,10 +205,8 @@ class GistConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if d["head_budget"] == "even":  # what states held before uneven budgets existed: the same fingerprint
             del d["head_budget"], d["head_budget_cap"]
-        if d["head_budget_cap_ratio"] is None or "head_budget" not in d:  # nor does a cap that does not scale
-            del d["head_budget_cap_ratio"]
-        else:
-            d["head_budget_cap_ratio"] = float(d["head_budget_cap_ratio"])
+        if d.pop("head_budget_cap_ratio") is not None and "head_budget" in d:  # what the states hold: the cap at
+            d["head_budget_cap"] = self.head_cap()  # this ratio (cap 4 stated at 4x is cap 4 at 4x, cap 8 at 8x)
         if callable(d["anchors"]):
             fn = d["anchors"]
             d["anchors"] = f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

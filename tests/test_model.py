@@ -711,6 +711,9 @@ def test_a_cap_stated_at_one_ratio_keeps_the_widest_head_at_the_same_share_of_th
     assert GistConfig.from_dict({**cfg.to_dict(), "target_ratio": 2.0}).head_cap() == 1.0
     assert GistConfig.from_dict({**cfg.to_dict(), "head_budget_cap_ratio": None}).head_cap() == 1.0
     assert cfg.fingerprint() != GistConfig.from_dict({**cfg.to_dict(), "head_budget_cap_ratio": None}).fingerprint()
+    # the fingerprint follows what the states hold: the cap in force at this ratio
+    plain2 = GistConfig.from_dict({**cfg.to_dict(), "head_budget_cap": 2.0, "head_budget_cap_ratio": None})
+    assert cfg.fingerprint() == plain2.fingerprint()
     scaled = GistModel.from_base(tiny_qwen_dir, cfg, device="cpu")
     s = scaled.compress([text])[0]
     p2 = scaled.with_config(head_budget_cap=2.0, head_budget_cap_ratio=None).compress([text])[0]

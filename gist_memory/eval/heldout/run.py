@@ -60,6 +60,12 @@ def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
                       max_anchor_fraction=0.75)  # fmt: skip
 
 
+def _budget_label(budget: str, cap: Optional[float], cap_ratio: Optional[float]) -> str:
+    """`, global budget cap 4 at 4x`: how a row's anchor rows were spread over heads, as its label says it."""
+    return (f", {budget} budget" + ("" if cap is None else f" cap {float(cap):g}")
+            + ("" if cap is None or cap_ratio is None else f" at {float(cap_ratio):g}x"))
+
+
 def default_loader(base: Optional[str], model: Optional[str], device: Optional[str] = None,
                    dtype: Any = None, anchors: Optional[str] = None,
                    head_anchors: Optional[bool] = None,
@@ -276,9 +282,7 @@ def run_table(
         frac = 1.0 if head_anchor_fraction is None else float(head_anchor_fraction)
         anchors = f"{anchors} per head" + ("" if frac == 1.0 else f" ({frac:g} own)")
         if head_budget and head_budget != "even":
-            anchors += f", {head_budget} budget" + ("" if head_budget_cap is None else f" cap {head_budget_cap:g}")
-            if head_budget_cap_ratio is not None:
-                anchors += f" at {head_budget_cap_ratio:g}x"
+            anchors += _budget_label(head_budget, head_budget_cap, head_budget_cap_ratio)
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
@@ -322,9 +326,8 @@ def run_table(
             rec["model_anchors"] = str(getattr(cfg, "anchors", "")) + (" per head" if getattr(cfg, "head_anchors", False)
                                                                         else "")
             if getattr(cfg, "head_anchors", False) and getattr(cfg, "head_budget", "even") != "even":
-                rec["model_anchors"] += f", {cfg.head_budget} budget cap {float(cfg.head_budget_cap):g}"
-                if getattr(cfg, "head_budget_cap_ratio", None) is not None:
-                    rec["model_anchors"] += f" at {float(cfg.head_budget_cap_ratio):g}x"
+                rec["model_anchors"] += _budget_label(cfg.head_budget, cfg.head_budget_cap,
+                                                      getattr(cfg, "head_budget_cap_ratio", None))
         records.append(rec)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
