@@ -17,6 +17,7 @@ CONFIG_NAME = "gist_config.json"
 
 COMPRESSORS = ("gist", "pool", "pool+anchors")
 POSITION_MODES = ("gapped", "packed")
+WRITE_HEADS = ("none", "template")
 ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+surprisal", "recall",
                    "capitalized+recall")
 # policies whose ranking needs the base model's own reading of the text (surprisal from pass 1; recall from an extra pass)
@@ -89,6 +90,11 @@ class GistConfig:
         window_tokens: A text longer than this is compressed as consecutive windows: sentences see the kept
             rows of their own window only (as if each window were its own passage), so compression cost stays
             linear in length; positions continue across windows and the result is still one state.
+        write_head: What the writer reads before each text (then drops): `none` reads the text alone from its first
+            token, so that token takes the attention-sink share a sequence's first token gets; `template` reads it
+            after the prompt head the reader puts before states (the chat template's opening, with its default
+            system prompt), so a text's raw rows are those the reader would have cached with the text in its
+            prompt (the one-passage table's `apart` row equals full text only with `template`).
     """
 
     gists_per_sentence: int = field(default=4, metadata={"help": "N_g gist tokens after each sentence"})
@@ -113,6 +119,7 @@ class GistConfig:
     language: str = field(default="en", metadata={"help": "spaCy language for the blank pipeline"})
     position_mode: str = field(default="gapped", metadata={"help": "gapped | packed"})
     window_tokens: int = field(default=4096, metadata={"help": "raw tokens per visibility window"})
+    write_head: str = field(default="none", metadata={"help": "none | template: what the writer reads first"})
 
     def __post_init__(self) -> None:
         if self.target_ratio is not None:
@@ -125,6 +132,8 @@ class GistConfig:
             raise ValueError(f"max_sentence_tokens must be >= 2, got {self.max_sentence_tokens}")
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
+        if self.write_head not in WRITE_HEADS:
+            raise ValueError(f"write_head must be one of {WRITE_HEADS}, got {self.write_head!r}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
         if isinstance(self.anchors, str) and self.anchors not in ANCHOR_POLICIES:
@@ -203,6 +212,8 @@ class GistConfig:
     def fingerprint(self) -> str:
         """sha256 of the settings that change what a state holds (callable policies by qualified name)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["write_head"] == "none":  # what states held before the writer could read a head: the same fingerprint
+            del d["write_head"]
         if d["head_budget"] == "even":  # what states held before uneven budgets existed: the same fingerprint
             del d["head_budget"], d["head_budget_cap"]
         if d.pop("head_budget_cap_ratio") is not None and "head_budget" in d:  # what the states hold: the cap at

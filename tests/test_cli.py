@@ -286,6 +286,10 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
                   head_budget="global", head_budget_cap=4, head_budget_cap_ratio=4)  # the cap stated at 4x
     assert GistModel.from_pretrained(scaled, device="cpu", config_overrides={"target_ratio": 8}).config.head_cap() == 8
     assert "--head-budget-cap 4 --head-budget-cap-ratio 4`" in (scaled / "MODEL_CARD.md").read_text()
+    headed = ship(stage2 / "checkpoint", tmp_path / "shipped-head", write_head="template")  # writes after the head
+    assert GistModel.from_pretrained(headed, device="cpu").config.write_head == "template"
+    assert GistModel.from_pretrained(headed, device="cpu").write_head()
+    assert "--write-head template`" in (headed / "MODEL_CARD.md").read_text()
     res = run(runner, "train", tmp_path / "stage3", *common, "--steps", "1", "--init-from", tmp_path / "nowhere")
     assert_one_line_error(res, "nowhere")
     assert_one_line_error(run(runner, "train", tmp_path / "x", "--stage", "half", "--dry-run"), "stage")

@@ -198,7 +198,7 @@ def test_table_end_to_end_on_tiny_model(tiny_base_dir, tmp_path):
     logs: list[str] = []
     recs = run.run_table(its, ratios=[4], out=out, base=tiny_base_dir, model=str(gist_dir), n_requested=2,
                          loader=run.default_loader(tiny_base_dir, str(gist_dir), device="cpu"), log=logs.append)  # fmt: skip
-    n_cells = (2 + 5) * len(KINDS)  # full, none + 5 methods at one ratio
+    n_cells = (3 + 5) * len(KINDS)  # full, apart, none + 5 methods at one ratio
     assert len(recs) == n_cells
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == n_cells and all(r["label"] == run.LABEL for r in lines)
@@ -210,8 +210,10 @@ def test_table_end_to_end_on_tiny_model(tiny_base_dir, tmp_path):
         else:
             assert 0.0 <= r["metrics"]["mc_accuracy"] <= 1.0
             assert ("gen_contains" in r["metrics"]) == k.endswith("_single")
-        if m not in ("none", "full"):
+        if m not in ("none", "full", "apart"):
             assert r["achieved_ratio"] > 1.5
+        if m == "apart":  # raw rows, nothing compressed
+            assert r["ratio"] is None and r["achieved_ratio"] == pytest.approx(1.0)
     assert by[("gist", "faq")]["model_anchors"] == "none"
     assert by[("gist+anchors", "faq")]["model_anchors"] == "capitalized"
     md = run.render_markdown(recs)
@@ -358,3 +360,40 @@ def test_rows_of_equal_label_length_follow_the_results_file():
         md = run.render_markdown([cell(t) for t in order])
         rows = [line.split(" @")[0] for line in md.splitlines() if line.startswith("| gist (")]
         assert rows == [f"| gist ({t})" for t in order]
+
+
+def test_apart_states_are_the_plain_forward_rows_of_each_passage(tiny_base_dir):
+    """`apart` keeps every token's own K/V: what the base model caches reading the passage alone, so the row
+    measures writing passages apart and nothing else."""
+    import torch
+
+    from gist_memory import GistModel
+    from gist_memory.model import kv
+
+    gm = GistModel.from_base(tiny_base_dir, run.apart_config(), device="cpu")
+    texts = [PASSAGES[0], "Short one. It has two sentences about Oslo in 1907."]
+    states = gm.compress(texts)
+    for text, st in zip(texts, states):
+        ids = gm.plan(text).ids.tolist()
+        assert st.num_rows == st.num_tokens == len(ids)
+        assert st.positions.reshape(-1, len(ids))[0].tolist() == list(range(len(ids)))
+        with torch.no_grad():
+            out = gm.model.get_decoder()(input_ids=torch.tensor([ids]), use_cache=True)
+        for li, (k, v) in enumerate(kv.cache_layers(kv.out_cache(out))):
+            assert torch.allclose(st.keys[li].float(), k[0].float(), atol=1e-4), li
+            assert torch.allclose(st.values[li].float(), v[0].float(), atol=1e-4), li
+
+
+def test_a_write_head_override_reaches_every_state_method_and_labels_its_rows(tiny_base_dir, tmp_path):
+    its = build_items(2, kinds=["entity_single"])
+    out = tmp_path / "res.jsonl"
+    kw = dict(methods=["apart", "pool+anchors"], ratios=[4], out=out, base=tiny_base_dir, log=lambda s: None)
+    plain = run.run_table(its, loader=run.default_loader(tiny_base_dir, None, device="cpu"), **kw)
+    loader = run.default_loader(tiny_base_dir, None, device="cpu", write_head="template")
+    assert loader("apart", None).config.write_head == "template"
+    assert loader("pool+anchors", 4.0).config.write_head == "template"
+    headed = run.run_table(its, loader=loader, write_head="template", **kw)
+    assert len(plain) == len(headed) == 2 and len(out.read_text().splitlines()) == 4  # kept apart on resume
+    assert all(r["write_head"] == "template" for r in headed) and not any("write_head" in r for r in plain)
+    md = run.render_markdown(plain + headed)
+    assert "| apart (template head) |" in md and "| pool+anchors (template head) @4x |" in md

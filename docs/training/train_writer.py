@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--head-budget-cap", type=float, default=None, help="most rows per head, times the even count")
     ap.add_argument("--head-budget-cap-ratio", type=float, default=None,
                     help="the target ratio the cap is stated at (it scales with each step's ratio)")
+    ap.add_argument("--write-head", choices=("none", "template"), default=None,
+                    help="what the writer reads before each text (template: the reader's prompt head, so the "
+                         "uncompressed teacher twin is what the reader caches for the text in its prompt)")
     ap.add_argument("--ratios", default="4,8",
                     help="target ratios a step draws from, comma-separated (repeat one to draw it more often: 4,8,8)")
     ap.add_argument("--reader", choices=("base", "adapted"), default="base",
@@ -59,7 +62,8 @@ def main() -> None:
               **({"head_anchors": True} if a.head_anchors else {}),
               **({"head_budget": a.head_budget} if a.head_budget else {}),
               **({"head_budget_cap": a.head_budget_cap} if a.head_budget_cap is not None else {}),
-              **({"head_budget_cap_ratio": a.head_budget_cap_ratio} if a.head_budget_cap_ratio is not None else {})},
+              **({"head_budget_cap_ratio": a.head_budget_cap_ratio} if a.head_budget_cap_ratio is not None else {}),
+              **({"write_head": a.write_head} if a.write_head else {})},
         ratios=tuple(float(r) for r in a.ratios.split(",")), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
         warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
         w_cont=a.w_cont, w_recon=a.w_recon, w_mixed=a.w_mixed, recon_on=a.recon_on, eval_every=10**9, eval_items=0, save_every=25, snapshot_every=25, log_every=1,

@@ -195,6 +195,9 @@ class AdapterIO:
                     _update_sample(h, name, p)
                 h.update(self.writer.gist_embeddings.detach().float().cpu().numpy().tobytes())
         h.update(self.config.fingerprint().encode())
+        head = self.write_head()
+        if head:  # the head comes from the tokenizer's chat template, which the base fingerprint does not cover
+            h.update(json.dumps(head).encode())
         h.update(str(self.dtype).encode())
         return h.hexdigest()[:32]
 

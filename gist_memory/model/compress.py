@@ -358,15 +358,36 @@ class Compressing:
         """
         return self._text_pass(rows, start)[0]
 
+    def write_head(self) -> list[int]:
+        """Ids the writer reads before every text and then drops (`GistConfig.write_head`; [] for `none`).
+
+        `template`: the prompt head the reader puts before the states (the chat template's opening with its
+        default system prompt; a base model's BOS), so a text's raw rows are the rows the reader would have cached
+        with the text in its prompt, and the text's first token is not read as the start of a sequence."""
+        if self.config.write_head == "none":
+            return []
+        head = getattr(self, "_write_head_ids", None)
+        if head is None:
+            head = self._write_head_ids = list(self.template_ids("x")[0])
+        return head
+
     def _text_pass(self, rows: Sequence[Sequence[int]], start: int = 0, want_hidden: bool = False) -> tuple:
         """`text_pass` plus, if asked, the decoder's final hidden states (B, N, hidden) (else None)."""
+        head = self.write_head()
+        P = len(head)
         N = max(len(r) for r in rows)
-        ids = torch.full((len(rows), N), self._pad_id(), dtype=torch.long, device=self.device)
+        ids = torch.full((len(rows), P + N), self._pad_id(), dtype=torch.long, device=self.device)
         for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        pos = (start + torch.arange(N, device=self.device))[None].expand(len(rows), -1)
+            if P:
+                ids[b, :P] = torch.as_tensor(head, dtype=torch.long)
+            ids[b, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        # the head sits just before the text (at negative positions when start is 0: RoPE is relative)
+        pos = (start - P + torch.arange(P + N, device=self.device))[None].expand(len(rows), -1)
         out = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=True)
-        return kv.cache_layers(kv.out_cache(out)), (out.last_hidden_state if want_hidden else None)
+        layers = kv.cache_layers(kv.out_cache(out))
+        if P:
+            layers = kv.with_key_mask([(k[:, :, P:], v[:, :, P:]) for k, v in layers], None)
+        return layers, (out.last_hidden_state[:, P:] if want_hidden else None)
 
     def _text_pass_windows(self, seg: Segment) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Pass 1 for a long text: each visibility window read alone (positions continue), in exact chunks."""
@@ -376,13 +397,15 @@ class Compressing:
         vs: list[list[torch.Tensor]] = []
         for w0, w1 in zip(starts[:-1], starts[1:]):
             past = None
+            head = self.write_head()  # read before every window (each window is read as if alone)
             for c0 in range(w0, w1, self.chunk_tokens):
                 c1 = min(w1, c0 + self.chunk_tokens)
-                x = torch.as_tensor([ids[c0:c1]], device=self.device)
-                pos = torch.arange(c0, c1, device=self.device)[None]
+                lead = head if c0 == w0 else []
+                x = torch.as_tensor([lead + ids[c0:c1]], device=self.device)
+                pos = torch.arange(c0 - len(lead), c1, device=self.device)[None]
                 out = kv.call(self.model.get_decoder(), cache=past, input_ids=x, position_ids=pos, use_cache=True)
                 past = kv.out_cache(out)
-            layers = kv.cache_layers(past)
+            layers = [(k[:, :, len(head) :], v[:, :, len(head) :]) for k, v in kv.cache_layers(past)]
             if not ks:
                 ks, vs = [[] for _ in layers], [[] for _ in layers]
             for li, (k, v) in enumerate(layers):

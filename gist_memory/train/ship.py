@@ -131,16 +131,19 @@ _RECON_ON = {"qa": "the QA passages", "cont": "the real continuation passages",
 
 
 def _serve_flags(anchors: Optional[str], head_anchors: bool, head_budget: Optional[str],
-                 head_budget_cap: Optional[float], head_budget_cap_ratio: Optional[float] = None) -> str:
+                 head_budget_cap: Optional[float], head_budget_cap_ratio: Optional[float] = None,
+                 write_head: Optional[str] = None) -> str:
     return ((f" --anchors {anchors}" if anchors else "") + (" --head-anchors" if head_anchors else "")
             + (f" --head-budget {head_budget}" if head_budget else "")
             + (f" --head-budget-cap {head_budget_cap:g}" if head_budget_cap is not None else "")
-            + (f" --head-budget-cap-ratio {head_budget_cap_ratio:g}" if head_budget_cap_ratio is not None else ""))
+            + (f" --head-budget-cap-ratio {head_budget_cap_ratio:g}" if head_budget_cap_ratio is not None else "")
+            + (f" --write-head {write_head}" if write_head else ""))
 
 
 def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Path, card_extra: str = "",
               anchors: Optional[str] = None, head_anchors: bool = False, head_budget: Optional[str] = None,
-              head_budget_cap: Optional[float] = None, head_budget_cap_ratio: Optional[float] = None) -> str:
+              head_budget_cap: Optional[float] = None, head_budget_cap_ratio: Optional[float] = None,
+              write_head: Optional[str] = None) -> str:
     """MODEL_CARD.md for a shipped adapter."""
     last = chain[-1].config if chain else {}
     total_steps = sum(s.step or 0 for s in chain)
@@ -176,7 +179,7 @@ def card_text(model: Any, chain: list[Stage], size_bytes: int, shipped_from: Pat
 
 Each stage starts from the previous one's checkpoint (`--init-from`; the path in the command is where that
 stage's checkpoint was); `--stop-at` marks a run ended before its schedule's last step. Then
-`python -m gist_memory.train.ship {shipped_from}{_serve_flags(anchors, head_anchors, head_budget, head_budget_cap, head_budget_cap_ratio)}`.
+`python -m gist_memory.train.ship {shipped_from}{_serve_flags(anchors, head_anchors, head_budget, head_budget_cap, head_budget_cap_ratio, write_head)}`.
 
 | stage | steps | passage tokens | minutes | ratios | command |
 |---|---|---|---|---|---|
@@ -188,12 +191,14 @@ stage's checkpoint was); `--stop-at` marks a run ended before its schedule's las
 
 def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target_ratio: Optional[float] = 4.0,
          anchors: Optional[str] = None, head_anchors: bool = False, head_budget: Optional[str] = None,
-         head_budget_cap: Optional[float] = None, head_budget_cap_ratio: Optional[float] = None) -> Path:
+         head_budget_cap: Optional[float] = None, head_budget_cap_ratio: Optional[float] = None,
+         write_head: Optional[str] = None) -> Path:
     """Load `checkpoint`, re-save it compactly into `out` and write MODEL_CARD.md; returns `out`.
 
     `anchors`: serve with this anchor policy instead of the one the writer trained with (recorded in the card);
     `head_anchors`: with `anchors="recall"`, each layer's heads keep their own anchor tokens; `head_budget` /
-    `head_budget_cap` / `head_budget_cap_ratio`: how those rows are spread over heads (`GistConfig.head_budget`).
+    `head_budget_cap` / `head_budget_cap_ratio`: how those rows are spread over heads (`GistConfig.head_budget`);
+    `write_head`: what the writer reads before each text (`GistConfig.write_head`).
     """
     import torch
 
@@ -211,6 +216,8 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
         over["head_budget_cap"] = float(head_budget_cap)
     if head_budget_cap_ratio is not None:
         over["head_budget_cap_ratio"] = float(head_budget_cap_ratio)
+    if write_head:
+        over["write_head"] = write_head
     m = GistModel.from_pretrained(checkpoint, config_overrides=over)
     tmp = out.parent / (out.name + ".tmp")
     if tmp.exists():
@@ -219,7 +226,8 @@ def ship(checkpoint: Path, out: Path = DEFAULT_DIR, card_extra: str = "", target
     size = sum(f.stat().st_size for f in tmp.iterdir())
     chain = stages(checkpoint)
     (tmp / "MODEL_CARD.md").write_text(card_text(m, chain, size, checkpoint, card_extra, anchors, head_anchors,
-                                                            head_budget, head_budget_cap, head_budget_cap_ratio),
+                                                            head_budget, head_budget_cap, head_budget_cap_ratio,
+                                                            write_head),
                                                  encoding="utf-8")
     recipe = _run_dir(checkpoint) / "checkpoint" / "recipe.json"
     if (checkpoint / "recipe.json").is_file():
@@ -250,10 +258,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--head-budget-cap", type=float, default=None, help="most rows per head, times the even count")
     ap.add_argument("--head-budget-cap-ratio", type=float, default=None,
                     help="the target ratio the cap is stated at (it scales with the ratio served)")
+    ap.add_argument("--write-head", default=None, choices=["none", "template"],
+                    help="what the writer reads before each text (default: the trained one)")
     a = ap.parse_args(argv)
     extra = Path(a.card_extra).read_text(encoding="utf-8") if a.card_extra else ""
     out = ship(Path(a.checkpoint), Path(a.out), extra, a.ratio, a.anchors, a.head_anchors, a.head_budget,
-               a.head_budget_cap, a.head_budget_cap_ratio)
+               a.head_budget_cap, a.head_budget_cap_ratio, a.write_head)
     print(f"shipped {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
     return 0
 

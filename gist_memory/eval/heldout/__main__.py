@@ -64,6 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--head-budget-cap-ratio", type=float, default=None,
                     help="the target ratio --head-budget-cap is stated at; it scales with the ratio (e.g. 4: cap 4 "
                          "at 4x is cap 8 at 8x)")
+    ap.add_argument("--write-head", default=None, choices=["none", "template"],
+                    help="what the writer reads before each passage, for every state method (default: each method's "
+                         "own); rows are labelled '<write-head> head'")
     ap.add_argument("--tag", default=None, help="name the learned rows of this run (e.g. 'adapted reader')")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -94,10 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             loader=default_loader(a.base, a.model, device=a.device, dtype=a.dtype, anchors=a.anchors,
                                   head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
                                   head_budget=a.head_budget, head_budget_cap=a.head_budget_cap,
-                                  head_budget_cap_ratio=a.head_budget_cap_ratio),
+                                  head_budget_cap_ratio=a.head_budget_cap_ratio, write_head=a.write_head),
             anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
             head_budget=a.head_budget, head_budget_cap=a.head_budget_cap, head_budget_cap_ratio=a.head_budget_cap_ratio,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
+            write_head=a.write_head, log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)
     if a.details:
