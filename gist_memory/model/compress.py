@@ -371,23 +371,41 @@ class Compressing:
             head = self._write_head_ids = list(self.template_ids("x")[0])
         return head
 
+    def _head_cache(self, batch: int, start: int):  # noqa: ANN202 - a DynamicCache, or None without a head
+        """The write head's rows as a cache for `batch` rows whose text starts at `start` (the head just before
+        it; at negative positions when start is 0: RoPE is relative). The head is read once per device and dtype
+        (the text pass runs the base weights only) and re-rotated to where each batch needs it."""
+        head = self.write_head()
+        if not head:
+            return None
+        memo = getattr(self, "_write_head_rows", None)
+        if memo is None:
+            memo = self._write_head_rows = {}
+        key = (str(self.device), str(self.dtype))
+        if key not in memo:
+            x = torch.as_tensor([head], device=self.device)
+            with torch.no_grad():
+                out = self.model.get_decoder()(input_ids=x, position_ids=torch.arange(len(head), device=self.device)[None],
+                                               use_cache=True)  # fmt: skip
+            memo[key] = [(k.detach(), v.detach()) for k, v in kv.cache_layers(kv.out_cache(out))]
+        delta = start - len(head)
+        return kv.cache_from_layers([(kv.rotate(k, delta, self.rope).expand(batch, -1, -1, -1).contiguous(),
+                                      v.expand(batch, -1, -1, -1).contiguous()) for k, v in memo[key]])  # fmt: skip
+
     def _text_pass(self, rows: Sequence[Sequence[int]], start: int = 0, want_hidden: bool = False) -> tuple:
         """`text_pass` plus, if asked, the decoder's final hidden states (B, N, hidden) (else None)."""
-        head = self.write_head()
-        P = len(head)
         N = max(len(r) for r in rows)
-        ids = torch.full((len(rows), P + N), self._pad_id(), dtype=torch.long, device=self.device)
+        ids = torch.full((len(rows), N), self._pad_id(), dtype=torch.long, device=self.device)
         for b, r in enumerate(rows):
-            if P:
-                ids[b, :P] = torch.as_tensor(head, dtype=torch.long)
-            ids[b, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        # the head sits just before the text (at negative positions when start is 0: RoPE is relative)
-        pos = (start - P + torch.arange(P + N, device=self.device))[None].expand(len(rows), -1)
-        out = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=True)
+            ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        pos = (start + torch.arange(N, device=self.device))[None].expand(len(rows), -1)
+        cache = self._head_cache(len(rows), start)
+        out = kv.call(self.model.get_decoder(), cache=cache, input_ids=ids, position_ids=pos, use_cache=True)
         layers = kv.cache_layers(kv.out_cache(out))
+        P = len(self.write_head())
         if P:
             layers = kv.with_key_mask([(k[:, :, P:], v[:, :, P:]) for k, v in layers], None)
-        return layers, (out.last_hidden_state[:, P:] if want_hidden else None)
+        return layers, (out.last_hidden_state if want_hidden else None)
 
     def _text_pass_windows(self, seg: Segment) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Pass 1 for a long text: each visibility window read alone (positions continue), in exact chunks."""
@@ -396,16 +414,15 @@ class Compressing:
         ks: list[list[torch.Tensor]] = []
         vs: list[list[torch.Tensor]] = []
         for w0, w1 in zip(starts[:-1], starts[1:]):
-            past = None
-            head = self.write_head()  # read before every window (each window is read as if alone)
+            past = self._head_cache(1, w0)  # the head before every window (each window is read as if alone)
+            P = len(self.write_head())
             for c0 in range(w0, w1, self.chunk_tokens):
                 c1 = min(w1, c0 + self.chunk_tokens)
-                lead = head if c0 == w0 else []
-                x = torch.as_tensor([lead + ids[c0:c1]], device=self.device)
-                pos = torch.arange(c0 - len(lead), c1, device=self.device)[None]
+                x = torch.as_tensor([ids[c0:c1]], device=self.device)
+                pos = torch.arange(c0, c1, device=self.device)[None]
                 out = kv.call(self.model.get_decoder(), cache=past, input_ids=x, position_ids=pos, use_cache=True)
                 past = kv.out_cache(out)
-            layers = [(k[:, :, len(head) :], v[:, :, len(head) :]) for k, v in kv.cache_layers(past)]
+            layers = [(k[:, :, P:], v[:, :, P:]) for k, v in kv.cache_layers(past)]
             if not ks:
                 ks, vs = [[] for _ in layers], [[] for _ in layers]
             for li, (k, v) in enumerate(layers):
