@@ -115,7 +115,7 @@ class Compressing:
         n_kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         if n < 2:
             return torch.zeros(len(dec.layers), n_kv, n, dtype=torch.float32)
-        pre, _ = self.template_ids("")  # read after the chat template's opening, as the reader places states (and
+        pre = self._template_head()  # read after the chat template's opening, as the reader places states (and
         # so the opening, not the text's first token, takes the attention sink's share)
         rep = self.encode(RECALL_PROMPT)
         seq = pre + ids + rep + ids[:-1]
@@ -364,11 +364,13 @@ class Compressing:
         `template`: the prompt head the reader puts before the states (the chat template's opening with its
         default system prompt; a base model's BOS), so a text's raw rows are the rows the reader would have cached
         with the text in its prompt, and the text's first token is not read as the start of a sequence."""
-        if self.config.write_head == "none":
-            return []
-        head = getattr(self, "_write_head_ids", None)
+        return [] if self.config.write_head == "none" else self._template_head()
+
+    def _template_head(self) -> list[int]:
+        """Ids of the prompt head the reader puts before states (the chat template's opening), rendered once."""
+        head = getattr(self, "_template_head_ids", None)
         if head is None:
-            head = self._write_head_ids = list(self.template_ids("x")[0])
+            head = self._template_head_ids = list(self.template_ids("")[0])
         return head
 
     def _head_cache(self, batch: int, start: int):  # noqa: ANN202 - a DynamicCache, or None without a head

@@ -64,11 +64,8 @@ def pool_config(method: str, ratio: float, anchors: Optional[str] = None,
 
 
 def apart_config(write_head: str = "none"):  # noqa: ANN201 - GistConfig
-    """`apart`: every token's own K/V row kept (one row per token: `pool` at ratio 1 pools nothing), no anchors."""
-    from gist_memory import GistConfig
-
-    return GistConfig(compressor="pool", target_ratio=1.0, max_sentence_tokens=48, anchors="none",
-                      write_head=write_head)
+    """`apart`: every token's own K/V row kept (`pool` at ratio 1 pools nothing: one row per token), no anchors."""
+    return pool_config("pool", 1.0, write_head=write_head)
 
 
 def _budget_label(budget: str, cap: Optional[float], cap_ratio: Optional[float]) -> str:
