@@ -397,3 +397,38 @@ def test_a_write_head_override_reaches_every_state_method_and_labels_its_rows(ti
     assert all(r["write_head"] == "template" for r in headed) and not any("write_head" in r for r in plain)
     md = run.render_markdown(plain + headed)
     assert "| apart (template head) |" in md and "| pool+anchors (template head) @4x |" in md
+
+
+def test_a_relevance_read_order_reaches_every_method_and_labels_its_rows(tiny_base_dir, tmp_path):
+    """`read_order="relevance"` arranges each item's passages with `GistModel.focus` (texts for `full`, states
+    for state methods); `read_keep` leaves the reader only the top ones; the rows are new cells, labelled."""
+    its = build_items(2, kinds=["entity_distractors"])
+    out = tmp_path / "res.jsonl"
+    base = run.default_loader(tiny_base_dir, None, device="cpu")
+    seen: list[tuple[str, int, int]] = []
+
+    def loader(method, ratio):  # noqa: ANN001, ANN202 - records what each scoring call reads
+        gm = base(method, ratio)
+        score_choices = gm.score_choices
+
+        def spy(q, conts, states=None, **kw):  # noqa: ANN001, ANN202
+            seen.append((method, len(states or []), q.count("\n\n")))
+            return score_choices(q, conts, states=states, **kw)
+
+        gm.score_choices = spy
+        return gm
+
+    kw = dict(methods=["full", "pool+anchors"], ratios=[4], out=out, base=tiny_base_dir, log=lambda s: None)
+    plain = run.run_table(its, loader=loader, **kw)
+    n_passages = len(its["entity_distractors"][0].passages)
+    assert {(m, k) for m, k, _ in seen} == {("full", 0), ("pool+anchors", n_passages)}
+    text_breaks = {b for m, _, b in seen if m == "full"}
+    seen.clear()
+    top = run.run_table(its, loader=loader, read_order="relevance", read_keep=1, **kw)
+    assert {(m, k) for m, k, _ in seen} == {("full", 0), ("pool+anchors", 1)}
+    assert max(b for m, _, b in seen if m == "full") < min(text_breaks)  # one passage of text, not all
+    assert all(r["read"] == "relevance order, top 1" for r in top) and not any("read" in r for r in plain)
+    assert top[0]["raw_tokens"] == plain[0]["raw_tokens"]  # the ratio counts every passage written
+    assert len(out.read_text().splitlines()) == 4
+    md = run.render_markdown(plain + top)
+    assert "| full (relevance order, top 1) |" in md and "| pool+anchors (relevance order, top 1) @4x |" in md

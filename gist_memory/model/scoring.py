@@ -86,3 +86,64 @@ class Scoring:
                         j += 1
         self._report(usage, self._usage(states, layers, len(head), total_s=time.perf_counter() - t0))
         return out
+
+    # ---- relevance: which contexts a question is about -------------------------------------------------------
+    @torch.no_grad()
+    def relevance(self, query: str, contexts: Sequence[GistState | str],
+                  system_prompt: Optional[str] = None) -> list[float]:  # fmt: skip
+        """How well each context predicts `query`: the summed log-probability of the query's tokens read right
+        after that context alone (a state, or raw text), as the question is read after states.
+
+        A query-likelihood score (the reader itself judges which passage a question is about, without the
+        answer): higher means more relevant; scores compare across the contexts of one call (the same query
+        tokens are scored each time). Each context costs one pass over its rows plus the query's tokens.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("relevance needs a non-empty query")
+        q = self.encode(query)
+        out: list[float] = []
+        with self._eval_mode():
+            for i, ctx in enumerate(contexts):
+                if isinstance(ctx, GistState):
+                    layers, start, ids = self.prepare(query, [ctx], system_prompt)
+                elif isinstance(ctx, str):
+                    if not ctx.strip():
+                        raise ValueError(f"contexts[{i}] is empty text")
+                    layers, start, ids = self.prepare(query, None, system_prompt, context_prefix=ctx + "\n\n")
+                else:
+                    raise ValueError(f"contexts[{i}] is a {type(ctx).__name__}, not a GistState or str")
+                at = _last_span(ids, q)
+                lo, hi = (max(1, at), at + len(q)) if at >= 0 else (1, len(ids))  # not found: the whole suffix
+                if hi <= lo:
+                    raise ValueError("the query has no tokens to score after the context")
+                logits, _ = self.forward_ids(torch.as_tensor([ids[:hi]], device=self.device), layers, start)
+                logp = torch.log_softmax(logits[0, lo - 1: hi - 1].float(), -1)
+                tgt = torch.as_tensor(ids[lo:hi], device=self.device)
+                out.append(float(logp[torch.arange(hi - lo, device=self.device), tgt].sum()))
+        return out
+
+    def focus(self, query: str, contexts: Sequence[GistState | str], keep: Optional[int] = None,
+              system_prompt: Optional[str] = None) -> list:  # fmt: skip
+        """`contexts` in reading order for `query`: by `relevance`, the most relevant last (next to the question,
+        where a reader binds best), and with `keep` only the `keep` most relevant. States and texts are read in
+        any order at no cost (each was written alone), so this only changes what the reader sees where.
+        Ties keep the given order."""
+        ctxs = list(contexts)
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+        if len(ctxs) <= 1:
+            return ctxs
+        rel = self.relevance(query, ctxs, system_prompt)
+        order = sorted(range(len(ctxs)), key=lambda i: (rel[i], -i))
+        if keep is not None:
+            order = order[-keep:]
+        return [ctxs[i] for i in order]
+
+
+def _last_span(ids: Sequence[int], sub: Sequence[int]) -> int:
+    """Start of the last occurrence of `sub` in `ids` (-1 if absent)."""
+    n = len(sub)
+    for s in range(len(ids) - n, -1, -1):
+        if list(ids[s: s + n]) == list(sub):
+            return s
+    return -1

@@ -19,7 +19,9 @@ from gist_memory.config import ANCHOR_POLICIES
 from gist_memory.eval.heldout.items import KINDS, HeldoutError, build_items
 from gist_memory.eval.heldout.run import (
     METHODS,
+    READ_ORDERS,
     default_loader,
+    read_label,
     read_results,
     render_details,
     render_markdown,
@@ -67,12 +69,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--write-head", default=None, choices=["none", "template"],
                     help="what the writer reads before each passage, for every state method (default: each method's "
                          "own); rows are labelled '<write-head> head'")
+    ap.add_argument("--read-order", default="given", choices=list(READ_ORDERS),
+                    help="how each item's passages are arranged before the question, for every method that reads "
+                         "passages: as given, or by relevance (GistModel.focus: the reader's likelihood of the "
+                         "question after each passage alone; the most relevant last)")
+    ap.add_argument("--read-keep", type=int, default=None,
+                    help="with --read-order relevance: read only the N most relevant passages")
     ap.add_argument("--tag", default=None, help="name the learned rows of this run (e.g. 'adapted reader')")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     a = ap.parse_args(argv)
     if a.head_anchors and a.anchors not in ("recall", "capitalized+recall"):
         print("error: --head-anchors needs --anchors recall or capitalized+recall", file=sys.stderr)
+        return 2
+    try:
+        read_label(a.read_order, a.read_keep)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if a.render_only:
         recs = read_results(a.out)
@@ -100,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   head_budget_cap_ratio=a.head_budget_cap_ratio, write_head=a.write_head),
             anchors=a.anchors, tag=a.tag, head_anchors=a.head_anchors, head_anchor_fraction=a.head_anchor_fraction,
             head_budget=a.head_budget, head_budget_cap=a.head_budget_cap, head_budget_cap_ratio=a.head_budget_cap_ratio,
-            write_head=a.write_head, log=lambda s: print(s, file=sys.stderr, flush=True),
+            write_head=a.write_head, read_order=a.read_order, read_keep=a.read_keep, log=lambda s: print(s, file=sys.stderr, flush=True),
         )  # fmt: skip
     md = render_markdown(recs)
     if a.details:

@@ -139,29 +139,55 @@ def _truncate(gm, text: str, ratio: float) -> tuple[str, int, int]:  # noqa: ANN
     return gm.tokenizer.decode(ids[:keep]), len(ids), keep
 
 
-def _context(gm, method: str, ratio: Optional[float], item: HeldoutItem) -> tuple[str, Any, int, int]:  # noqa: ANN001
-    """(text placed before the question, states, raw tokens, kept rows) for one item."""
+READ_ORDERS = ("given", "relevance")
+
+
+def read_label(order: str = "given", keep: Optional[int] = None) -> Optional[str]:
+    """How a run arranged each item's passages before the question (None: as given, all of them)."""
+    if order not in READ_ORDERS:
+        raise ValueError(f"unknown read order {order!r} (known: {', '.join(READ_ORDERS)})")
+    if keep is not None and keep < 1:
+        raise ValueError(f"read keep must be >= 1, got {keep}")
+    if order == "given":
+        if keep is not None:
+            raise ValueError("keeping the top passages needs the relevance read order")
+        return None
+    return "relevance order" + ("" if keep is None else f", top {keep}")
+
+
+def _context(gm, method: str, ratio: Optional[float], item: HeldoutItem, order: str = "given",
+             keep: Optional[int] = None) -> tuple[str, Any, int, int]:  # noqa: ANN001  # fmt: skip
+    """(text placed before the question, states, raw tokens, kept rows) for one item; with `order="relevance"`
+    its passages (as text or states) are arranged by `GistModel.focus` (most relevant last, `keep` the top ones).
+    Raw tokens and kept rows count every passage written (the compression), whatever the reader then reads."""
+    def arrange(ctxs: list) -> list:
+        return ctxs if order == "given" else gm.focus(item.question, ctxs, keep=keep)
+
     if method == "none":
         return "", None, 0, 0
     if method == "full":
         raw = sum(len(gm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in item.passages)
-        return "\n\n".join(item.passages) + "\n\n", None, raw, raw
+        return "\n\n".join(arrange(list(item.passages))) + "\n\n", None, raw, raw
     if method == "trunc":
         cut = [_truncate(gm, p, float(ratio)) for p in item.passages]
-        return "\n\n".join(c[0] for c in cut) + "\n\n", None, sum(c[1] for c in cut), sum(c[2] for c in cut)
+        text = "\n\n".join(arrange([c[0] for c in cut])) + "\n\n"
+        return text, None, sum(c[1] for c in cut), sum(c[2] for c in cut)
     states = gm.compress(item.passages)
-    return "", states, sum(s.num_tokens for s in states), sum(s.num_rows for s in states)
+    return "", arrange(states), sum(s.num_tokens for s in states), sum(s.num_rows for s in states)
 
 
 def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence[HeldoutItem],
-             generate: Union[bool, str] = "single") -> dict:  # noqa: ANN001 - GistModel  # fmt: skip
-    """Scores `items` of one kind with one method; returns the cell record (metrics, per-item results, timing)."""
+             generate: Union[bool, str] = "single", read_order: str = "given",
+             read_keep: Optional[int] = None) -> dict:  # noqa: ANN001 - GistModel  # fmt: skip
+    """Scores `items` of one kind with one method; returns the cell record (metrics, per-item results, timing).
+    `read_order` / `read_keep`: how each item's passages are arranged before the question (`_context`)."""
+    read_label(read_order, read_keep)
     t0 = time.perf_counter()
     raw = kept = 0
     width = 0.0  # positions the states take in the reader's cache (more than kept rows where heads keep unevenly)
     per_item: list[dict] = []
     for item in items:
-        ctx, states, r, k = _context(gm, method, ratio, item)
+        ctx, states, r, k = _context(gm, method, ratio, item, read_order, read_keep)
         raw, kept = raw + r, kept + k
         width += sum(s.num_positions for s in states or [])
         q = ctx + prompt(item)
@@ -204,7 +230,7 @@ def cell_key(rec: dict) -> tuple:
     """What makes a cell record the same cell (for resuming): method, ratio, kind, counts, seed, model, ..."""
     return (rec["method"], rec.get("ratio"), rec["kind"], rec.get("n_requested"), rec.get("seed"),
             rec.get("model") if rec["method"].startswith("gist") else None, rec.get("base"), rec.get("generate"),
-            rec.get("anchors"), rec.get("tag"), rec.get("write_head"))  # fmt: skip
+            rec.get("anchors"), rec.get("tag"), rec.get("write_head"), rec.get("read"))  # fmt: skip
 
 
 def _label(rec: dict) -> str:
@@ -212,6 +238,7 @@ def _label(rec: dict) -> str:
     tag (e.g. "adapted reader")."""
     extra = ([f"{rec['anchors']} anchors"] if rec.get("anchors") else []) + ([rec["tag"]] if rec.get("tag") else [])
     extra += [f"{rec['write_head']} head"] if rec.get("write_head") else []
+    extra += [rec["read"]] if rec.get("read") else []
     return rec["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -268,6 +295,8 @@ def run_table(
     head_budget_cap: Optional[float] = None,
     head_budget_cap_ratio: Optional[float] = None,
     write_head: Optional[str] = None,
+    read_order: str = "given",
+    read_keep: Optional[int] = None,
 ) -> list[dict]:
     """Runs every (method, ratio, kind) cell not already in `out`; appends each record as it finishes.
 
@@ -289,6 +318,9 @@ def run_table(
             e.g. to put two models side by side in one table.
         write_head: What the writer reads before each passage, for every state method (`GistConfig.write_head`;
             recorded and shown in their row names as "<write_head> head"); None: each method's own.
+        read_order / read_keep: How each multi-passage item's passages are arranged before the question, for
+            every method that reads passages (`given`; `relevance`: `GistModel.focus`, the most relevant last,
+            `read_keep` only the top ones); recorded and shown in row names ("relevance order, top 1").
 
     Returns:
         All records for the requested cells (those found in `out` and those run now). A method whose model
@@ -303,6 +335,7 @@ def run_table(
         anchors = f"{anchors} per head" + ("" if frac == 1.0 else f" ({frac:g} own)")
         if head_budget and head_budget != "even":
             anchors += _budget_label(head_budget, head_budget_cap, head_budget_cap_ratio)
+    read = read_label(read_order, read_keep)
     model_ref = model or "shipped"
     meta = {"version": RESULTS_VERSION, "label": LABEL, "seed": seed, "n_requested": n_requested,
             "base": base or "embedded", "model": model_ref, "generate": generate}  # fmt: skip
@@ -319,6 +352,8 @@ def run_table(
             probe["tag"] = tag
         if write_head and method not in BASE_METHODS:
             probe["write_head"] = write_head
+        if read and method != "none":
+            probe["read"] = read
         if cell_key(probe) in done:
             records.append(done[cell_key(probe)])
             continue
@@ -338,7 +373,10 @@ def run_table(
                 continue
             current = want
             log(f"loaded {method}{'' if ratio is None else f' @{ratio:g}x'} in {time.perf_counter() - t:.1f}s")
-        rec = {**meta, **run_cell(gm, method, ratio, kind, items[kind], generate=generate)}
+        rec = {**meta, **run_cell(gm, method, ratio, kind, items[kind], generate=generate,
+                                  read_order=read_order, read_keep=read_keep)}
+        if read and method != "none":
+            rec["read"] = read
         if anchors and method in ANCHORED:
             rec["anchors"] = anchors
         if tag and method.startswith("gist"):
