@@ -182,3 +182,26 @@ def test_memory_backed_lazy_states_load_from_the_store(li_tiny_model, registry, 
     RetrieverQueryEngine.from_args(r, llm=llm).query(Q)
     assert llm.last_gist_usage["passages"] == 2
     assert registry.stats["compressed"] == 0 and registry.stats["reloaded"] == 2  # loaded from the memory's store
+
+
+def test_gist_synthesizer_reads_the_most_relevant_node_last(li_tiny_model, registry, nodes, llm):
+    """`read_order="relevance"` orders the states by the model's own query likelihood (the most relevant next to
+    the question); `top_n` reads only the best ones and reports only those as sources."""
+    retrieved = [NodeWithScore(node=n, score=1.0) for n in nodes[:3]]
+    states, _ = GistSynthesizer(llm=llm).states_for_nodes(retrieved)
+    rel = li_tiny_model.relevance(Q, states)
+    order = sorted(range(3), key=lambda i: rel[i])
+    plain = GistSynthesizer(llm=llm).synthesize(Q, retrieved)
+    assert "relevance" not in plain.metadata["gist"]
+    ranked = GistSynthesizer(llm=llm, read_order="relevance").synthesize(Q, retrieved)
+    g = ranked.metadata["gist"]
+    keys = plain.metadata["gist"]["state_keys"]
+    assert g["state_keys"] == [keys[i] for i in order] and g["read_order"] == "relevance"
+    assert g["relevance"] == pytest.approx(dict(zip(keys, rel)), abs=1e-4)
+    assert len(ranked.source_nodes) == 3  # every retrieved node stays a source when all are read
+    top = GistSynthesizer(llm=llm, read_order="relevance", top_n=1).synthesize(Q, retrieved)
+    assert top.metadata["gist"]["state_keys"] == [keys[order[-1]]] and top.metadata["gist"]["passages"] == 1
+    assert [n.node.node_id for n in top.source_nodes] == [retrieved[order[-1]].node.node_id]
+    for bad in ({"read_order": "random"}, {"top_n": 2}, {"read_order": "relevance", "top_n": 0}):
+        with pytest.raises(ValueError, match="read_order|top_n"):
+            GistSynthesizer(llm=llm, **bad)

@@ -31,6 +31,7 @@ DEFAULT_NO_CONTEXT_TEMPLATE = PromptTemplate(
     "Question: {query_str}\nAnswer:"
 )
 NO_CONTEXT_NOTE = "no passages retrieved: answered without context"
+READ_ORDERS = ("given", "relevance")
 
 
 class GistSynthesizer(BaseSynthesizer):
@@ -43,6 +44,11 @@ class GistSynthesizer(BaseSynthesizer):
         no_context_template: Prompt used when retrieval returned nothing.
         streaming: Return `StreamingResponse`s.
         callback_manager: LlamaIndex callback manager.
+        read_order: `given` (the retriever's order) or `relevance`: the model first scores how well each node's
+            state predicts the question (`GistModel.relevance`, one short pass per state) and reads the most
+            relevant last, next to the question, where a small reader binds facts best.
+        top_n: With `read_order="relevance"`: read only the `top_n` most relevant nodes (the response's
+            `source_nodes` are then the nodes read). `metadata["gist"]["relevance"]` holds every node's score.
     """
 
     def __init__(
@@ -53,7 +59,15 @@ class GistSynthesizer(BaseSynthesizer):
         no_context_template: Optional[Union[str, PromptTemplate]] = None,
         streaming: bool = False,
         callback_manager: Optional[CallbackManager] = None,
+        read_order: str = "given",
+        top_n: Optional[int] = None,
     ) -> None:
+        if read_order not in READ_ORDERS:
+            raise ValueError(f"read_order must be one of {', '.join(READ_ORDERS)}, got {read_order!r}")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
+        if top_n is not None and read_order != "relevance":
+            raise ValueError("top_n needs read_order='relevance' (it keeps the most relevant nodes)")
         if llm is None:
             if model is None:
                 raise ValueError("GistSynthesizer needs llm= (a GistLLM) or model= (a GistModel)")
@@ -64,6 +78,8 @@ class GistSynthesizer(BaseSynthesizer):
         self._gist_llm = llm
         self._qa_template = _template(qa_template, DEFAULT_QA_TEMPLATE)
         self._no_context_template = _template(no_context_template, DEFAULT_NO_CONTEXT_TEMPLATE)
+        self._read_order = read_order
+        self._top_n = top_n
 
     def _get_prompts(self) -> dict[str, Any]:
         return {"qa_template": self._qa_template, "no_context_template": self._no_context_template}
@@ -87,12 +103,23 @@ class GistSynthesizer(BaseSynthesizer):
             keys.append(key)
         return registry.states(keys), keys
 
-    def _prepare(self, query: Union[str, QueryBundle], nodes: list[NodeWithScore]) -> tuple[str, list[Any], list]:
+    def _prepare(
+        self, query: Union[str, QueryBundle], nodes: list[NodeWithScore]
+    ) -> tuple[str, list[Any], list, list[NodeWithScore], dict[str, float]]:
+        """(prompt, states, keys, the nodes read, relevance by key) in reading order."""
         query_str = query.query_str if isinstance(query, QueryBundle) else str(query)
         if not nodes:
-            return self._no_context_template.format(query_str=query_str), [], []
+            return self._no_context_template.format(query_str=query_str), [], [], [], {}
         states, keys = self.states_for_nodes(nodes)
-        return self._qa_template.format(query_str=query_str), states, keys
+        nodes, relevance = list(nodes), {}
+        if self._read_order == "relevance" and len(states) > 1 and query_str.strip():
+            rel = self._gist_llm.model.relevance(query_str, states)
+            relevance = dict(zip(keys, rel))
+            order = sorted(range(len(states)), key=lambda i: (rel[i], -i))  # most relevant last
+            if self._top_n is not None:
+                order = order[-self._top_n:]
+            states, keys, nodes = [states[i] for i in order], [keys[i] for i in order], [nodes[i] for i in order]
+        return self._qa_template.format(query_str=query_str), states, keys, nodes, relevance
 
     def _metadata(self, sources: list[NodeWithScore], usage: Optional[dict]) -> dict[str, Any]:
         md: dict[str, Any] = dict(self._get_metadata_for_response([n.node for n in sources]) or {})
@@ -100,14 +127,21 @@ class GistSynthesizer(BaseSynthesizer):
             md["gist"] = usage
         return md
 
-    @staticmethod
-    def _annotate(usage: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    def _annotate(self, usage: dict[str, Any], keys: list[str], relevance: dict[str, float]) -> dict[str, Any]:
         usage = dict(usage)
         usage["state_keys"] = keys
+        if relevance:
+            usage["read_order"] = self._read_order
+            usage["relevance"] = dict(relevance)
         if not keys:
             usage["context"] = "none"
             usage["note"] = NO_CONTEXT_NOTE
         return usage
+
+    def _sources(self, nodes: Sequence[NodeWithScore], read: Sequence[NodeWithScore],
+                 additional: Optional[Sequence[NodeWithScore]]) -> list[NodeWithScore]:  # fmt: skip
+        """The response's source nodes: the retrieved ones, or with `top_n` the ones read (in reading order)."""
+        return list(read if self._top_n is not None else nodes) + list(additional or [])
 
     # ---- synthesis --------------------------------------------------------------------------------------------
     def synthesize(
@@ -118,26 +152,26 @@ class GistSynthesizer(BaseSynthesizer):
         **response_kwargs: Any,
     ) -> Union[Response, StreamingResponse]:
         """Answer `query` reading the states of `nodes` (without context, and saying so, when there are none)."""
-        sources = list(nodes) + list(additional_source_nodes or [])
         query_str = query.query_str if isinstance(query, QueryBundle) else str(query)
         with self._callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}) as ev:
-            prompt, states, keys = self._prepare(query, nodes)
+            prompt, states, keys, read, rel = self._prepare(query, nodes)
+            sources = self._sources(nodes, read, additional_source_nodes)
             if self._streaming:
                 gen = self._gist_llm.stream_complete_with_states(prompt, states, **response_kwargs)
                 md = self._metadata(sources, None)
-                response: Any = StreamingResponse(self._tokens(gen, md, keys), source_nodes=sources, metadata=md)
+                response: Any = StreamingResponse(self._tokens(gen, md, keys, rel), source_nodes=sources, metadata=md)
             else:
                 out = self._gist_llm.complete_with_states(prompt, states, **response_kwargs)
-                usage = self._annotate(out.additional_kwargs["gist"], keys)
+                usage = self._annotate(out.additional_kwargs["gist"], keys, rel)
                 self._gist_llm._last_usage = usage
                 response = Response(out.text, source_nodes=sources, metadata=self._metadata(sources, usage))
             ev.on_end(payload={EventPayload.RESPONSE: response})
         return response
 
-    def _tokens(self, gen: Any, md: dict[str, Any], keys: list[str]):  # noqa: ANN202 - token generator
+    def _tokens(self, gen: Any, md: dict[str, Any], keys: list[str], relevance: dict[str, float]):  # noqa: ANN202 - token generator
         for r in gen:
             if "gist" in r.additional_kwargs:
-                usage = self._annotate(r.additional_kwargs["gist"], keys)
+                usage = self._annotate(r.additional_kwargs["gist"], keys, relevance)
                 self._gist_llm._last_usage = usage
                 md["gist"] = usage
             if r.delta:
@@ -153,11 +187,11 @@ class GistSynthesizer(BaseSynthesizer):
         """Async `synthesize`: the model runs in a worker thread."""
         if not self._streaming:
             return await asyncio.to_thread(self.synthesize, query, nodes, additional_source_nodes, **response_kwargs)
-        sources = list(nodes) + list(additional_source_nodes or [])
-        prompt, states, keys = await asyncio.to_thread(self._prepare, query, nodes)
+        prompt, states, keys, read, rel = await asyncio.to_thread(self._prepare, query, nodes)
+        sources = self._sources(nodes, read, additional_source_nodes)
         gen = self._gist_llm.stream_complete_with_states(prompt, states, **response_kwargs)
         md = self._metadata(sources, None)
-        tokens = self._tokens(gen, md, keys)
+        tokens = self._tokens(gen, md, keys, rel)
 
         async def agen():  # noqa: ANN202
             sentinel = object()
