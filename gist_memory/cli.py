@@ -584,6 +584,9 @@ def ask(
     k: Annotated[int, typer.Option("-k", "--k", help="Passages to read.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
     compare: Annotated[bool, typer.Option(help="Also answer from the same passages as raw text, side by side.")] = False,
+    context_order: Annotated[str, typer.Option(
+        help="Order the passages are read in: best_last (best search match nearest the question), best_first, or "
+             "relevance (the model's own judgement of which passage the question is about, read last)")] = "best_last",
     opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:
@@ -591,6 +594,10 @@ def ask(
     with user_errors():
         if not question.strip():
             raise UserError("the question is empty")
+        from gist_memory.store.memory import CONTEXT_ORDERS
+
+        if context_order not in CONTEXT_ORDERS:
+            raise UserError(f"--context-order must be one of {', '.join(CONTEXT_ORDERS)}, got {context_order!r}")
         if k < 1 or max_new_tokens < 1:
             raise UserError("-k and --max-new-tokens must be >= 1")
         path = check_store(store or default_store(), create=False)
@@ -601,7 +608,8 @@ def ask(
             raise UserError(f"the memory at {path} is empty; add files with `gist-memory ingest`")
         stream = None if json_out else (lambda piece: out.print(escape(piece), end=""))
         c = demo.compare(gm, mem, question, k=k, max_new_tokens=max_new_tokens,
-                        full_new_tokens=max_new_tokens if compare else 0, on_token=stream)
+                        full_new_tokens=max_new_tokens if compare else 0, on_token=stream,
+                        context_order=context_order)
         mem.close()
         if json_out:
             print(json.dumps(c.to_dict()))

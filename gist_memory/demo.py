@@ -162,14 +162,11 @@ def compare(
         filter: Metadata filter for the search.
         repeats: Time to first token is the median of this many runs of each twin (the extra runs decode one
             token), which steadies the numbers on a busy machine.
-        context_order: The order both twins read the passages in (`GistMemory.ask`): `best_last` (default) or
-            `best_first`.
+        context_order: The order both twins read the passages in (`GistMemory.ask`): `best_last` (default),
+            `best_first` or `relevance` (the model's own ranking, from the states).
     """
-    from gist_memory.store.memory import reading_order
-
     hits = memory.search(question, k=k, filter=filter)
-    read = reading_order(hits, context_order)
-    states = memory.states_for(read) if read else []
+    read, states = memory.reading(question, hits, context_order)
     per_pos = kv_bytes_per_position(model)
     pieces = []
     used = call_usage()

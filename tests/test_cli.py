@@ -122,6 +122,11 @@ def test_ask_prints_answer_sources_and_costs(runner, store, tiny_base_dir):
     d = json.loads(res.stdout)
     assert d["full"]["positions"] > d["gist"]["positions"]  # the states stand for more tokens than they keep
     assert d["full"]["kv_bytes"] > d["gist"]["kv_bytes"]
+    res = run(runner, "ask", "Where does the weather station sit?", "--store", store, "--base", tiny_base_dir,
+              "-k", "2", "--max-new-tokens", "3", "--context-order", "relevance", "--json")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["sources"]) == 2
+    assert_one_line_error(run(runner, "ask", "q", "--store", store, "--context-order", "shuffled"), "--context-order")
 
 
 def test_info(runner, store):

@@ -79,6 +79,11 @@ def test_both_twins_read_the_passages_in_one_order(monkeypatch):
         def states_for(self, hs):
             return [h.state for h in hs]
 
+        def reading(self, question, hs, order):  # GistMemory's own, over this fake's model
+            from gist_memory.store.memory import GistMemory
+
+            return GistMemory.reading(self, question, hs, order)
+
     class Model:
         dtype = torch.float32
         model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, num_attention_heads=2,
@@ -95,9 +100,11 @@ def test_both_twins_read_the_passages_in_one_order(monkeypatch):
             self.calls.append(("text", prompt))
             return "ok", demo.call_usage()
 
-    for order, tags in (("best_last", [2, 1, 0]), ("best_first", [0, 1, 2])):
+    for order, tags in (("best_last", [2, 1, 0]), ("best_first", [0, 1, 2]), ("relevance", [2, 0, 1])):
         m = Model()
-        out = demo.compare(m, Memory(), "q?", k=3, context_order=order)
+        mem = Memory()
+        mem.model = SimpleNamespace(relevance=lambda q, states: [{0: 0.5, 1: 0.9, 2: 0.1}[s.tag] for s in states])
+        out = demo.compare(m, mem, "q?", k=3, context_order=order)
         assert m.calls[0] == ("states", tags)
         assert m.calls[1] == ("text", demo.full_text_prompt("q?", [f"passage {t}" for t in tags]))
         assert [h.id for h in out.sources] == ["p0", "p1", "p2"]  # what was found, in search order

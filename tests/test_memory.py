@@ -65,6 +65,17 @@ def test_add_search_ask(model, emb):
     assert [s.text_hash for s in model.last_generate["states"]] == [h.state.text_hash for h in ans.sources]
     with pytest.raises(ValueError, match="context_order"):
         mem.ask("anything", k=2, context_order="random")
+    # relevance: the model's own ranking (the fake counts shared words), the most relevant read last
+    q = "when was the Eiffel Tower in Paris finished"
+    ans = mem.ask(q, k=3, max_new_tokens=7, context_order="relevance")
+    rel = model.relevance(q, [h.state for h in ans.sources])
+    want = sorted(range(3), key=lambda i: (rel[i], -i))
+    assert [s.text_hash for s in model.last_generate["states"]] == [ans.sources[i].state.text_hash for i in want]
+    hits, states = mem.reading(q, ans.sources, "relevance")
+    assert [h.id for h in hits] == [ans.sources[i].id for i in want] and len(states) == 3
+    assert mem.reading(q, ans.sources[:1], "relevance")[0] == ans.sources[:1]
+    with pytest.raises(ValueError, match="needs the model"):
+        memory_mod.reading_order(ans.sources, "relevance")
     got = mem.get(ids[2])
     assert got.text == TEXTS[2] and math.isnan(got.score) and got.state.num_tokens == len(TEXTS[2].split())
     assert mem.get("nope") is None and ids[0] in mem and "nope" not in mem

@@ -96,6 +96,11 @@ class FakeGistModel:
             )
         return out
 
+    def relevance(self, query: str, contexts: list[GistState]) -> list[float]:
+        """Words of `query` each context's text shares (a stand-in for the real query likelihood)."""
+        words = set(query.lower().split())
+        return [float(len(words & set(c.text.lower().split()))) for c in contexts]
+
     def generate(
         self, prompt: str, states: Optional[list[GistState]] = None, max_new_tokens: int = 64, **kw: Any
     ) -> str:
