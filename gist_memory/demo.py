@@ -133,6 +133,7 @@ class Comparison:
             "gist": use(self.gist),
             "full": use(self.full),
             "full_answer": self.full_answer,
+            **({"rank_s": self.extra["rank_s"]} if "rank_s" in self.extra else {}),
         }
 
 
@@ -163,10 +164,13 @@ def compare(
         repeats: Time to first token is the median of this many runs of each twin (the extra runs decode one
             token), which steadies the numbers on a busy machine.
         context_order: The order both twins read the passages in (`GistMemory.ask`): `best_last` (default),
-            `best_first` or `relevance` (the model's own ranking, from the states).
+            `best_first` or `relevance` (the model's own ranking, from the states; its time counts in the gist
+            answer's time to first token and is `extra["rank_s"]`).
     """
     hits = memory.search(question, k=k, filter=filter)
+    t_read = time.perf_counter()
     read, states = memory.reading(question, hits, context_order)
+    rank_s = time.perf_counter() - t_read if context_order == "relevance" else 0.0  # the ranking passes (and loads)
     per_pos = kv_bytes_per_position(model)
     pieces = []
     used = call_usage()
@@ -179,7 +183,11 @@ def compare(
     raw = int(u.get("raw_tokens", sum(s.num_tokens for s in states)))
     kept = int(u.get("kept_rows", sum(s.num_kept for s in states)))
     gist.ttft_s = _median_ttft(model, question, states, repeats, gist.ttft_s)
+    if rank_s and gist.ttft_s is not None:  # ranking by relevance happens before the answer: it counts
+        gist.ttft_s += rank_s
     out = Comparison(question, "".join(pieces).strip(), hits, raw, kept, gist)
+    if rank_s:
+        out.extra["rank_s"] = round(rank_s, 4)
     n_full = max_new_tokens if full_new_tokens is None else full_new_tokens
     if n_full > 0 and hits:
         prompt = full_text_prompt(question, [h.text for h in read])

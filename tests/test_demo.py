@@ -108,5 +108,6 @@ def test_both_twins_read_the_passages_in_one_order(monkeypatch):
         assert m.calls[0] == ("states", tags)
         assert m.calls[1] == ("text", demo.full_text_prompt("q?", [f"passage {t}" for t in tags]))
         assert [h.id for h in out.sources] == ["p0", "p1", "p2"]  # what was found, in search order
+        assert ("rank_s" in out.extra) == (order == "relevance")  # the ranking's time is reported
     with pytest.raises(ValueError, match="context_order"):
         demo.compare(Model(), Memory(), "q?", context_order="shuffled")
