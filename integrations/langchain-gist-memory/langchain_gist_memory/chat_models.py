@@ -52,12 +52,13 @@ from langchain_gist_memory._states import DEFAULT_MAX_BYTES, StateCache, StateSt
 from langchain_gist_memory.registry import PassageRegistry, default_registry
 
 _CALL_KWARGS = {
-    "gist_ids", "gist_states", "keep_recent", "raw_token_budget", "max_tokens", "temperature", "top_p", "repetition_penalty", "seed",
+    "gist_ids", "gist_states", "passage_order", "keep_recent", "raw_token_budget", "max_tokens", "temperature", "top_p", "repetition_penalty", "seed",
     "state_store", "tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_max_tokens",
 }
 _IGNORED_KWARGS = {"stream", "ls_structured_output_format"}
 _LEGACY_TOOL_KWARGS = {"functions", "function_call"}
 _TURN_STOPS = ("\nUser:", "\nUser (")
+PASSAGE_ORDERS = ("given", "relevance")
 _METHODS = ("json_schema", "function_calling", "json_mode")
 
 
@@ -182,6 +183,10 @@ class ChatGist(BaseChatModel):
         memory: A `GistMemory` whose passages `invoke(..., gist_ids=[...])` reads.
         registry: Where known passages are looked up (default: the registry `GistRetriever` fills).
         splice_passages: Cut known passages out of the messages and read their states.
+        passage_order: The order passage states (spliced, `gist_ids`, `gist_states`) are read in: `given` (as they
+            come) or `relevance`: the model scores how well each predicts the last message (`GistModel.relevance`,
+            one short pass per state) and reads the most relevant last, nearest the question. Turn states keep
+            their order. Also per call.
         state_store: Persistent home of turn states (`GistHistoryStore`, `LangGraphStateStore`, ...).
         cache_size: Turn states kept in RAM (at most).
         cache_bytes: Bytes of turn states kept in RAM (at most; the least recently used go first).
@@ -207,6 +212,7 @@ class ChatGist(BaseChatModel):
     memory: Any = Field(default=None, exclude=True)
     registry: Optional[PassageRegistry] = Field(default=None, exclude=True)
     splice_passages: bool = True
+    passage_order: str = "given"
     state_store: Any = Field(default=None, exclude=True)
     cache_size: int = Field(default=4096, ge=0)
     cache_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=0)
@@ -228,6 +234,8 @@ class ChatGist(BaseChatModel):
                 raise ValueError(f"model has no {attr!r}: ChatGist needs a gist_memory.GistModel")
         if self.state_store is not None and not isinstance(self.state_store, StateStore):
             raise ValueError("state_store must have get_states(keys, fingerprint) and put_states(entries)")
+        if self.passage_order not in PASSAGE_ORDERS:
+            raise ValueError(f"passage_order must be one of {', '.join(PASSAGE_ORDERS)}, got {self.passage_order!r}")
         if self.model_name is None:
             self.model_name = str(getattr(self.model, "name", type(self.model).__name__))
         self._cache.max_states = self.cache_size
@@ -490,7 +498,14 @@ class ChatGist(BaseChatModel):
             )
 
         direct = self._direct_states(kwargs)
-        states = turn_states + passage_states + direct
+        passages = passage_states + direct
+        order = kwargs.get("passage_order", self.passage_order)
+        if order not in PASSAGE_ORDERS:
+            raise ValueError(f"passage_order must be one of {', '.join(PASSAGE_ORDERS)}, got {order!r}")
+        if order == "relevance" and len(passages) > 1 and texts[-1].strip():
+            rel = self.model.relevance(texts[-1], passages)
+            passages = [passages[i] for i in sorted(range(len(passages)), key=lambda i: (rel[i], -i))]
+        states = turn_states + passages
 
         stops = list(stop) if stop is not None else (list(self.stop) if self.stop else [])
         if conv.only_human_text is not None and len(turns) == 1 and not states:

@@ -318,3 +318,28 @@ def test_concurrent_invokes_need_no_lock_and_match_calls_alone(gist_tiny):
         g, ga = r.response_metadata["gist"], a.response_metadata["gist"]
         assert (g["positions_read"], g["raw_tokens"], g["kept_rows"]) == (
             ga["positions_read"], ga["raw_tokens"], ga["kept_rows"])
+
+
+def test_passage_order_relevance_reads_the_most_relevant_passage_last(gist_tiny, docs, monkeypatch):
+    """`passage_order="relevance"`: passage states are read in the model's own relevance order for the last
+    message (most relevant last); `given` keeps the order they came in; a bad order is refused."""
+    states = gist_tiny.compress(docs[:3])
+    q = "What is the archive code?"
+    rel = gist_tiny.relevance(q, states)
+    want = sorted(range(3), key=lambda i: (rel[i], -i))
+    seen: list[list] = []
+    stream = gist_tiny.stream
+
+    def spy(prompt, states=None, **kw):  # noqa: ANN001, ANN202
+        seen.append(list(states or []))
+        return stream(prompt, states=states, **kw)
+
+    monkeypatch.setattr(gist_tiny, "stream", spy)
+    ChatGist(model=gist_tiny, max_tokens=1).invoke(q, gist_states=states)
+    ChatGist(model=gist_tiny, max_tokens=1, passage_order="relevance").invoke(q, gist_states=states)
+    ChatGist(model=gist_tiny, max_tokens=1).invoke(q, gist_states=states, passage_order="relevance")
+    assert [[id(s) for s in got] for got in seen] == [[id(s) for s in states]] + [[id(states[i]) for i in want]] * 2
+    with pytest.raises(ValueError, match="passage_order"):
+        ChatGist(model=gist_tiny, passage_order="random")
+    with pytest.raises(ValueError, match="passage_order"):
+        ChatGist(model=gist_tiny).invoke(q, gist_states=states, passage_order="random")
