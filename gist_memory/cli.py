@@ -935,6 +935,10 @@ def train(
     w_mixed: Annotated[Optional[float], typer.Option(help="Weight of QA with the answer's passage as raw text after "
                                                      "the other passages' states (several-passage items), so states "
                                                      "stay quiet about subjects not asked.", rich_help_panel=_O)] = None,
+    answer_last: Annotated[Optional[bool], typer.Option("--answer-last/--no-answer-last", help="Read several-passage "
+                                                        "QA items with the answer's passage last (the order of "
+                                                        "context_order='relevance').", rich_help_panel=_O,
+                                                        show_default=False)] = None,
     cont_items: Annotated[Optional[int], typer.Option(help="Continuation passages per micro-batch (for --w-cont).",
                                                       rich_help_panel=_O)] = None,
     cont_tokens: Annotated[Optional[int], typer.Option(help="Continuation tokens scored per passage (for --w-cont).",

@@ -269,3 +269,28 @@ def test_mixed_qa_reads_the_answer_passage_raw_after_the_other_passages_states(t
     assert "w_mixed" not in _cfg(tmp_path, tiny_base_dir).recipe()
     with pytest.raises(ValueError, match="weights"):
         _cfg(tmp_path, tiny_base_dir, w_mixed=-1.0)
+
+
+def test_answer_last_reads_the_answer_passage_last_in_qa(tmp_path, tiny_base_dir, monkeypatch):
+    """`answer_last`: several-passage QA items are read with the answer's passage's state last (the order a
+    relevance-ordered read gives), the teacher's rows likewise; the recipe records it only when on."""
+    P3 = "Ivo Brandt built the Kessel mill in 1790. The mill ground oats. It stood by a slow river."
+    multi = QAItem(id="m", kind="planted_distractors", passages=[P3, P1, P2], question="Who built the Kessel mill?",
+                   answer="Ivo Brandt", choices=["Ivo Brandt", "Maren Voss", "Anna Holt", "Tom Reed"],
+                   answer_index=0, answer_passage=0)  # fmt: skip
+    cfg = _cfg(tmp_path, tiny_base_dir, steps=2, batch_items=1, w_qa=1.0, w_recon=0.0, w_distill=1.0,
+               answer_last=True)
+    assert cfg.recipe()["answer_last"] is True and "answer_last" not in _cfg(tmp_path, tiny_base_dir).recipe()
+    tr = Trainer(cfg, items=[multi], eval_items=[])
+    seen = []
+    orig = tr._answer_logits
+
+    def spy(prompt, states, target, teacher=False):
+        seen.append((teacher, [s.num_tokens for s in states]))
+        return orig(prompt, states, target, teacher)
+
+    monkeypatch.setattr(tr, "_answer_logits", spy)
+    tr.train(progress=False)
+    n = [len(tr.model.plan(p).ids) for p in (P1, P2, P3)]
+    assert seen and {t for t, _ in seen} == {False, True}
+    assert all(toks == n for _, toks in seen)  # P1, P2, then the answer's passage P3

@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--w-recon", type=float, default=0.0)
     ap.add_argument("--w-mixed", type=float, default=0.0,
                     help="QA with the answer's passage raw after the other passages' states (states stay quiet)")
+    ap.add_argument("--answer-last", action="store_true",
+                    help="several-passage QA items read with the answer's passage last (as a relevance-ordered read)")
     ap.add_argument("--recon-on", choices=("qa", "cont", "both"), default="qa")
     ap.add_argument("--batch-items", type=int, default=2)
     ap.add_argument("--cont-items", type=int, default=4)
@@ -66,7 +68,7 @@ def main() -> None:
               **({"write_head": a.write_head} if a.write_head else {})},
         ratios=tuple(float(r) for r in a.ratios.split(",")), curriculum=False, stage="lora", lora_r=16, lora_alpha=32, lr_lora=1e-3, lr_gist=5e-3,
         warmup=20, batch_items=a.batch_items, cont_items=a.cont_items, w_qa=a.w_qa, w_distill=a.w_distill,
-        w_cont=a.w_cont, w_recon=a.w_recon, w_mixed=a.w_mixed, recon_on=a.recon_on, eval_every=10**9, eval_items=0, save_every=25, snapshot_every=25, log_every=1,
+        w_cont=a.w_cont, w_recon=a.w_recon, w_mixed=a.w_mixed, answer_last=a.answer_last, recon_on=a.recon_on, eval_every=10**9, eval_items=0, save_every=25, snapshot_every=25, log_every=1,
         pool_items=3000, anchor_dropout=a.anchor_dropout, reader=a.reader,
     )
     Trainer(cfg).train(progress=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 #: TrainConfig fields with an option of the same name (`curriculum` is a flag: `--curriculum/--no-curriculum`).
 TRAIN_OPTION_FIELDS: tuple[str, ...] = (
     "base", "corpus", "steps", "batch_items", "grad_accum", "lr_lora", "lr_gist", "warmup", "stage", "lora_r",
-    "lora_alpha", "w_qa", "w_recon", "w_distill", "w_cont", "w_mixed", "cont_items", "cont_tokens", "recon_tokens",
+    "lora_alpha", "w_qa", "w_recon", "w_distill", "w_cont", "w_mixed", "answer_last", "cont_items", "cont_tokens", "recon_tokens",
     "recon_on",
     "anchor_dropout", "reader",
     "pool_items", "eval_items", "eval_every", "save_every", "snapshot_every", "log_every", "seed", "device",
@@ -19,7 +19,7 @@ TRAIN_OPTION_FIELDS: tuple[str, ...] = (
 )  # fmt: skip
 
 #: Boolean fields, written as a flag pair rather than `--name VALUE`.
-FLAG_FIELDS: frozenset[str] = frozenset({"curriculum"})
+FLAG_FIELDS: frozenset[str] = frozenset({"curriculum", "answer_last"})
 
 
 def option_name(field: str) -> str:

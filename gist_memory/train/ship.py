@@ -54,6 +54,8 @@ class Stage:
             parts += ["--ratios", ",".join(f"{float(r):g}" for r in c["ratios"])]
         if "curriculum" in c and c["curriculum"] != defaults["curriculum"]:
             parts.append("--curriculum" if c["curriculum"] else "--no-curriculum")
+        if c.get("answer_last"):
+            parts.append("--answer-last")
         if list(c.get("kinds", defaults["kinds"])) != list(defaults["kinds"]):
             parts += ["--kinds", ",".join(c["kinds"])]
         if c.get("bf16") is not None:

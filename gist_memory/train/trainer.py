@@ -63,6 +63,9 @@ class TrainConfig:
     # QA over items of several passages read with the answer's passage as raw text after the other passages'
     # states: a state must not outweigh raw text about another subject (what it keeps binds to its own subject)
     w_mixed: float = 0.0
+    # several-passage QA items read with the answer's passage last (states and the teacher's rows alike): the
+    # order a reader that ranks passages by relevance (`GistModel.focus`) reads them in
+    answer_last: bool = False
     cont_items: int = 0
     cont_tokens: int = 48
     recon_tokens: int = 96
@@ -134,6 +137,8 @@ class TrainConfig:
             d.pop(k)
         if not d["w_mixed"]:  # added in 0.3: recipes saved before it (and runs without it) match as before
             d.pop("w_mixed")
+        if not d["answer_last"]:  # likewise
+            d.pop("answer_last")
         d["ratios"] = list(d["ratios"])
         d["kinds"] = list(d["kinds"])
         return d
@@ -287,6 +292,10 @@ class Trainer:
             st, tw = states[i : i + len(it.passages)], twins[i : i + len(it.passages)]
             i += len(it.passages)
             target = m.encode(" " + it.answer)
+            if c.answer_last and len(it.passages) > 1:
+                a = it.answer_passage
+                last = [j for j in range(len(st)) if j != a] + [a]
+                st, tw = [st[j] for j in last], [tw[j] for j in last]
             if c.w_qa or c.w_distill:
                 s_logits = self._answer_logits(question_prompt(it), st, target)
                 if c.w_qa:
@@ -297,13 +306,13 @@ class Trainer:
                     out["distill"].append(self._kl(s_logits, t_logits))
             if c.w_mixed and len(it.passages) > 1:
                 a = it.answer_passage
-                others = [s for j, s in enumerate(st) if j != a]
+                others = [s for j, s in enumerate(states[i - len(it.passages): i]) if j != a]
                 x_logits = self._answer_logits(it.passages[a] + "\n\n" + question_prompt(it), others, target)
                 out["mixed"].append(F.cross_entropy(x_logits, torch.as_tensor(target, device=x_logits.device)))
             if c.w_recon and c.recon_on != "cont":
                 a = it.answer_passage
                 rec = m.encode(it.passages[a])[: c.recon_tokens]
-                r_logits = self._answer_logits(RECON_PROMPT, [st[a]], rec)
+                r_logits = self._answer_logits(RECON_PROMPT, [states[i - len(it.passages) + a]], rec)
                 out["recon"].append(F.cross_entropy(r_logits, torch.as_tensor(rec, device=r_logits.device)))
         for (ctx, ids), st, tw in zip(cont, states[i:], twins[i:]):
             if c.w_cont:
