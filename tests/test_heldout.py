@@ -429,6 +429,13 @@ def test_a_relevance_read_order_reaches_every_method_and_labels_its_rows(tiny_ba
     assert max(b for m, _, b in seen if m == "full") < min(text_breaks)  # one passage of text, not all
     assert all(r["read"] == "relevance order, top 1" for r in top) and not any("read" in r for r in plain)
     assert top[0]["raw_tokens"] == plain[0]["raw_tokens"]  # the ratio counts every passage written
+    for r in top:  # which passage the ranking read, and whether it held the answer
+        its_by_id = {it.id: it for it in its["entity_distractors"]}
+        for x in r["per_item"]:
+            assert len(x["read_passages"]) == 1
+            assert x["answer_read_last"] == int(x["read_passages"][0] == its_by_id[x["id"]].answer_passage)
+        assert 0.0 <= r["metrics"]["answer_read_last"] <= 1.0
+    assert not any("read_passages" in x for r in plain for x in r["per_item"])
     assert len(out.read_text().splitlines()) == 4
     md = run.render_markdown(plain + top)
     assert "| full (relevance order, top 1) |" in md and "| pool+anchors (relevance order, top 1) @4x |" in md

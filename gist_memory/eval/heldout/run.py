@@ -156,12 +156,18 @@ def read_label(order: str = "given", keep: Optional[int] = None) -> Optional[str
 
 
 def _context(gm, method: str, ratio: Optional[float], item: HeldoutItem, order: str = "given",
-             keep: Optional[int] = None) -> tuple[str, Any, int, int]:  # noqa: ANN001  # fmt: skip
+             keep: Optional[int] = None, read: Optional[list] = None) -> tuple[str, Any, int, int]:  # noqa: ANN001  # fmt: skip
     """(text placed before the question, states, raw tokens, kept rows) for one item; with `order="relevance"`
-    its passages (as text or states) are arranged by `GistModel.focus` (most relevant last, `keep` the top ones).
+    its passages (as text or states) are arranged by `GistModel.focus` (most relevant last, `keep` the top ones),
+    and `read` (if given) receives the indices of the passages read, in reading order.
     Raw tokens and kept rows count every passage written (the compression), whatever the reader then reads."""
     def arrange(ctxs: list) -> list:
-        return ctxs if order == "given" else gm.focus(item.question, ctxs, keep=keep)
+        if order == "given":
+            return ctxs
+        out = gm.focus(item.question, ctxs, keep=keep)
+        if read is not None:
+            read.extend(next(j for j, c in enumerate(ctxs) if c is x) for x in out)
+        return out
 
     if method == "none":
         return "", None, 0, 0
@@ -187,11 +193,15 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
     width = 0.0  # positions the states take in the reader's cache (more than kept rows where heads keep unevenly)
     per_item: list[dict] = []
     for item in items:
-        ctx, states, r, k = _context(gm, method, ratio, item, read_order, read_keep)
+        read: list[int] = []
+        ctx, states, r, k = _context(gm, method, ratio, item, read_order, read_keep, read)
         raw, kept = raw + r, kept + k
         width += sum(s.num_positions for s in states or [])
         q = ctx + prompt(item)
         rec: dict[str, Any] = {"id": item.id}
+        if len(read) > 1 or (read and len(item.passages) > 1):  # which passages were read, in order (relevance)
+            rec["read_passages"] = read
+            rec["answer_read_last"] = int(read[-1] == item.answer_passage)
         if kind == "faq":
             rec["ll"] = gm.score(q, item.answer, states=states)
             rec["answer_tokens"] = len(gm.tokenizer(item.answer, add_special_tokens=False)["input_ids"])
@@ -213,6 +223,8 @@ def run_cell(gm, method: str, ratio: Optional[float], kind: str, items: Sequence
             metrics["mean_ll"] = sum(x["ll"] for x in per_item) / n
         else:
             metrics["mc_accuracy"] = sum(x["correct"] for x in per_item) / n
+        if "answer_read_last" in per_item[0]:  # how often the relevance ranking put the answer's passage last
+            metrics["answer_read_last"] = sum(x["answer_read_last"] for x in per_item) / n
         if "contains" in per_item[0]:
             metrics["gen_contains"] = sum(x["contains"] for x in per_item) / n
             if kind != "faq":
