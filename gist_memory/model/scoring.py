@@ -133,11 +133,14 @@ class Scoring:
             raise ValueError(f"keep must be a positive int or None, got {keep!r}")
         if len(ctxs) <= 1:
             return ctxs
-        rel = self.relevance(query, ctxs, system_prompt)
-        order = sorted(range(len(ctxs)), key=lambda i: (rel[i], -i))
-        if keep is not None:
-            order = order[-keep:]
-        return [ctxs[i] for i in order]
+        return [ctxs[i] for i in reading_order_by_relevance(self.relevance(query, ctxs, system_prompt), keep)]
+
+
+def reading_order_by_relevance(scores: Sequence[float], keep: Optional[int] = None) -> list[int]:
+    """Indices of contexts in reading order for their `relevance` scores: the most relevant last (ties: the
+    earlier context later, so a search order's best stays nearest the question), with `keep` only the top ones."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))
+    return order if keep is None else order[-keep:]
 
 
 def _last_span(ids: Sequence[int], sub: Sequence[int]) -> int:

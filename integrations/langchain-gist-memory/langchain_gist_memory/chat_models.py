@@ -504,7 +504,9 @@ class ChatGist(BaseChatModel):
             raise ValueError(f"passage_order must be one of {', '.join(PASSAGE_ORDERS)}, got {order!r}")
         if order == "relevance" and len(passages) > 1 and texts[-1].strip():
             rel = self.model.relevance(texts[-1], passages)
-            passages = [passages[i] for i in sorted(range(len(passages)), key=lambda i: (rel[i], -i))]
+            from gist_memory.model.scoring import reading_order_by_relevance
+
+            passages = [passages[i] for i in reading_order_by_relevance(rel)]
         states = turn_states + passages
 
         stops = list(stop) if stop is not None else (list(self.stop) if self.stop else [])

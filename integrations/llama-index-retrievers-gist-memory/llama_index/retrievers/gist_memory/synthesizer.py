@@ -115,9 +115,9 @@ class GistSynthesizer(BaseSynthesizer):
         if self._read_order == "relevance" and len(states) > 1 and query_str.strip():
             rel = self._gist_llm.model.relevance(query_str, states)
             relevance = dict(zip(keys, rel))
-            order = sorted(range(len(states)), key=lambda i: (rel[i], -i))  # most relevant last
-            if self._top_n is not None:
-                order = order[-self._top_n:]
+            from gist_memory.model.scoring import reading_order_by_relevance
+
+            order = reading_order_by_relevance(rel, self._top_n)  # most relevant last
             states, keys, nodes = [states[i] for i in order], [keys[i] for i in order], [nodes[i] for i in order]
         return self._qa_template.format(query_str=query_str), states, keys, nodes, relevance
 
