@@ -281,6 +281,21 @@ def test_train_dry_run_resume_and_refusals(runner, tiny_base_dir, tiny_corpus, t
     shipped = ship(stage2 / "checkpoint", tmp_path / "shipped")
     card = (shipped / "MODEL_CARD.md").read_text()
     assert "--init-from" in card and card.count("gist-memory train") == 2
+    # a stage started from a shipped adapter (or a copy of one) keeps the chain its stages.json records
+    assert [s.step for s in stages(shipped)] == [3, 1]
+    stage3 = tmp_path / "stage3-from-shipped"
+    (stage3 / "checkpoint").mkdir(parents=True)
+    cfg3 = {**json.loads((stage2 / "train_config.json").read_text()), "out_dir": str(stage3),
+            "init_from": str(shipped)}
+    (stage3 / "train_config.json").write_text(json.dumps(cfg3))
+    (stage3 / "log.jsonl").write_text(json.dumps({"step": 1, "tokens": 7, "elapsed_s": 1.0, "lr_scale": 1.0}) + "\n")
+    chain3 = stages(stage3 / "checkpoint")
+    assert [s.step for s in chain3] == [3, 1, 1] and chain3[1].config["init_from"] == str(out / "checkpoint")
+    assert shlex.split(chain3[2].command())[2] == str(stage3)
+    (tmp_path / "bad-shipped").mkdir()
+    (tmp_path / "bad-shipped" / "stages.json").write_text("{not json")
+    with pytest.raises(ValueError, match="stages.json"):
+        stages(tmp_path / "bad-shipped")
     assert GistModel.from_pretrained(shipped, device="cpu").compress(["A short text. Another one."])[0].num_kept > 0
     other = ship(stage2 / "checkpoint", tmp_path / "shipped-surprisal", anchors="surprisal")  # serve another policy
     assert GistModel.from_pretrained(other, device="cpu").config.anchors == "surprisal"

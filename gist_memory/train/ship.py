@@ -70,12 +70,16 @@ def _run_dir(folder: Path) -> Path:
 
 
 def stages(checkpoint: Path) -> list[Stage]:
-    """The chain of runs behind `checkpoint`, first stage first (follows each run's `init_from`)."""
+    """The chain of runs behind `checkpoint`, first stage first (follows each run's `init_from`; a folder with a
+    `stages.json`, i.e. a shipped adapter or a copy of one, contributes the stages it records and ends the walk)."""
     out: list[Stage] = []
     seen: set[Path] = set()
     folder: Optional[Path] = Path(checkpoint)
     while folder is not None and folder.resolve() not in seen:
         seen.add(folder.resolve())
+        if (folder / "stages.json").is_file():
+            out.extend(_shipped_stages(folder)[::-1])  # a shipped adapter (or a copy) carries its own chain
+            break
         run = _run_dir(folder)
         cfg_file, log_file = run / "train_config.json", run / "log.jsonl"
         if not log_file.is_file():
@@ -101,6 +105,20 @@ def stages(checkpoint: Path) -> list[Stage]:
         nxt = cfg.get("init_from")
         folder = Path(nxt) if nxt and Path(nxt).exists() else None
     return out[::-1]
+
+
+def _shipped_stages(folder: Path) -> list[Stage]:
+    """The stages a shipped adapter's `stages.json` records, first first; the last one ended in `folder`."""
+    try:
+        recs = json.loads((folder / "stages.json").read_text(encoding="utf-8"))
+        if not isinstance(recs, list) or not all(isinstance(r, dict) and isinstance(r.get("config"), dict)
+                                                 for r in recs):
+            raise ValueError("not a list of stages with a config each")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / 'stages.json'}: cannot read the training stages ({e})") from None
+    return [Stage(folder=folder if i == len(recs) - 1 else Path(str(r["config"].get("out_dir") or folder)),
+                  config=r["config"], step=r.get("step"), tokens=r.get("tokens"), seconds=r.get("seconds"))
+            for i, r in enumerate(recs)]
 
 
 def _cumulative(recs: list[dict]) -> list[dict]:
