@@ -48,6 +48,31 @@ def test_focus_orders_keeps_and_checks(tiny_model):
         gm.relevance("q", [3])
 
 
+def test_batched_relevance_scores_what_one_pass_each_scores(tiny_base_dir, monkeypatch):
+    """Contexts share padded forwards (states of different widths, per-head anchor rows with masked slots, raw
+    texts, a last chunk of one): every score is the one a forward of its own gives."""
+    from gist_memory import GistConfig
+
+    cfg = GistConfig(anchors="recall", head_anchors=True, head_budget="global", head_budget_cap=4)
+    gm = GistModel.from_base(tiny_base_dir, cfg, device="cpu")
+    states = gm.compress(PASSAGES)
+    assert len({s.num_rows for s in states}) > 1  # the rows differ in width
+    mixed = [states[0], PASSAGES[1], states[2], states[3], PASSAGES[0]]
+    q = "Who was the first treasurer of the Yarrowmoor guild?"
+    one = gm.relevance(q, mixed, batch_size=1)
+    from gist_memory.model import batching
+
+    calls = []
+    real = batching.padded_forward
+    monkeypatch.setattr(batching, "padded_forward", lambda m, rows, **kw: calls.append(len(rows)) or real(m, rows, **kw))
+    for bs in (2, 8):
+        assert gm.relevance(q, mixed, batch_size=bs) == pytest.approx(one, abs=1e-3)
+    assert calls == [2, 2, 5]  # batch 2: two pairs and a last context alone; batch 8: one forward
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            gm.relevance(q, mixed, batch_size=bad)
+
+
 def test_read_label_names_the_arrangement():
     assert read_label() is None
     assert read_label("relevance") == "relevance order"

@@ -262,38 +262,10 @@ class Decoder:
 
     def _prefill_padded(self, rows: Sequence[Row]) -> _Part:
         dev = self._device()
-        B = len(rows)
-        T = [r.cached for r in rows]
-        S = [len(r.head) for r in rows]
-        Tm, Sm = max(T), max(S)
-        ids = torch.full((B, Sm), self.model._pad_id(), dtype=torch.long)
-        pos = torch.zeros((B, Sm), dtype=torch.long)
-        mask = torch.zeros((B, Tm + Sm), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, Sm - S[i]:] = torch.as_tensor(r.head)
-            pos[i, :Sm - S[i]] = r.start  # pads: any finite position, they are masked
-            pos[i, Sm - S[i]:] = r.start + torch.arange(S[i])
-            mask[i, Tm - T[i]:Tm] = 1
-            mask[i, Tm + Sm - S[i]:] = 1
-        cache = None
-        if Tm:
-            ref = next(r.layers for r in rows if r.layers is not None)
-            layers = []
-            for li, (k0, v0) in enumerate(ref):
-                _, H, _, D = k0.shape
-                k = torch.zeros((B, H, Tm, D), dtype=k0.dtype, device=dev)
-                v = torch.zeros((B, v0.shape[1], Tm, v0.shape[3]), dtype=v0.dtype, device=dev)
-                for i, r in enumerate(rows):
-                    if r.cached:
-                        k[i, :, Tm - T[i]:] = r.layers[li][0][0]
-                        v[i, :, Tm - T[i]:] = r.layers[li][1][0]
-                layers.append((k, v))
-            cache = kv.cache_from_layers(kv.with_key_mask(layers, _prefill_key_mask(rows, Tm, layers, dev)))
-        out = kv.call(self.model.model, cache=cache, input_ids=ids.to(dev), position_ids=pos.to(dev),
-                      attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1)
+        out, mask = padded_forward(self.model, rows, logits_to_keep=1)
         self.forwards += 1
         last = torch.as_tensor([r.start + len(r.head) for r in rows], device=dev)
-        return _Part(rows, kv.cache_layers(kv.out_cache(out)), mask.to(dev), last, out.logits[:, -1])
+        return _Part(rows, kv.cache_layers(kv.out_cache(out)), mask, last, out.logits[:, -1])
 
     def _prefill_rows(self, rows: Sequence[Row]) -> _Part:
         dev = self._device()
@@ -408,8 +380,46 @@ def roomy_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int 
     return cache
 
 
-def _prefill_key_mask(rows: Sequence[Row], Tm: int, layers, dev) -> Optional[list[torch.Tensor]]:  # noqa: ANN001
-    """Per layer (B, H, Tm): the rows' state key masks, right-aligned as `_prefill_padded` places their caches
+def padded_forward(model: Any, rows: Sequence[Any], logits_to_keep: int = 1):  # noqa: ANN201
+    """One forward of the base model over several prepared rows: each row's cached K/V (`layers`, one width for
+    all layers, or None; `cached` its width) left-padded to one length, its ids (`head`) right-aligned at
+    positions `start`, `start` + 1, ...; pads masked. Returns (the model output, with `logits_to_keep` logits a
+    row at the end, and the (B, L) mask of real positions)."""
+    dev = model.device
+    B = len(rows)
+    T = [r.cached for r in rows]
+    S = [len(r.head) for r in rows]
+    Tm, Sm = max(T), max(S)
+    ids = torch.full((B, Sm), model._pad_id(), dtype=torch.long)
+    pos = torch.zeros((B, Sm), dtype=torch.long)
+    mask = torch.zeros((B, Tm + Sm), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, Sm - S[i]:] = torch.as_tensor(r.head)
+        pos[i, :Sm - S[i]] = r.start  # pads: any finite position, they are masked
+        pos[i, Sm - S[i]:] = r.start + torch.arange(S[i])
+        mask[i, Tm - T[i]:Tm] = 1
+        mask[i, Tm + Sm - S[i]:] = 1
+    cache = None
+    if Tm:
+        ref = next(r.layers for r in rows if r.layers is not None)
+        layers = []
+        for li, (k0, v0) in enumerate(ref):
+            _, H, _, D = k0.shape
+            k = torch.zeros((B, H, Tm, D), dtype=k0.dtype, device=dev)
+            v = torch.zeros((B, v0.shape[1], Tm, v0.shape[3]), dtype=v0.dtype, device=dev)
+            for i, r in enumerate(rows):
+                if r.cached:
+                    k[i, :, Tm - T[i]:] = r.layers[li][0][0]
+                    v[i, :, Tm - T[i]:] = r.layers[li][1][0]
+            layers.append((k, v))
+        cache = kv.cache_from_layers(kv.with_key_mask(layers, _prefill_key_mask(rows, Tm, layers, dev)))
+    out = kv.call(model.model, cache=cache, input_ids=ids.to(dev), position_ids=pos.to(dev),
+                  attention_mask=mask.to(dev), use_cache=True, logits_to_keep=logits_to_keep)
+    return out, mask.to(dev)
+
+
+def _prefill_key_mask(rows: Sequence[Any], Tm: int, layers, dev) -> Optional[list[torch.Tensor]]:  # noqa: ANN001
+    """Per layer (B, H, Tm): the rows' state key masks, right-aligned as `padded_forward` places their caches
     (True elsewhere: padding is masked by the batch mask); None when no row's states have empty slots."""
     masks = [kv.key_mask_of(r.layers) for r in rows]
     if all(m is None for m in masks):

@@ -89,38 +89,79 @@ class Scoring:
 
     # ---- relevance: which contexts a question is about -------------------------------------------------------
     @torch.no_grad()
-    def relevance(self, query: str, contexts: Sequence[GistState | str],
-                  system_prompt: Optional[str] = None) -> list[float]:  # fmt: skip
+    def relevance(self, query: str, contexts: Sequence[GistState | str], system_prompt: Optional[str] = None,
+                  batch_size: int = 8) -> list[float]:  # fmt: skip
         """How well each context predicts `query`: the summed log-probability of the query's tokens read right
         after that context alone (a state, or raw text), as the question is read after states.
 
         A query-likelihood score (the reader itself judges which passage a question is about, without the
         answer): higher means more relevant; scores compare across the contexts of one call (the same query
-        tokens are scored each time). Each context costs one pass over its rows plus the query's tokens.
+        tokens are scored each time). Each context is read alone, its rows plus the query's tokens; up to
+        `batch_size` contexts share one padded forward (`batch_size=1`: one forward each; the scores agree to
+        float rounding).
         """
         if not isinstance(query, str) or not query.strip():
             raise ValueError("relevance needs a non-empty query")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         q = self.encode(query)
-        out: list[float] = []
+        rows = []
+        for i, ctx in enumerate(contexts):
+            if isinstance(ctx, GistState):
+                layers, start, ids = self.prepare(query, [ctx], system_prompt)
+            elif isinstance(ctx, str):
+                if not ctx.strip():
+                    raise ValueError(f"contexts[{i}] is empty text")
+                layers, start, ids = self.prepare(query, None, system_prompt, context_prefix=ctx + "\n\n")
+            else:
+                raise ValueError(f"contexts[{i}] is a {type(ctx).__name__}, not a GistState or str")
+            at = _last_span(ids, q)
+            lo, hi = (max(1, at), at + len(q)) if at >= 0 else (1, len(ids))  # not found: the whole suffix
+            if hi <= lo:
+                raise ValueError("the query has no tokens to score after the context")
+            rows.append(_Scored(layers, start, ids, lo, hi))
+        out: list[float] = [0.0] * len(rows)
+        from gist_memory.model.batching import adapted_reader
+
         with self._eval_mode():
-            for i, ctx in enumerate(contexts):
-                if isinstance(ctx, GistState):
-                    layers, start, ids = self.prepare(query, [ctx], system_prompt)
-                elif isinstance(ctx, str):
-                    if not ctx.strip():
-                        raise ValueError(f"contexts[{i}] is empty text")
-                    layers, start, ids = self.prepare(query, None, system_prompt, context_prefix=ctx + "\n\n")
-                else:
-                    raise ValueError(f"contexts[{i}] is a {type(ctx).__name__}, not a GistState or str")
-                at = _last_span(ids, q)
-                lo, hi = (max(1, at), at + len(q)) if at >= 0 else (1, len(ids))  # not found: the whole suffix
-                if hi <= lo:
-                    raise ValueError("the query has no tokens to score after the context")
-                logits, _ = self.forward_ids(torch.as_tensor([ids[:hi]], device=self.device), layers, start)
-                logp = torch.log_softmax(logits[0, lo - 1: hi - 1].float(), -1)
-                tgt = torch.as_tensor(ids[lo:hi], device=self.device)
-                out.append(float(logp[torch.arange(hi - lo, device=self.device), tgt].sum()))
+            if batch_size > 1 and not adapted_reader(self):
+                # rows that score the same number of final tokens share a padded forward (right-aligned, their
+                # scored tokens are the last ones of every row); the others are read one at a time
+                groups: dict[int, list[int]] = {}
+                for i, r in enumerate(rows):
+                    groups.setdefault(r.hi - r.lo, []).append(i)
+                done = set()
+                for n, idx in groups.items():
+                    for b in range(0, len(idx), batch_size):
+                        part = idx[b: b + batch_size]
+                        if len(part) < 2:
+                            continue
+                        out_b = self._relevance_batch([rows[i] for i in part], n)
+                        for i, v in zip(part, out_b):
+                            out[i] = v
+                        done.update(part)
+            else:
+                done = set()
+            for i, r in enumerate(rows):
+                if i not in done:
+                    logits, _ = self.forward_ids(torch.as_tensor([r.head], device=self.device), r.layers, r.start)
+                    logp = torch.log_softmax(logits[0, r.lo - 1: r.hi - 1].float(), -1)
+                    tgt = torch.as_tensor(r.ids[r.lo:r.hi], device=self.device)
+                    out[i] = float(logp[torch.arange(r.hi - r.lo, device=self.device), tgt].sum())
         return out
+
+    def _relevance_batch(self, rows: list[_Scored], n: int) -> list[float]:
+        """Summed log-probabilities of each row's last `n` tokens, all rows in one padded forward."""
+        from gist_memory.model.batching import padded_forward
+
+        for r in rows:
+            if r.layers is not None:
+                r.layers = kv.uniform_widths(r.layers)
+                r.cached = int(r.layers[0][0].shape[2])
+        res, _ = padded_forward(self, rows, logits_to_keep=n + 1)
+        logp = torch.log_softmax(res.logits[:, :-1].float(), -1)  # (B, n, V): the predictions of the last n ids
+        tgt = torch.as_tensor([r.head[-n:] for r in rows], device=self.device)
+        return [float(x) for x in logp.gather(-1, tgt[..., None])[..., 0].sum(-1)]
 
     def focus(self, query: str, contexts: Sequence[GistState | str], keep: Optional[int] = None,
               system_prompt: Optional[str] = None) -> list:  # fmt: skip
@@ -141,6 +182,16 @@ def reading_order_by_relevance(scores: Sequence[float], keep: Optional[int] = No
     earlier context later, so a search order's best stays nearest the question), with `keep` only the top ones."""
     order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))
     return order if keep is None else order[-keep:]
+
+
+class _Scored:
+    """One context of a `relevance` call: its prepared cache, the ids read after it (up to the query's end) and
+    the span [lo, hi) of those ids that is scored."""
+
+    def __init__(self, layers, start: int, ids: Sequence[int], lo: int, hi: int) -> None:  # noqa: ANN001
+        self.layers, self.start, self.ids, self.lo, self.hi = layers, start, list(ids), lo, hi
+        self.head = self.ids[:hi]
+        self.cached = 0 if layers is None else int(layers[0][0].shape[2])
 
 
 def _last_span(ids: Sequence[int], sub: Sequence[int]) -> int:
