@@ -585,8 +585,9 @@ def ask(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 64,
     compare: Annotated[bool, typer.Option(help="Also answer from the same passages as raw text, side by side.")] = False,
     context_order: Annotated[str, typer.Option(
-        help="Order the passages are read in: best_last (best search match nearest the question), best_first, or "
-             "relevance (the model's own judgement of which passage the question is about, read last)")] = "best_last",
+        help="Order the passages are read in: relevance (the model's own judgement of which passage the question "
+             "is about, read last; one padded pass over the states first), best_last (best search match nearest "
+             "the question) or best_first")] = "relevance",
     opts: ModelOptions = ModelOptions(),
     json_out: JsonOpt = False,
 ) -> None:

@@ -147,7 +147,7 @@ def compare(
     on_token: Optional[Callable[[str], None]] = None,
     filter: Optional[dict[str, Any]] = None,
     repeats: int = 1,
-    context_order: str = "best_last",
+    context_order: str = "relevance",
 ) -> Comparison:
     """Answer `question` from the states of the `k` best passages, then (optionally) from the same passages as text.
 
@@ -163,9 +163,9 @@ def compare(
         filter: Metadata filter for the search.
         repeats: Time to first token is the median of this many runs of each twin (the extra runs decode one
             token), which steadies the numbers on a busy machine.
-        context_order: The order both twins read the passages in (`GistMemory.ask`): `best_last` (default),
-            `best_first` or `relevance` (the model's own ranking, from the states; its time counts in the gist
-            answer's time to first token and is `extra["rank_s"]`).
+        context_order: The order both twins read the passages in (`GistMemory.ask`): `relevance` (default: the
+            model's own ranking, from the states; its time counts in the gist answer's time to first token and is
+            `extra["rank_s"]`), `best_last` or `best_first`.
     """
     hits = memory.search(question, k=k, filter=filter)
     t_read = time.perf_counter()

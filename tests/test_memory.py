@@ -55,11 +55,11 @@ def test_add_search_ask(model, emb):
     assert hits[0].score == pytest.approx(expected, rel=1e-5, abs=1e-6)
     fresh = model.compress([TEXTS[1]])[0]
     assert torch.equal(hits[0].state.keys, fresh.keys)  # lazily loaded, bit-exact
-    ans = mem.ask("when was the Eiffel Tower in Paris finished", k=2, max_new_tokens=7)
+    ans = mem.ask("when was the Eiffel Tower in Paris finished", k=2, max_new_tokens=7, context_order="best_last")
     assert ans.sources[0].id == ids[3] and "2 states" in ans.text
     call = model.last_generate
     assert call["prompt"].startswith("when was") and call["max_new_tokens"] == 7
-    # sources in search order; the states read with the best match last, nearest the question
+    # sources in search order; best_last reads the states with the best match last, nearest the question
     assert [s.text_hash for s in call["states"]] == [h.state.text_hash for h in ans.sources][::-1]
     ans = mem.ask("when was the Eiffel Tower in Paris finished", k=2, max_new_tokens=7, context_order="best_first")
     assert [s.text_hash for s in model.last_generate["states"]] == [h.state.text_hash for h in ans.sources]
@@ -70,6 +70,9 @@ def test_add_search_ask(model, emb):
     ans = mem.ask(q, k=3, max_new_tokens=7, context_order="relevance")
     rel = model.relevance(q, [h.state for h in ans.sources])
     want = sorted(range(3), key=lambda i: (rel[i], -i))
+    assert want != [2, 1, 0]  # an order best_last would not give
+    assert [s.text_hash for s in model.last_generate["states"]] == [ans.sources[i].state.text_hash for i in want]
+    mem.ask(q, k=3, max_new_tokens=7)  # the default read is by relevance
     assert [s.text_hash for s in model.last_generate["states"]] == [ans.sources[i].state.text_hash for i in want]
     hits, states = mem.reading(q, ans.sources, "relevance")
     assert [h.id for h in hits] == [ans.sources[i].id for i in want] and len(states) == 3

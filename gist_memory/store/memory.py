@@ -858,7 +858,7 @@ class GistMemory:
         return lambda: self.states_for([hit])[0]
 
     def reading(self, question: str, hits: Sequence[Hit],
-                context_order: str = "best_last") -> tuple[list[Hit], list[GistState]]:  # fmt: skip
+                context_order: str = "relevance") -> tuple[list[Hit], list[GistState]]:  # fmt: skip
         """(hits, their states) in the order the model reads them for `question` (`ask`'s `context_order`)."""
         if context_order != "relevance":
             read = reading_order(hits, context_order)
@@ -867,8 +867,9 @@ class GistMemory:
         states = self.states_for(hits) if hits else []
         if len(states) < 2:
             return hits, states
-        rel = self.model.relevance(question, states)
-        order = sorted(range(len(hits)), key=lambda i: (rel[i], -i))  # most relevant last; ties: search order
+        from gist_memory.model.scoring import reading_order_by_relevance
+
+        order = reading_order_by_relevance(self.model.relevance(question, states))  # most relevant last
         return [hits[i] for i in order], [states[i] for i in order]
 
     def states_for(self, hits: Sequence[Hit]) -> list[GistState]:
@@ -895,17 +896,18 @@ class GistMemory:
             return [s for s in got if s is not None]
 
     def ask(self, question: str, k: int = 4, filter: Optional[dict[str, Any]] = None,
-            context_order: str = "best_last", **gen_kwargs: Any) -> Answer:  # fmt: skip
+            context_order: str = "relevance", **gen_kwargs: Any) -> Answer:  # fmt: skip
         """Retrieve `k` passages and answer `question` from their gist states.
 
         Args:
             question: The question (also the search query).
             k: Passages to read.
             filter: Metadata filter for the search (see `search`).
-            context_order: `best_last` (the best match read last, nearest the question), `best_first`
-                (`reading_order`), or `relevance`: the model's own judgement of which passage the question is
-                about read last (`GistModel.relevance`: one short pass per state before answering; on held-out
-                items with distractor passages it doubles the share answered right, docs/evaluation.md).
+            context_order: `relevance` (the default): the model's own judgement of which passage the question
+                is about, read last (`GistModel.relevance`: the states scored in one padded pass before
+                answering; on held-out items with distractor passages it doubles the share answered right,
+                docs/evaluation.md); `best_last` (the best search match read last, nearest the question) or
+                `best_first` (`reading_order`): no pass before answering. One passage is read as it is.
                 `Answer.sources` stay in search order either way.
             **gen_kwargs: Passed to `model.generate` (max_new_tokens, do_sample, ...).
         """

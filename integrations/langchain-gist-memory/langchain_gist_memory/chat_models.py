@@ -183,10 +183,10 @@ class ChatGist(BaseChatModel):
         memory: A `GistMemory` whose passages `invoke(..., gist_ids=[...])` reads.
         registry: Where known passages are looked up (default: the registry `GistRetriever` fills).
         splice_passages: Cut known passages out of the messages and read their states.
-        passage_order: The order passage states (spliced, `gist_ids`, `gist_states`) are read in: `given` (as they
-            come) or `relevance`: the model scores how well each predicts the last message (`GistModel.relevance`,
-            one short pass per state) and reads the most relevant last, nearest the question. Turn states keep
-            their order. Also per call.
+        passage_order: The order passage states (spliced, `gist_ids`, `gist_states`) are read in: `relevance`
+            (the default): the model scores how well each predicts the last message (`GistModel.relevance`, the
+            states in one padded pass) and reads the most relevant last, nearest the question; `given`: as they
+            come, no pass. Turn states keep their order. Also per call.
         state_store: Persistent home of turn states (`GistHistoryStore`, `LangGraphStateStore`, ...).
         cache_size: Turn states kept in RAM (at most).
         cache_bytes: Bytes of turn states kept in RAM (at most; the least recently used go first).
@@ -212,7 +212,7 @@ class ChatGist(BaseChatModel):
     memory: Any = Field(default=None, exclude=True)
     registry: Optional[PassageRegistry] = Field(default=None, exclude=True)
     splice_passages: bool = True
-    passage_order: str = "given"
+    passage_order: str = "relevance"
     state_store: Any = Field(default=None, exclude=True)
     cache_size: int = Field(default=4096, ge=0)
     cache_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=0)

@@ -143,7 +143,9 @@ def test_gist_synthesizer_hands_states_by_node(li_tiny_model, registry, nodes, e
     engine = RetrieverQueryEngine(r, response_synthesizer=GistSynthesizer(llm=llm))
     resp = engine.query(Q)
     g = resp.metadata["gist"]
-    assert g["passages"] == 2 and g["state_keys"] == [n.node.metadata[METADATA_KEY] for n in resp.source_nodes]
+    # read by relevance (the default); the sources stay in the retriever's order
+    assert g["passages"] == 2 and g["read_order"] == "relevance"
+    assert sorted(g["state_keys"]) == sorted(n.node.metadata[METADATA_KEY] for n in resp.source_nodes)
     assert resp.metadata["n0"]["topic"] == "archive"
     RetrieverQueryEngine.from_args(r, llm=llm).query(Q)  # the transparent route reads the QA template as tokens
     assert g["prompt_tokens"] < llm.last_gist_usage["prompt_tokens"]
@@ -185,23 +187,24 @@ def test_memory_backed_lazy_states_load_from_the_store(li_tiny_model, registry, 
 
 
 def test_gist_synthesizer_reads_the_most_relevant_node_last(li_tiny_model, registry, nodes, llm):
-    """`read_order="relevance"` orders the states by the model's own query likelihood (the most relevant next to
-    the question); `top_n` reads only the best ones and reports only those as sources."""
+    """`read_order="relevance"` (the default) orders the states by the model's own query likelihood (the most
+    relevant next to the question); `top_n` reads only the best ones and reports only those as sources."""
     retrieved = [NodeWithScore(node=n, score=1.0) for n in nodes[:3]]
     states, _ = GistSynthesizer(llm=llm).states_for_nodes(retrieved)
     rel = li_tiny_model.relevance(Q, states)
     order = sorted(range(3), key=lambda i: rel[i])
-    plain = GistSynthesizer(llm=llm).synthesize(Q, retrieved)
+    plain = GistSynthesizer(llm=llm, read_order="given").synthesize(Q, retrieved)
     assert "relevance" not in plain.metadata["gist"]
     ranked = GistSynthesizer(llm=llm, read_order="relevance").synthesize(Q, retrieved)
     g = ranked.metadata["gist"]
     keys = plain.metadata["gist"]["state_keys"]
-    assert g["state_keys"] == [keys[i] for i in order] and g["read_order"] == "relevance"
+    assert order != [0, 1, 2] and g["state_keys"] == [keys[i] for i in order] and g["read_order"] == "relevance"
+    assert GistSynthesizer(llm=llm).synthesize(Q, retrieved).metadata["gist"]["state_keys"] == g["state_keys"]
     assert g["relevance"] == pytest.approx(dict(zip(keys, rel)), abs=1e-4)
     assert len(ranked.source_nodes) == 3  # every retrieved node stays a source when all are read
     top = GistSynthesizer(llm=llm, read_order="relevance", top_n=1).synthesize(Q, retrieved)
     assert top.metadata["gist"]["state_keys"] == [keys[order[-1]]] and top.metadata["gist"]["passages"] == 1
     assert [n.node.node_id for n in top.source_nodes] == [retrieved[order[-1]].node.node_id]
-    for bad in ({"read_order": "random"}, {"top_n": 2}, {"read_order": "relevance", "top_n": 0}):
+    for bad in ({"read_order": "random"}, {"read_order": "given", "top_n": 2}, {"read_order": "relevance", "top_n": 0}):
         with pytest.raises(ValueError, match="read_order|top_n"):
             GistSynthesizer(llm=llm, **bad)

@@ -321,8 +321,8 @@ def test_concurrent_invokes_need_no_lock_and_match_calls_alone(gist_tiny):
 
 
 def test_passage_order_relevance_reads_the_most_relevant_passage_last(gist_tiny, docs, monkeypatch):
-    """`passage_order="relevance"`: passage states are read in the model's own relevance order for the last
-    message (most relevant last); `given` keeps the order they came in; a bad order is refused."""
+    """`passage_order="relevance"` (the default): passage states are read in the model's own relevance order for
+    the last message (most relevant last); `given` keeps the order they came in; a bad order is refused."""
     states = gist_tiny.compress(docs[:3])
     q = "What is the archive code?"
     rel = gist_tiny.relevance(q, states)
@@ -335,10 +335,13 @@ def test_passage_order_relevance_reads_the_most_relevant_passage_last(gist_tiny,
         return stream(prompt, states=states, **kw)
 
     monkeypatch.setattr(gist_tiny, "stream", spy)
-    ChatGist(model=gist_tiny, max_tokens=1).invoke(q, gist_states=states)
+    assert want != [0, 1, 2]
+    ChatGist(model=gist_tiny, max_tokens=1, passage_order="given").invoke(q, gist_states=states)
     ChatGist(model=gist_tiny, max_tokens=1, passage_order="relevance").invoke(q, gist_states=states)
-    ChatGist(model=gist_tiny, max_tokens=1).invoke(q, gist_states=states, passage_order="relevance")
-    assert [[id(s) for s in got] for got in seen] == [[id(s) for s in states]] + [[id(states[i]) for i in want]] * 2
+    ChatGist(model=gist_tiny, max_tokens=1, passage_order="given").invoke(q, gist_states=states,
+                                                                        passage_order="relevance")
+    ChatGist(model=gist_tiny, max_tokens=1).invoke(q, gist_states=states)
+    assert [[id(s) for s in got] for got in seen] == [[id(s) for s in states]] + [[id(states[i]) for i in want]] * 3
     with pytest.raises(ValueError, match="passage_order"):
         ChatGist(model=gist_tiny, passage_order="random")
     with pytest.raises(ValueError, match="passage_order"):

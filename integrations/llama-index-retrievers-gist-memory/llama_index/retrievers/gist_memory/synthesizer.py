@@ -44,9 +44,10 @@ class GistSynthesizer(BaseSynthesizer):
         no_context_template: Prompt used when retrieval returned nothing.
         streaming: Return `StreamingResponse`s.
         callback_manager: LlamaIndex callback manager.
-        read_order: `given` (the retriever's order) or `relevance`: the model first scores how well each node's
-            state predicts the question (`GistModel.relevance`, one short pass per state) and reads the most
-            relevant last, next to the question, where a small reader binds facts best.
+        read_order: `relevance` (the default): the model first scores how well each node's state predicts the
+            question (`GistModel.relevance`, the states in one padded pass) and reads the most relevant last, next
+            to the question, where a small reader binds facts best; `given`: the retriever's order, no pass.
+            `source_nodes` stay in the retriever's order either way (unless `top_n`).
         top_n: With `read_order="relevance"`: read only the `top_n` most relevant nodes (the response's
             `source_nodes` are then the nodes read). `metadata["gist"]["relevance"]` holds every node's score.
     """
@@ -59,7 +60,7 @@ class GistSynthesizer(BaseSynthesizer):
         no_context_template: Optional[Union[str, PromptTemplate]] = None,
         streaming: bool = False,
         callback_manager: Optional[CallbackManager] = None,
-        read_order: str = "given",
+        read_order: str = "relevance",
         top_n: Optional[int] = None,
     ) -> None:
         if read_order not in READ_ORDERS:
