@@ -123,6 +123,7 @@ class Scoring:
         out: list[float] = [0.0] * len(rows)
         from gist_memory.model.batching import adapted_reader
 
+        done: set[int] = set()  # rows scored in a padded forward
         with self._eval_mode():
             if batch_size > 1 and not adapted_reader(self):
                 # rows that score the same number of final tokens share a padded forward (right-aligned, their
@@ -130,7 +131,6 @@ class Scoring:
                 groups: dict[int, list[int]] = {}
                 for i, r in enumerate(rows):
                     groups.setdefault(r.hi - r.lo, []).append(i)
-                done = set()
                 for n, idx in groups.items():
                     for b in range(0, len(idx), batch_size):
                         part = idx[b: b + batch_size]
@@ -140,8 +140,6 @@ class Scoring:
                         for i, v in zip(part, out_b):
                             out[i] = v
                         done.update(part)
-            else:
-                done = set()
             for i, r in enumerate(rows):
                 if i not in done:
                     logits, _ = self.forward_ids(torch.as_tensor([r.head], device=self.device), r.layers, r.start)
