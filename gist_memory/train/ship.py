@@ -205,7 +205,7 @@ stage's checkpoint was); `--stop-at` marks a run ended before its schedule's las
 |---|---|---|---|---|---|
 {rows}
 
-{card_extra}
+{card_extra.strip()}
 """
 
 
