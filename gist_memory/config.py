@@ -23,7 +23,7 @@ ANCHOR_POLICIES = ("none", "entities", "capitalized", "surprisal", "capitalized+
 # policies whose ranking needs the base model's own reading of the text (surprisal from pass 1; recall from an extra pass)
 SCORED_ANCHOR_POLICIES = ("surprisal", "capitalized+surprisal", "recall", "capitalized+recall")
 RECALL_ANCHOR_POLICIES = ("recall", "capitalized+recall")
-HEAD_BUDGETS = ("even", "layer", "global")
+HEAD_BUDGETS = ("even", "layer", "global", "depth")
 SPLITTERS = ("sentencizer", "senter")
 
 AnchorFn = Callable[[str], list[tuple[int, int]]]
@@ -62,7 +62,10 @@ class GistConfig:
             layer keeps the same number), `layer` (each layer's budget goes to its heads' best-scored tokens
             together, so a head that attends to many tokens keeps more of them than one that attends to few), or
             `global` (one ranking across all layers and heads, as KVzip does). Uneven counts are padded to the
-            widest head; the padding is masked where states are read and not stored at rest.
+            widest head; the padding is masked where states are read and not stored at rest. `depth`: the global
+            ranking decides how many rows each layer gets and that layer's heads split them evenly, so layers differ
+            in width but no head is padded: the reader's cache holds exactly the rows kept (`GistState.num_positions`
+            equals `num_rows`).
         head_budget_cap: With an uneven `head_budget`: no head keeps more than this many times the even count
             (bounds the width of the spliced cache, which is the widest head's).
         head_budget_cap_ratio: With `target_ratio`: the ratio `head_budget_cap` is stated at. At another target
@@ -103,7 +106,7 @@ class GistConfig:
     anchors: Union[str, AnchorFn] = field(default="none", metadata={"help": "anchor policy"})
     head_anchors: bool = field(default=False, metadata={"help": "recall anchors chosen per layer and head"})
     head_anchor_fraction: float = field(default=1.0, metadata={"help": "share of anchors chosen per head"})
-    head_budget: str = field(default="even", metadata={"help": "even | layer | global"})
+    head_budget: str = field(default="even", metadata={"help": "even | layer | global | depth"})
     head_budget_cap: float = field(default=4.0, metadata={"help": "most rows per head, times the even count"})
     head_budget_cap_ratio: Optional[float] = field(
         default=None, metadata={"help": "target ratio the cap is stated at (it scales with the ratio); None: fixed"})

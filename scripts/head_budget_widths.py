@@ -17,14 +17,15 @@ import sys
 from typing import Optional
 
 BUDGETS = [("even", None), ("layer", 2.0), ("layer", 4.0), ("global", 2.0), ("global", 3.0), ("global", 4.0),
-           ("global", 8.0), ("global", 16.0)]
+           ("global", 8.0), ("global", 16.0),
+           ("depth", 4.0)]
 
 
 def _budget(spec: str) -> tuple[str, Optional[float]]:
     """`even`, `layer:4`, `global:16` -> (budget, cap)."""
     name, _, cap = spec.partition(":")
-    if name not in ("even", "layer", "global"):
-        raise SystemExit(f"unknown head budget {name!r} (even, layer or global)")
+    if name not in ("even", "layer", "global", "depth"):
+        raise SystemExit(f"unknown head budget {name!r} (even, layer, global or depth)")
     return name, (float(cap) if cap else None)
 
 

@@ -725,6 +725,47 @@ def test_a_cap_stated_at_one_ratio_keeps_the_widest_head_at_the_same_share_of_th
     assert 0 < A == widest[0] < widest[1] <= 2 * A  # cap 1 is the even count; cap 2 lets the best heads keep more
 
 
+def test_depth_budget_spreads_rows_over_layers_only_so_the_cache_holds_exactly_the_rows(tiny_qwen_dir):
+    """`head_budget="depth"`: the global ranking decides each layer's share, the layer's heads split it evenly; so
+    the states take as many cache positions as they keep rows (no head is padded to a wider one), and read alike
+    with and without junk in the empty slots."""
+    from dataclasses import replace
+
+    from gist_memory.model.compress import _split_evenly
+
+    assert _split_evenly([6, 3, 3], 3, 4, 10) == [2, 1, 1]  # in proportion to the layers' shares
+    assert sum(_split_evenly([7, 1, 4], 3, 4, 10)) == 4  # rounded so the shares add up exactly
+    assert _split_evenly([12, 0, 0], 3, 3, 2) == [2, 1, 0]  # none above the cap; the rest goes where it is wanted
+    text = TEXTS[0] + " " + TEXTS[1]
+    even = GistModel.from_base(tiny_qwen_dir, GistConfig(target_ratio=4.0, anchors="recall", head_anchors=True),
+                               device="cpu")
+    e = even.compress([text])[0]
+    m = even.with_config(head_budget="depth", head_budget_cap=3.0)
+    u = m.compress([text])[0]
+    A, W = e.num_anchors, u.num_anchors
+    counts = (u.positions[:, :, :W] >= 0).sum(-1)  # (L, H) rows each head keeps
+    assert (counts == counts[:, :1]).all()  # every head of a layer keeps the same number
+    assert int(counts[:, 0].sum()) == A * counts.shape[0] and int(counts.max()) <= round(3.0 * A)
+    assert u.num_rows == pytest.approx(e.num_rows) and u.num_positions == pytest.approx(u.num_rows)
+    g = even.with_config(head_budget="global", head_budget_cap=3.0).compress([text])[0]
+    assert g.num_positions > g.num_rows  # what the global budget pays in cache width, and depth does not
+    # each head keeps its own best tokens for its layer's count
+    scores = torch.as_tensor(m.plan(text).head_scores)
+    for li in range(counts.shape[0]):
+        for h in range(counts.shape[1]):
+            kept = u.positions[li, h, : int(counts[li, h])]
+            best = scores[li, h, : scores.shape[-1]].topk(int(counts[li, h])).indices.sort().values
+            assert set(kept.tolist()) <= set(range(scores.shape[-1]))
+            assert float(scores[li, h, kept].min()) >= float(scores[li, h, best].min()) - 1e-6
+    junk = replace(u, keys=u.keys.clone(), values=u.values.clone())
+    if junk.key_mask() is not None:
+        junk.keys[~junk.key_mask()] = 50.0
+    q = "What is the code?"
+    (l0, p0, h0), (l1, p1, _) = m.prepare(q, [u]), m.prepare(q, [junk])
+    x = torch.as_tensor([h0])
+    assert torch.allclose(m.forward_ids(x, l0, p0)[0], m.forward_ids(x, l1, p1)[0], atol=1e-4)
+
+
 def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_dir, tmp_path):
     from gist_memory.state import KIND_ANCHOR
     from gist_memory.store import GistStore

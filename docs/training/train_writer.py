@@ -39,7 +39,7 @@ def main() -> None:
                     help="anchor policy the writer trains with (capitalized, surprisal, ...)")
     ap.add_argument("--head-anchors", action="store_true",
                     help="with --anchors recall: anchors per layer and head (how the shipped default serves states)")
-    ap.add_argument("--head-budget", choices=("even", "layer", "global"), default=None,
+    ap.add_argument("--head-budget", choices=("even", "layer", "global", "depth"), default=None,
                     help="with --head-anchors: how anchor rows are spread over heads (the shipped default: global)")
     ap.add_argument("--head-budget-cap", type=float, default=None, help="most rows per head, times the even count")
     ap.add_argument("--head-budget-cap-ratio", type=float, default=None,

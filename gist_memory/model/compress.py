@@ -329,17 +329,23 @@ class Compressing:
 
         `even`: the top A of every head (W = A). `layer` / `global`: the top A * H of each layer's heads together /
         A * H * L of all heads, no head over `GistConfig.head_cap()` * A; heads that keep fewer are padded with -1 up to
-        the widest head (W)."""
+        the widest head (W). `depth`: the `global` ranking decides how many rows each layer gets, and that layer's
+        heads share them evenly (each its own top A_l), so only whole layers differ in width."""
         L, H, n = scores.shape
         A = min(A, n)
-        if self.config.head_budget == "even" or A == 0:
+        budget = self.config.head_budget
+        if budget == "even" or A == 0:
             return scores.topk(A, dim=-1).indices.sort(dim=-1).values
         cap = min(n, max(A, int(round(self.config.head_cap() * A))))
         ranked = scores.topk(cap, dim=-1)  # each head's best `cap` tokens: no head can take more
-        flat = ranked.values.reshape(L, -1) if self.config.head_budget == "layer" else ranked.values.reshape(1, -1)
+        flat = ranked.values.reshape(L, -1) if budget == "layer" else ranked.values.reshape(1, -1)
         take = torch.zeros_like(flat, dtype=torch.bool)
-        take.scatter_(1, flat.topk(A * H * (L if self.config.head_budget == "global" else 1), dim=-1).indices, True)
+        take.scatter_(1, flat.topk(A * H * (1 if budget == "layer" else L), dim=-1).indices, True)
         take = take.reshape(L, H, cap)
+        if budget == "depth":
+            counts = _split_evenly(take.sum(dim=(1, 2)).tolist(), H, A * L, cap)  # rows per head of each layer
+            slot = torch.arange(cap, device=take.device)
+            take = (slot[None, :] < torch.as_tensor(counts, device=take.device)[:, None])[:, None, :].expand(L, H, cap)
         W = max(1, int(take.sum(-1).max()))
         tok = torch.where(take, ranked.indices, torch.full_like(ranked.indices, n))  # not taken -> n, sorts last
         tok = tok.sort(dim=-1).values[..., :W]
@@ -547,3 +553,21 @@ class Compressing:
         with ctx:
             out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=lay.position_ids)
         return out.logits
+
+
+def _split_evenly(layer_rows: list, heads: int, total: int, cap: int) -> list:
+    """Rows per head of each layer: each layer's share of `total` (rows per head summed over layers) in proportion to
+    `layer_rows` (what a ranking over all heads gave the layer), rounded by largest remainder so the shares add up
+    to `total` exactly, none above `cap`."""
+    want = [r / heads for r in layer_rows]
+    scale = total / max(1e-9, sum(want))
+    want = [min(float(cap), w * scale) for w in want]
+    out = [int(w) for w in want]
+    left = total - sum(out)
+    order = sorted(range(len(want)), key=lambda i: want[i] - out[i], reverse=True)
+    while left > 0 and any(o < cap for o in out):
+        for i in order:
+            if left > 0 and out[i] < cap:
+                out[i] += 1
+                left -= 1
+    return out

@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="with --anchors recall: anchors chosen per layer and head (--no-head-anchors: shared)")
     ap.add_argument("--head-anchor-fraction", type=float, default=None,
                     help="with --head-anchors: the share of anchors each head chooses itself (the rest shared)")
-    ap.add_argument("--head-budget", default=None, choices=["even", "layer", "global"],
+    ap.add_argument("--head-budget", default=None, choices=["even", "layer", "global", "depth"],
                     help="with --head-anchors: how anchor rows are spread over heads (GistConfig.head_budget)")
     ap.add_argument("--head-budget-cap", type=float, default=None,
                     help="with an uneven --head-budget: most rows per head, times the even count")
