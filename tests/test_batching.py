@@ -67,11 +67,22 @@ def qwen(tiny_qwen_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ragged(tiny_qwen_dir, tmp_path_factory):
     """Per-head anchors spread unevenly over heads: states with empty slots, read through the key mask."""
+    return _ragged(tiny_qwen_dir, tmp_path_factory, "layer")
+
+
+@pytest.fixture(scope="module")
+def depth(tiny_qwen_dir, tmp_path_factory):
+    """Anchors spread unevenly over layers only (`head_budget="depth"`): each layer as wide as its own rows when
+    read alone; a padded batch lays every layer out as wide as the widest."""
+    return _ragged(tiny_qwen_dir, tmp_path_factory, "depth")
+
+
+def _ragged(tiny_qwen_dir, tmp_path_factory, budget):  # noqa: ANN001, ANN202
     from gist_memory import GistConfig, GistModel
 
-    path = _sharp(tiny_qwen_dir, tmp_path_factory.mktemp("sharp-ragged"))
+    path = _sharp(tiny_qwen_dir, tmp_path_factory.mktemp("sharp-" + budget))
     m = GistModel.from_base(path, GistConfig(compressor="pool+anchors", target_ratio=4, anchors="recall",
-                                             head_anchors=True, head_budget="layer", head_budget_cap=3), device="cpu")
+                                             head_anchors=True, head_budget=budget, head_budget_cap=3), device="cpu")
     st = m.compress(PASSAGES)
     assert all(s.has_empty_slots for s in st)
     g = torch.Generator().manual_seed(0)
@@ -120,7 +131,7 @@ def _plain(u: Usage) -> dict:
 
 
 @pytest.mark.parametrize("prefill", ["padded", "rows"])
-@pytest.mark.parametrize("arch", ["llama", "qwen", "ragged"])
+@pytest.mark.parametrize("arch", ["llama", "qwen", "ragged", "depth"])
 def test_batch_equals_single_generation(arch, prefill, request):
     model, st = request.getfixturevalue(arch)
     reqs, probe_text = _requests(model, st)
@@ -192,7 +203,7 @@ def test_long_answers_past_the_spare_room(llama):
     assert generate_batch(model, reqs) == [model.generate(r.prompt, states=r.states, **r.gen) for r in reqs]
 
 
-@pytest.mark.parametrize("arch", ["llama", "ragged"])
+@pytest.mark.parametrize("arch", ["llama", "ragged", "depth"])
 def test_rows_join_a_running_batch(arch, request):
     model, st = request.getfixturevalue(arch)
     reqs, _ = _requests(model, st)
