@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from gist_memory.config import HEAD_BUDGETS
 from gist_memory.train.options import FLAG_FIELDS, TRAIN_OPTION_FIELDS, option_name
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
@@ -273,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ratio", type=float, default=4.0)
     ap.add_argument("--anchors", default=None, help="serve with this anchor policy (default: the trained one)")
     ap.add_argument("--head-anchors", action="store_true", help="with --anchors recall: anchors per layer and head")
-    ap.add_argument("--head-budget", default=None, choices=["even", "layer", "global", "depth"],
+    ap.add_argument("--head-budget", default=None, choices=HEAD_BUDGETS,
                     help="with --head-anchors: how anchor rows are spread over heads")
     ap.add_argument("--head-budget-cap", type=float, default=None, help="most rows per head, times the even count")
     ap.add_argument("--head-budget-cap-ratio", type=float, default=None,

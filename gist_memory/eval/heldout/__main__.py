@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from gist_memory.config import ANCHOR_POLICIES
+from gist_memory.config import ANCHOR_POLICIES, HEAD_BUDGETS
 from gist_memory.eval.heldout.items import KINDS, HeldoutError, build_items
 from gist_memory.eval.heldout.run import (
     METHODS,
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="with --anchors recall: anchors chosen per layer and head (--no-head-anchors: shared)")
     ap.add_argument("--head-anchor-fraction", type=float, default=None,
                     help="with --head-anchors: the share of anchors each head chooses itself (the rest shared)")
-    ap.add_argument("--head-budget", default=None, choices=["even", "layer", "global", "depth"],
+    ap.add_argument("--head-budget", default=None, choices=HEAD_BUDGETS,
                     help="with --head-anchors: how anchor rows are spread over heads (GistConfig.head_budget)")
     ap.add_argument("--head-budget-cap", type=float, default=None,
                     help="with an uneven --head-budget: most rows per head, times the even count")
