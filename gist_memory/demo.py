@@ -73,13 +73,14 @@ class Usage:
     def from_last_usage(cls, u: dict[str, Any], per_position: int) -> Usage:
         """From a call's usage dict (`gist_memory.model.usage.Usage.to_dict()`)."""
         pos = int(u.get("positions_read", 0))
+        held = int(u.get("positions_held") or pos)  # less the states' empty slots where the cache is packed
         return cls(
             positions=pos,
             prompt_tokens=int(u.get("prompt_tokens", 0)),
             new_tokens=int(u.get("new_tokens", 0)),
             ttft_s=float(u.get("ttft_s") or 0.0),
             total_s=float(u.get("total_s") or 0.0),
-            kv_bytes=pos * per_position,
+            kv_bytes=held * per_position,
         )
 
 

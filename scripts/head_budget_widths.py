@@ -5,8 +5,10 @@
 Compresses the dev FAQ passages (a seeded sample outside the reported seed-0 sample, as
 `python -m gist_memory.eval.heldout --seed 1 --faq-exclude-seed 0` draws them) at 4x with each budget and prints a
 markdown table: rows kept per head (what the ratio counts), positions the states take in a reader's cache (each
-spliced layer is as wide as its widest head; averaged over layers), the widest layer, and the bytes of a float32
-store entry (only the kept rows are stored). Nothing is scored: the quality of each budget is in
+spliced layer is as wide as its widest head; averaged over layers), the widest layer, the bytes of a float32
+store entry (only the kept rows are stored), and the bytes a read's cache holds for the states between forwards, laid
+out padded (every head as wide as its layer's widest) and packed (each head's real rows only: what
+`kv.cache_from_layers` builds for a read), as raw text's cache bytes over them. Nothing is scored: the quality of each budget is in
 docs/evaluation.md.
 """
 
@@ -41,9 +43,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
     budgets = BUDGETS if a.budgets is None else [_budget(b) for b in a.budgets]
 
+    import torch
+
     from gist_memory import GistModel
     from gist_memory.eval.heldout.faq import load_faq
     from gist_memory.eval.heldout.items import build_items
+    from gist_memory.model import kv
     from gist_memory.store.store import encode_entry
 
     held = {it.id for it in build_items(a.items, seed=0, kinds=["faq"])["faq"]}
@@ -62,15 +67,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         read = sum(s.num_positions for s in states)
         widest = sum(s.num_kept for s in states)
         size = sum(len(encode_entry(s, "float32", "k")) for s in states)
-        rows.append((budget if cap is None else f"{budget}, cap {cap:g}", kept, read, widest, size))
+        held = [0, 0]  # a read's cache bytes for the states: padded, packed
+        for s in states:
+            layers, _ = kv.splice(None, 0, [s], m.rope, device=m.device, dtype=m.dtype)
+            held[0] += kv.cache_bytes(kv.cache_from_layers(layers, packed=False))
+            held[1] += kv.cache_bytes(kv.cache_from_layers(layers))
+        L, H, _, D = states[0].keys.shape
+        per_token = L * H * (D + states[0].values.shape[-1]) * torch.finfo(m.dtype).bits // 8
+        rows.append((budget if cap is None else f"{budget}, cap {cap:g}", kept, read, widest, size,
+                     held[0] / per_token, held[1] / per_token))
         print(f"{rows[-1][0]}: done", file=sys.stderr, flush=True)
     ref = rows[0][4]
     print(f"{len(texts)} dev FAQ passages, {raw} raw tokens, target ratio {a.ratio:g}x\n")
     print("| head budget | raw / kept rows per head | raw / cache positions (mean over layers) | "
-          f"raw / widest layer | store bytes (float32) vs {rows[0][0]} |")
-    print("|---|---|---|---|---|")
-    for name, kept, read, widest, size in rows:
-        print(f"| {name} | {raw / kept:.2f}x | {raw / read:.2f}x | {raw / widest:.2f}x | {size / ref:.2f} |")
+          f"raw / widest layer | store bytes (float32) vs {rows[0][0]} | raw / read cache bytes, padded | "
+          "raw / read cache bytes, packed |")
+    print("|---|---|---|---|---|---|---|")
+    for name, kept, read, widest, size, padded, packed in rows:
+        print(f"| {name} | {raw / kept:.2f}x | {raw / read:.2f}x | {raw / widest:.2f}x | {size / ref:.2f} | "
+              f"{raw / padded:.2f}x | {raw / packed:.2f}x |")
     return 0
 
 

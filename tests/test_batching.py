@@ -373,3 +373,52 @@ def test_serve_batch_option(flag, on, monkeypatch, tiny_base_dir):
     assert res.exit_code == 0, res.output
     svc = seen["app"].state.gist
     assert svc.batching is on and (svc.batcher is not None) is on
+
+
+def test_batched_reads_store_only_kept_rows_and_answer_as_the_padded_cache(ragged):
+    """A running batch over states whose heads keep uneven numbers of rows stores each head's real rows only
+    (fewer bytes than the padded layout); with `packed_cache = False` it keeps the padded layout, and the answers
+    are the same token for token, single requests and batches alike (garbage sits in the padded layout's empty
+    slots, so a missed mask would show)."""
+    from gist_memory.model import kv
+    from gist_memory.model.batching import Decoder
+
+    model, st = ragged
+    reqs = [BatchRequest("Who built the lighthouse?", st[:2], {"max_new_tokens": 8, "eos_token_id": NEVER}),
+            BatchRequest("Where is the depot?", st[1:], {"max_new_tokens": 6, "eos_token_id": NEVER})]
+    held = {}
+    answers = {}
+    try:
+        for packed in (True, False):
+            model.packed_cache = packed
+            dec = Decoder(model)
+            dec.add([Row(model, r) for r in reqs])
+            masks = kv.key_mask_of(dec.cache)
+            k0, v0 = dec.cache.layers[0].keys, dec.cache.layers[0].values
+            per_row = k0.shape[-1] * k0.element_size() + v0.shape[-1] * v0.element_size()
+            held[packed] = (kv.cache_bytes(dec.cache), type(dec.cache.layers[0]).__name__,
+                            sum(int((~m).sum()) for m in masks) * per_row, sum(int(m.sum()) for m in masks))
+            answers[packed] = (generate_batch(model, reqs),
+                               [model.generate(r.prompt, states=r.states, **r.gen) for r in reqs])
+    finally:
+        model.packed_cache = True
+    assert held[True][1] == "PackedLayer" and held[False][1] != "PackedLayer"
+    # the packed batch drops every empty slot's key and value and adds a 4-byte index to each kept row
+    assert held[False][0] - held[True][0] == held[True][2] - 4 * held[True][3]
+    assert answers[True] == answers[False] and answers[True][0] == answers[True][1]
+
+
+def test_serve_padded_cache_option(monkeypatch, tiny_base_dir):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from gist_memory import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    for flag, packed in ((None, True), ("--padded-cache", False)):
+        seen.clear()
+        args = ["serve", "--base", tiny_base_dir, "--port", "8125"] + ([flag] if flag else [])
+        res = CliRunner().invoke(cli.app, args)
+        assert res.exit_code == 0, res.output
+        assert seen["app"].state.gist.model.packed_cache is packed

@@ -411,9 +411,9 @@ def test_usage_comes_back_with_each_call(tiny_model):
     it = tiny_model.stream("What is the code?", states=st, max_new_tokens=5, usage=streamed)
     assert streamed.total_s == 0  # filled when the stream ends, not before
     assert "".join(it) == text and streamed.new_tokens == u.new_tokens
-    assert set(u.to_dict()) == {"raw_tokens", "kept_rows", "positions_read", "state_positions", "prompt_tokens",
-                                "new_tokens", "ttft_s", "total_s"}
-    assert u.state_positions == st[0].num_kept
+    assert set(u.to_dict()) == {"raw_tokens", "kept_rows", "positions_read", "state_positions", "positions_held",
+                                "prompt_tokens", "new_tokens", "ttft_s", "total_s"}
+    assert u.state_positions == st[0].num_kept and u.positions_held == u.positions_read  # even heads: no slots
     with pytest.raises(TypeError, match="usage must be"):
         tiny_model.generate("q", usage={}, max_new_tokens=1)
 
@@ -836,3 +836,67 @@ def test_head_anchors_keep_each_heads_own_tokens_at_the_same_budget(tiny_base_di
     back = store.get(store.put(b))
     assert back.per_head and torch.equal(back.positions, b.positions)  # (K/V as the store's storage dtype keeps them)
     assert torch.allclose(back.keys.float(), b.keys, atol=1e-2)
+
+
+def test_packed_cache_stores_only_kept_rows_and_reads_exactly_like_the_padded_one(tiny_qwen_dir):
+    """Where heads keep uneven numbers of rows (the global budget), a read's cache stores each head's real rows
+    only (`kv.cache_from_layers` packs them): fewer bytes than the widest-head layout, and the same logits at the
+    prefill and at every decoding step as the padded cache, whose empty slots are masked."""
+    m = GistModel.from_base(tiny_qwen_dir, GistConfig(target_ratio=4.0, anchors="recall", head_anchors=True,
+                                                      head_budget="global", head_budget_cap=3.0), device="cpu")
+    states = m.compress([TEXTS[0] + " " + TEXTS[1], TEXTS[2]])
+    assert all(s.has_empty_slots for s in states)
+    layers, start, head = m.prepare("What is the code?", states)
+    mask = kv.key_mask_of(layers)
+    packed, padded = kv.cache_from_layers(layers), kv.cache_from_layers(layers, packed=False)
+    assert type(packed.layers[0]).__name__ == "PackedLayer" and type(padded.layers[0]).__name__ != "PackedLayer"
+    # bytes: the real rows (keys, values and an int32 slot index each), nothing for the empty slots
+    per_row = sum(k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size() for k, v in layers[:1])
+    real = sum(int(m_.sum()) for m_ in mask)
+    assert kv.cache_bytes(packed) == real * (per_row + 4)
+    assert kv.cache_bytes(padded) == sum(m_.numel() for m_ in mask) * per_row
+    assert kv.cache_bytes(packed) < kv.cache_bytes(padded)
+    # what a forward reads back: the padded layout, real rows in place, zeros in the empty slots
+    for (k, v), (pk, pv), keep in zip(layers, kv.cache_layers(packed), mask):
+        keep = keep.expand(k.shape[0], -1, -1)
+        assert torch.equal(pk[:, :, : keep.shape[-1]][keep], k[:, :, : keep.shape[-1]][keep])
+        assert float(pk[:, :, : keep.shape[-1]][~keep].abs().sum()) == 0.0 and pv.shape == v.shape
+    ids = torch.as_tensor([head])
+    outs = []
+    for cache in (packed, padded):
+        pos = start
+        x = ids
+        logits = []
+        for step in range(4):  # the question, then three answer tokens fed one by one
+            p = (pos + torch.arange(x.shape[1]))[None]
+            out = kv.call(m.model, cache=cache, input_ids=x, position_ids=p, use_cache=True)
+            cache = kv.out_cache(out)
+            logits.append(out.logits[:, -1])
+            pos += x.shape[1]
+            x = torch.as_tensor([[7 + step]])
+        outs.append(torch.cat(logits))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert packed.get_seq_length() == padded.get_seq_length() == int(layers[0][0].shape[2]) + len(head) + 3
+    # trimming the answer and picking batch rows keep the packed layout consistent
+    lay = packed.layers[0]
+    lay.crop(-2)
+    assert lay.get_seq_length() == int(layers[0][0].shape[2]) + len(head) + 1
+    with pytest.raises(ValueError, match="packed"):
+        lay.crop(-(len(head) + 2))
+    lay.batch_repeat_interleave(2)
+    assert lay.keys.shape[0] == 2 and torch.equal(lay.keys[0], lay.keys[1])
+    # usage: the cache holds the kept rows, attention reads the padded width
+    from gist_memory.model.usage import Usage
+
+    u = Usage()
+    m.generate("What is the code?", states=states, max_new_tokens=2, usage=u)
+    assert u.positions_held == u.positions_read - (u.state_positions - u.kept_rows) < u.positions_read
+    try:
+        m.packed_cache = False
+        m.generate("What is the code?", states=states, max_new_tokens=2, usage=u)
+        assert u.positions_held == u.positions_read
+    finally:
+        m.packed_cache = True
+    # training backpropagates through the padded layout
+    grad = [(k.clone().requires_grad_(), v.clone()) for k, v in layers]
+    assert type(kv.cache_from_layers(kv.with_key_mask(grad, mask)).layers[0]).__name__ != "PackedLayer"

@@ -661,7 +661,8 @@ def eval_ppl(bench: Bench, pairs: Sequence[tuple[str, str]]) -> dict[str, dict[s
 
 
 def kv_after_prompt(gm, prompt: str, states=None) -> tuple[int, int]:  # noqa: ANN001
-    """(bytes, positions) of the KV cache once the prompt is processed: summed over the cache tensors."""
+    """(bytes, positions) of the KV cache once the prompt is processed: what its layers hold (`kv.cache_bytes`:
+    the tensors' bytes; a packed layer's kept rows and their indices), and the first layer's width."""
     import torch
 
     from gist_memory.model import kv
@@ -669,9 +670,7 @@ def kv_after_prompt(gm, prompt: str, states=None) -> tuple[int, int]:  # noqa: A
     with torch.no_grad():
         layers, start, head = gm.prepare(prompt, states)
         _, cache = gm.forward_ids(torch.as_tensor([head], device=gm.device), layers, start)
-    lay = kv.cache_layers(cache)
-    nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in lay)
-    return int(nbytes), int(lay[0][0].shape[2])
+    return kv.cache_bytes(cache), int(cache.layers[0].get_seq_length())
 
 
 def _time_once(gm, prompt: str, states, new_tokens: int) -> dict[str, float]:  # noqa: ANN001

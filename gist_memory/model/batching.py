@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from gist_memory.model import kv
 from gist_memory.model.generation import _held_back, _stop_index
 from gist_memory.model.prompt import Prompt
-from gist_memory.model.usage import Usage, check_usage
+from gist_memory.model.usage import Usage, check_usage, usage_of
 from gist_memory.state import GistState
 
 # what a batched request may set: the arguments of `GistModel.generate` as of this module (any other, such as a
@@ -119,6 +119,7 @@ class Row:
         # positions read, as the single-request path counts them (layers may differ in width); then one width for
         # all layers, as the padded batch lays them out (narrower layers get masked slots)
         self.read = 0 if self.layers is None else kv.mean_width(self.layers)
+        self.packed = bool(getattr(model, "packed_cache", True))
         if self.layers is not None:
             self.layers = kv.uniform_widths(self.layers)
         if not self.head:
@@ -195,12 +196,9 @@ class Row:
         if self.request.usage is not None:
             states = self.request.states or []
             fed = len(self.head)
-            self.request.usage.update(Usage(
-                raw_tokens=int(sum(s.num_tokens for s in states)),
-                kept_rows=int(round(sum(s.num_rows for s in states))),
-                state_positions=int(round(sum(s.num_positions for s in states))),
-                positions_read=self.read + fed, prompt_tokens=fed, new_tokens=len(self.out_ids),
-                ttft_s=self.ttft, total_s=time.perf_counter() - self.t0,
+            self.request.usage.update(usage_of(
+                states, self.read + fed, fed, self.packed, new_tokens=len(self.out_ids), ttft_s=self.ttft,
+                total_s=time.perf_counter() - self.t0,
             ))
         if self.on_done is not None:
             self.on_done(self)
@@ -272,7 +270,7 @@ class Decoder:
         parts = []
         for r in rows:
             ids = torch.as_tensor([r.head], device=dev)
-            cache = None if r.layers is None else kv.cache_from_layers(r.layers)
+            cache = None if r.layers is None else kv.cache_from_layers(r.layers, packed=self.model.packed_cache)
             pos = (r.start + torch.arange(len(r.head), device=dev))[None]
             out = kv.call(self.model.model, cache=cache, input_ids=ids, position_ids=pos, use_cache=True,
                           logits_to_keep=1)
@@ -290,7 +288,7 @@ class Decoder:
             mine = _Part(self.rows, kv.cache_layers(self.cache), self.mask, self.pos, self.logits)
             merged = _concat([mine, part])
         self.rows = list(merged.rows)
-        self.cache = roomy_cache(merged.layers)
+        self.cache = roomy_cache(merged.layers, packed=getattr(self.model, "packed_cache", True))
         self.mask, self.pos, self.logits = merged.mask, merged.pos, merged.logits
         for r in part.rows:
             r.layers = None  # the batch's cache holds it now
@@ -366,11 +364,15 @@ class Decoder:
         return rows
 
 
-def roomy_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int = 64):  # noqa: ANN201
+def roomy_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int = 64,
+                packed: bool = True):  # noqa: ANN201
     """A `DynamicCache` of per-layer (B, H, L, D) K/V whose layers keep spare slots after the last position, so a
     decoding step writes its new K/V in place instead of copying the whole cache (`DynamicLayer.update`
-    concatenates: at 16 rows that copy took a quarter of each step on CPU). Falls back to a plain `DynamicCache`
-    where this transformers has no `DynamicLayer`."""
+    concatenates: at 16 rows that copy took a quarter of each step on CPU). Where heads keep uneven numbers of
+    rows and `packed`, the layers store only the kept rows (`kv.cache_from_layers`; each step then lays a layer
+    out padded). Falls back to a plain `DynamicCache` where this transformers has no `DynamicLayer`."""
+    if packed and kv.key_mask_of(layers) is not None:
+        return kv.cache_from_layers(layers, spare=spare)
     cache = kv.cache_from_layers([])
     if _RoomyLayer is None or not isinstance(getattr(cache, "layers", None), list):
         return kv.cache_from_layers(layers)
@@ -412,7 +414,8 @@ def padded_forward(model: Any, rows: Sequence[Any], logits_to_keep: int = 1):  #
                     k[i, :, Tm - T[i]:] = r.layers[li][0][0]
                     v[i, :, Tm - T[i]:] = r.layers[li][1][0]
             layers.append((k, v))
-        cache = kv.cache_from_layers(kv.with_key_mask(layers, _prefill_key_mask(rows, Tm, layers, dev)))
+        cache = kv.cache_from_layers(kv.with_key_mask(layers, _prefill_key_mask(rows, Tm, layers, dev)),
+                                     packed=getattr(model, "packed_cache", True))
     out = kv.call(model.model, cache=cache, input_ids=ids.to(dev), position_ids=pos.to(dev),
                   attention_mask=mask.to(dev), use_cache=True, logits_to_keep=logits_to_keep)
     return out, mask.to(dev)

@@ -141,6 +141,8 @@ class Generating:
         eval_mode.__enter__()
         try:
             logits, cache = self.forward_ids(ids, layers, start)
+            # the cache holds what is read from here on (packed where heads keep uneven numbers of rows)
+            width, reads, layers = (0 if layers is None else kv.mean_width(layers)), layers is not None, None
             pos = start + len(head)
             text = ""
             for _ in range(int(max_new_tokens)):
@@ -173,7 +175,7 @@ class Generating:
                 if not text.endswith("\ufffd") and safe > len(emitted):
                     yield text[len(emitted):safe]
                     emitted = text[:safe]
-                with self.reading(layers):
+                with self.reading(reads):
                     out = kv.call(
                         self.model,
                         cache=cache,
@@ -192,7 +194,7 @@ class Generating:
         finally:
             eval_mode.__exit__(None, None, None)
             self._report(usage, self._usage(
-                states, layers, len(head), new_tokens=len(out_ids), ttft_s=ttft, total_s=time.perf_counter() - t0
+                states, width, len(head), new_tokens=len(out_ids), ttft_s=ttft, total_s=time.perf_counter() - t0
             ))
 
     def _eos_ids(self, eos_token_id: Optional[Union[int, list[int]]]) -> set[int]:

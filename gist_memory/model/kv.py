@@ -111,15 +111,196 @@ def with_key_mask(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: Opt
     return out
 
 
-def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):  # noqa: ANN201 - DynamicCache
-    """A `DynamicCache` holding the given per-layer (keys, values), each (B, H, T, D), and their key mask if any."""
+def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], packed: bool = True,
+                      spare: int = 0):  # noqa: ANN201 - DynamicCache
+    """A `DynamicCache` holding the given per-layer (keys, values), each (B, H, T, D), and their key mask if any.
+
+    Where the layers carry a key mask (heads keep uneven numbers of rows) and no gradient flows into them, each
+    layer is a `packed_layer`: only the rows each head really keeps are stored, so the cache holds the kept rows,
+    not every head padded to the widest; a forward lays one layer out padded while it attends. `packed=False` keeps
+    the padded layout (what training backpropagates through). `spare`: room a packed layer keeps for new rows."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(list(layers))
     mask = key_mask_of(layers)
+    if mask is not None and packed and not any(k.requires_grad or v.requires_grad for k, v in layers):
+        cls = packed_layer_class()
+        cache = DynamicCache([])
+        if cls is not None and isinstance(getattr(cache, "layers", None), list):
+            cache.layers = [cls(k, v, m, spare) for (k, v), m in zip(layers, mask)]
+            cache._gist_key_mask = mask
+            return cache
+    cache = DynamicCache(list(layers))
     if mask is not None:
         cache._gist_key_mask = mask
     return cache
+
+
+def cache_bytes(cache) -> int:  # noqa: ANN001 - a DynamicCache
+    """Bytes the cache's layers hold between forwards (packed layers: their kept rows and each row's slot index).
+    The per-head key mask the attention reads (one byte a slot, `Layers.key_mask`) is not counted: both layouts
+    carry it."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "stored_bytes"):
+            total += layer.stored_bytes()
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return int(total)
+
+
+_PACKED_LAYER: list = []
+
+
+def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None where transformers has none
+    """The cache layer that stores a masked prefix packed (defined on first use: transformers loads lazily)."""
+    if _PACKED_LAYER:
+        return _PACKED_LAYER[0]
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        _PACKED_LAYER.append(None)
+        return None
+
+    class PackedLayer(DynamicLayer):
+        """A cache layer whose first M positions keep only each head's real rows.
+
+        Stores the real rows of those positions packed head by head (N, D) for keys and values, where each sits
+        (one int32 a row), and the positions after M (the question, the answer so far) dense in a buffer with room
+        to grow.
+        `keys` / `values` (and what `update` returns to the attention) are the padded (B, H, M + n, D) layout,
+        zeros in empty slots, built for the one forward that reads them and dropped after: between forwards the
+        layer holds kept rows, not the widest head's."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, spare: int = 0) -> None:
+            super().__init__()
+            B, H, T, _ = keys.shape
+            M = min(int(keep.shape[-1]), T)
+            keep = keep[..., :M].to(keys.device).expand(B, H, M)
+            self.device = keys.device
+            self.is_initialized = True
+            self._shape = (B, H, M)
+            self._pk = keys[:, :, :M][keep].contiguous()  # (N, D), head by head
+            self._pv = values[:, :, :M][keep].contiguous()
+            # where each kept row sits: (b * H + h) * M + slot, in the packed order (int32: 4 bytes a row)
+            self._lin = keep.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+            self._n = 0
+            self._spare = max(0, int(spare))
+            self._tk = keys.new_empty((B, H, self._spare, keys.shape[3]))
+            self._tv = values.new_empty((B, values.shape[1], self._spare, values.shape[3]))
+            if T > M:
+                self._append(keys[:, :, M:], values[:, :, M:])
+
+        # `keys` / `values` are views built on demand; the mixin's constructor and `reset` assign None
+        @property
+        def keys(self) -> torch.Tensor:
+            return self._layout(self._pk, self._tk)
+
+        @keys.setter
+        def keys(self, value: Optional[torch.Tensor]) -> None:
+            if value is not None:
+                raise AttributeError("a packed cache layer's keys are written through update()")
+
+        @property
+        def values(self) -> torch.Tensor:
+            return self._layout(self._pv, self._tv)
+
+        @values.setter
+        def values(self, value: Optional[torch.Tensor]) -> None:
+            if value is not None:
+                raise AttributeError("a packed cache layer's values are written through update()")
+
+        @property
+        def prefix_width(self) -> int:
+            return int(self._shape[2])
+
+        @property
+        def _keep(self) -> torch.Tensor:
+            keep = torch.zeros(self._shape[0] * self._shape[1] * self._shape[2], dtype=torch.bool,
+                               device=self._lin.device)
+            keep[self._lin.long()] = True
+            return keep.view(self._shape)
+
+        def _layout(self, rows: torch.Tensor, tail: torch.Tensor, new: Optional[torch.Tensor] = None) -> torch.Tensor:
+            B, H, M = self._shape
+            extra = 0 if new is None else int(new.shape[2])
+            W = M + self._n + extra
+            out = rows.new_empty((B, H, W, rows.shape[-1]))
+            out[:, :, :M].zero_()
+            if M:
+                lin = self._lin.long()
+                out.view(B * H * W, -1).index_copy_(0, lin // M * W + lin % M, rows)
+            out[:, :, M:M + self._n] = tail[:, :, :self._n]
+            if new is not None:
+                out[:, :, M + self._n:] = new
+            return out
+
+        def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            end = self._n + int(key_states.shape[2])
+            if end > self._tk.shape[2]:  # out of room: grow by half again (amortised, rare)
+                cap = end + max(self._spare, end // 2)
+                k = self._tk.new_empty((*self._tk.shape[:2], cap, self._tk.shape[3]))
+                v = self._tv.new_empty((*self._tv.shape[:2], cap, self._tv.shape[3]))
+                k[:, :, :self._n] = self._tk[:, :, :self._n]
+                v[:, :, :self._n] = self._tv[:, :, :self._n]
+                self._tk, self._tv = k, v
+            self._tk[:, :, self._n:end] = key_states
+            self._tv[:, :, self._n:end] = value_states
+            self._n = end
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            k = self._layout(self._pk, self._tk, key_states)
+            v = self._layout(self._pv, self._tv, value_states)
+            self._append(key_states, value_states)
+            return k, v
+
+        def get_seq_length(self) -> int:
+            return self.prefix_width + self._n
+
+        def stored_bytes(self) -> int:
+            """Kept rows with their slot indices, and the filled part of the tail (its spare room not counted)."""
+            t = self._tk[:, :, :self._n]
+            tv = self._tv[:, :, :self._n]
+            return int(self._pk.numel() * self._pk.element_size() + self._pv.numel() * self._pv.element_size()
+                       + self._lin.numel() * self._lin.element_size() + t.numel() * t.element_size() + tv.numel() * tv.element_size())
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative count of positions to remove")
+            if -tokens_to_remove > self._n:
+                raise ValueError("cannot crop into a packed layer's state rows")
+            self._n -= -tokens_to_remove
+
+        def reset(self) -> None:
+            self._shape = (*self._shape[:2], 0)
+            self._pk, self._pv, self._lin = self._pk[:0], self._pv[:0], self._lin[:0]
+            self._n = 0
+
+        def offload(self) -> None:
+            self._move("cpu")
+
+        def prefetch(self) -> None:
+            self._move(self.device)
+
+        def _move(self, device) -> None:  # noqa: ANN001
+            self._lin, self._pk, self._pv = self._lin.to(device), self._pk.to(device), self._pv.to(device)
+            self._tk, self._tv = self._tk.to(device), self._tv.to(device)
+
+        def _select(self, index: torch.Tensor) -> None:
+            k, v, keep = self.keys[index], self.values[index], self._keep[index]
+            self.__init__(k, v, keep, self._spare)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self._select(beam_idx.to(self._lin.device))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._select(indices.to(self._lin.device))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._select(torch.arange(self._shape[0], device=self._lin.device).repeat_interleave(repeats))
+
+    _PACKED_LAYER.append(PackedLayer)
+    return PackedLayer
 
 
 def cache_layers(cache) -> Layers:  # noqa: ANN001

@@ -15,12 +15,20 @@ import torch
 
 from gist_memory.model import kv
 from gist_memory.model.prompt import Prompt
-from gist_memory.model.usage import Usage
+from gist_memory.model.usage import Usage, usage_of
 from gist_memory.state import GistState
 
 
 class Reading:
     """Mixin of `GistModel`: the prefix cache, `check_states`, `prepare`, `forward_ids`, usage reporting."""
+
+    #: Where states' heads keep uneven numbers of rows (`GistConfig.head_budget` "global" / "layer"), a read's
+    #: cache stores each head's real rows only (`kv.cache_from_layers`): its memory is the kept rows, not every
+    #: head padded to its layer's widest; each forward lays a layer out padded while it attends (measured:
+    #: `scripts/head_budget_widths.py` for the bytes, docs/benchmarks.md for the step time). False: keep the
+    #: padded layout (a little faster per decoding step, e.g. `gist-memory serve --padded-cache`). Outputs are
+    #: the same either way.
+    packed_cache: bool = True
 
     # ---- prefix cache ------------------------------------------------------------------------------
     @property
@@ -146,9 +154,10 @@ class Reading:
         """Context for a reader call after `layers`: the base weights, except for an *adapted* reader (an
         adapter saved with "reader": "adapted", kept for the frozen-vs-adapted comparison of the quality
         evaluation), whose writer LoRA also acts on every token read after states. Without states (`layers`
-        None) every reader is the base model. `adapted` overrides the model's setting (a training teacher)."""
+        None or False) every reader is the base model. `adapted` overrides the model's setting (a training
+        teacher)."""
         on = self.reader_adapted if adapted is None else adapted
-        if on and layers is not None and self.writer is not None and self.writer.r > 0:
+        if on and layers is not None and layers is not False and self.writer is not None and self.writer.r > 0:
             return self.writer.writing()
         return contextlib.nullcontext()
 
@@ -163,7 +172,8 @@ class Reading:
         cache = None
         if layers is not None:
             cache = kv.cache_from_layers(kv.with_key_mask([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
-                                                           for k, v in layers], kv.key_mask_of(layers)))
+                                                           for k, v in layers], kv.key_mask_of(layers)),
+                                         packed=self.packed_cache)
         pos = (start + torch.arange(S, device=ids.device))[None].expand(B, -1)
         with self.reading(layers, adapted):
             out = kv.call(self.model, cache=cache, input_ids=ids, position_ids=pos, use_cache=True)
@@ -172,18 +182,11 @@ class Reading:
     _forward = forward_ids
 
     # ---- usage -------------------------------------------------------------------------------------
-    @staticmethod
-    def _usage(states, layers, fed: int, **extra: Any) -> Usage:  # noqa: ANN001
-        cached = 0 if layers is None else kv.mean_width(layers)
-        states = states or []
-        return Usage(
-            raw_tokens=int(sum(s.num_tokens for s in states)),
-            kept_rows=int(round(sum(s.num_rows for s in states))),
-            state_positions=int(round(sum(s.num_positions for s in states))),
-            positions_read=cached + fed,
-            prompt_tokens=fed,
-            **extra,
-        )
+    def _usage(self, states, cached, fed: int, **extra: Any) -> Usage:  # noqa: ANN001
+        """`cached`: positions of the cache read before the fed ids (an int), or the layers that hold them."""
+        if not isinstance(cached, int):
+            cached = 0 if cached is None else kv.mean_width(cached)
+        return usage_of(states, cached + fed, fed, self.packed_cache, **extra)
 
     def _report(self, usage: Optional[Usage], measured: Usage) -> None:
         """Fill the caller's `usage` and this thread's (deprecated) `last_usage`."""
@@ -206,3 +209,4 @@ class Reading:
 
 def _layers_bytes(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
     return int(sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers))
+
