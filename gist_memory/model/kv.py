@@ -122,7 +122,8 @@ def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], packe
     from transformers import DynamicCache
 
     mask = key_mask_of(layers)
-    if mask is not None and packed and not any(k.requires_grad or v.requires_grad for k, v in layers):
+    if (mask is not None and packed and not any(k.requires_grad or v.requires_grad for k, v in layers)
+            and not all(bool(m.all()) for m in mask)):  # every slot real (e.g. depth, read alone): nothing to drop
         cls = packed_layer_class()
         cache = DynamicCache([])
         if cls is not None and isinstance(getattr(cache, "layers", None), list):
