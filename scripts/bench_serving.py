@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--modes", default="serialised,threads,batched")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the bundled one (checks)")
+    ap.add_argument("--padded-cache", action="store_true",
+                    help="lay every head out as wide as its layer's widest (GistModel.packed_cache = False)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds per number of clients; the best wall time counts")
     args = ap.parse_args(argv)
@@ -112,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = GistModel.from_pretrained()
         what = f"{model.name}, {model.dtype}"
+    model.packed_cache = not args.padded_cache
+    what += f", head_budget={model.config.head_budget!r}, {'padded' if args.padded_cache else 'packed'} cache"
     texts = passages(model.tokenizer, args.passages, args.passage_tokens)
     states = model.compress([t for _, t in texts])
     print(f"[bench] model loaded and {len(states)} passages compressed in {time.perf_counter() - t0:.1f} s "
           f"(mean {sum(s.num_tokens for s in states) / len(states):.0f} raw tokens -> "
-          f"{sum(s.num_kept for s in states) / len(states):.0f} kept rows)", file=sys.stderr, flush=True)
+          f"{sum(s.num_rows for s in states) / len(states):.0f} kept rows a head, "
+          f"{sum(s.num_positions for s in states) / len(states):.0f} positions wide)", file=sys.stderr, flush=True)
     gen = {"max_new_tokens": args.max_new_tokens, "eos_token_id": -1}  # no end-of-turn: equal lengths
     questions = []
     for i in range(max(16, max(clients) * args.answers)):
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| clients | mode | answers | wall s | answers/s | vs serialised | unlike serialised |")
     print("|---|---|---|---|---|---|---|")
     for n, mode, cnt, wall, rate, ratio, bad in rows:
-        print(f"| {n} | {mode} | {cnt} | {wall:.1f} | {rate:.2f} | {ratio:.2f}x | {bad} |")
+        vs = "-" if ratio != ratio else f"{ratio:.2f}x"  # no serialised row to divide by
+        print(f"| {n} | {mode} | {cnt} | {wall:.1f} | {rate:.2f} | {vs} | {bad} |")
     print("\n| prefill of 16 new rows | seconds (best of 3) |")
     print("|---|---|")
     for how, t in pre:
