@@ -340,7 +340,7 @@ class Decoder:
             km = [m.expand(len(self.rows), -1, -1).index_select(0, idx)[:, :, first:] for m in km]
         self.cache = roomy_cache(kv.with_key_mask(
             [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-             for k, v in kv.cache_layers(self.cache)], km))
+             for k, v in kv.cache_layers(self.cache)], km), packed=getattr(self.model, "packed_cache", True))
         self.rows = [self.rows[i] for i in keep]
 
     def _forward(self, nxt: list[int]) -> None:
