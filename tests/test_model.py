@@ -876,6 +876,13 @@ def test_packed_cache_stores_only_kept_rows_and_reads_exactly_like_the_padded_on
             x = torch.as_tensor([[7 + step]])
         outs.append(torch.cat(logits))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    # after the forwards the layers share one scratch layout (one layer's padded width, K and V), counted once
+    scratch = packed.layers[0]._scratch
+    assert all(lay._scratch is scratch for lay in packed.layers) and set(scratch) == {"k", "v"}
+    one_layer = packed.layers[0].keys.numel() * packed.layers[0].keys.element_size()
+    held = sum(lay.stored_bytes() for lay in packed.layers)
+    assert kv.cache_bytes(packed) - held == sum(b.numel() * b.element_size() for b in scratch.values())
+    assert 2 * one_layer <= kv.cache_bytes(packed) - held <= 2.5 * one_layer + 64
     assert packed.get_seq_length() == padded.get_seq_length() == int(layers[0][0].shape[2]) + len(head) + 3
     # trimming the answer and picking batch rows keep the packed layout consistent
     lay = packed.layers[0]

@@ -127,7 +127,8 @@ def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], packe
         cls = packed_layer_class()
         cache = DynamicCache([])
         if cls is not None and isinstance(getattr(cache, "layers", None), list):
-            cache.layers = [cls(k, v, m, spare) for (k, v), m in zip(layers, mask)]
+            scratch: dict = {}  # one layer's padded layout, shared by the cache's layers (they attend in turn)
+            cache.layers = [cls(k, v, m, spare, scratch) for (k, v), m in zip(layers, mask)]
             cache._gist_key_mask = mask
             return cache
     cache = DynamicCache(list(layers))
@@ -137,15 +138,20 @@ def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], packe
 
 
 def cache_bytes(cache) -> int:  # noqa: ANN001 - a DynamicCache
-    """Bytes the cache's layers hold between forwards (packed layers: their kept rows and each row's slot index).
+    """Bytes the cache's layers hold between forwards (packed layers: their kept rows, each row's slot index, and
+    the scratch they share for one layer's padded layout).
     The per-head key mask the attention reads (one byte a slot, `Layers.key_mask`) is not counted: both layouts
     carry it."""
     total = 0
+    scratches: dict[int, dict] = {}
     for layer in getattr(cache, "layers", []):
         if hasattr(layer, "stored_bytes"):
             total += layer.stored_bytes()
+            scratches[id(layer._scratch)] = layer._scratch
         elif getattr(layer, "keys", None) is not None and layer.keys.numel():
             total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    for scratch in scratches.values():  # the one layer's padded layout packed layers share, once per cache
+        total += sum(b.numel() * b.element_size() for b in scratch.values())
     return int(total)
 
 
@@ -168,12 +174,15 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
         Stores the real rows of those positions packed head by head (N, D) for keys and values, where each sits
         (one int32 a row), and the positions after M (the question, the answer so far) dense in a buffer with room
         to grow.
-        `keys` / `values` (and what `update` returns to the attention) are the padded (B, H, M + n, D) layout,
-        zeros in empty slots, built for the one forward that reads them and dropped after: between forwards the
-        layer holds kept rows, not the widest head's."""
+        What `update` returns to the attention is the padded (B, H, M + n, D) layout, written into a scratch
+        buffer that all packed layers of a cache share (they attend one after the other; the empty slots hold
+        stale but finite values, masked), so between forwards the cache holds kept rows plus one layer's layout,
+        not every layer's widest head. `keys` / `values` build a fresh layout with zeros in the empty slots."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, spare: int = 0) -> None:
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, spare: int = 0,
+                     scratch: Optional[dict] = None) -> None:
             super().__init__()
+            self._scratch = {} if scratch is None else scratch
             B, H, T, _ = keys.shape
             M = min(int(keep.shape[-1]), T)
             keep = keep[..., :M].to(keys.device).expand(B, H, M)
@@ -221,12 +230,23 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
             keep[self._lin.long()] = True
             return keep.view(self._shape)
 
-        def _layout(self, rows: torch.Tensor, tail: torch.Tensor, new: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def _layout(self, rows: torch.Tensor, tail: torch.Tensor, new: Optional[torch.Tensor] = None,
+                    name: Optional[str] = None) -> torch.Tensor:
+            """The padded layout; `name` ("k" / "v"): written into the cache's shared scratch (valid until the
+            next layer's update: for the attention that follows), else a new tensor."""
             B, H, M = self._shape
             extra = 0 if new is None else int(new.shape[2])
             W = M + self._n + extra
-            out = rows.new_empty((B, H, W, rows.shape[-1]))
-            out[:, :, :M].zero_()
+            shape = (B, H, W, rows.shape[-1])
+            if name is None:
+                out = rows.new_zeros(shape)
+            else:  # empty slots keep whatever finite values an earlier layout left there: they are masked
+                need = B * H * W * rows.shape[-1]
+                buf = self._scratch.get(name)
+                if buf is None or buf.numel() < need or buf.dtype != rows.dtype or buf.device != rows.device:
+                    buf = rows.new_zeros(need + need // 4)  # room for the answer to grow
+                    self._scratch[name] = buf
+                out = buf[:need].view(shape)
             if M:
                 lin = self._lin.long()
                 out.view(B * H * W, -1).index_copy_(0, lin // M * W + lin % M, rows)
@@ -250,8 +270,8 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-            k = self._layout(self._pk, self._tk, key_states)
-            v = self._layout(self._pv, self._tv, value_states)
+            k = self._layout(self._pk, self._tk, key_states, "k")
+            v = self._layout(self._pv, self._tv, value_states, "v")
             self._append(key_states, value_states)
             return k, v
 
@@ -289,7 +309,7 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
 
         def _select(self, index: torch.Tensor) -> None:
             k, v, keep = self.keys[index], self.values[index], self._keep[index]
-            self.__init__(k, v, keep, self._spare)
+            self.__init__(k, v, keep, self._spare, self._scratch)
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self._select(beam_idx.to(self._lin.device))
