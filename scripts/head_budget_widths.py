@@ -8,7 +8,8 @@ markdown table: rows kept per head (what the ratio counts), positions the states
 spliced layer is as wide as its widest head; averaged over layers), the widest layer, the bytes of a float32
 store entry (only the kept rows are stored), and the bytes a read's cache holds for the states between forwards, laid
 out padded (every head as wide as its layer's widest) and packed (each head's real rows only: what
-`kv.cache_from_layers` builds for a read), as raw text's cache bytes over them. Nothing is scored: the quality of each budget is in
+`kv.cache_from_layers` builds for a read, before its first forward adds the one-layer scratch layout its layers
+share), as raw text's cache bytes over them. Nothing is scored: the quality of each budget is in
 docs/evaluation.md.
 """
 
