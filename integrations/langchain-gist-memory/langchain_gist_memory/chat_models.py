@@ -637,6 +637,7 @@ class ChatGist(BaseChatModel):
         gist = {
             "raw_tokens": raw,
             "positions_read": read,
+            "positions_held": int(usage.get("positions_held") or read),
             "prompt_tokens": fed,
             "kept_rows": kept,
             "compression_ratio": round(raw / kept, 3) if kept else None,
