@@ -869,7 +869,8 @@ def test_packed_cache_stores_only_kept_rows_and_reads_exactly_like_the_padded_on
         logits = []
         for step in range(4):  # the question, then three answer tokens fed one by one
             p = (pos + torch.arange(x.shape[1]))[None]
-            out = kv.call(m.model, cache=cache, input_ids=x, position_ids=p, use_cache=True)
+            with torch.no_grad():
+                out = kv.call(m.model, cache=cache, input_ids=x, position_ids=p, use_cache=True)
             cache = kv.out_cache(out)
             logits.append(out.logits[:, -1])
             pos += x.shape[1]
@@ -884,6 +885,17 @@ def test_packed_cache_stores_only_kept_rows_and_reads_exactly_like_the_padded_on
     assert kv.cache_bytes(packed) - held == sum(b.numel() * b.element_size() for b in scratch.values())
     assert 2 * one_layer <= kv.cache_bytes(packed) - held <= 2.5 * one_layer + 64
     assert packed.get_seq_length() == padded.get_seq_length() == int(layers[0][0].shape[2]) + len(head) + 3
+    # with autograd on, each layer lays out its own copy (a backward pass may need it): no shared scratch
+    fresh = kv.cache_from_layers(layers)
+    m.model.get_input_embeddings().weight.requires_grad_(True)  # something to train through the read
+    with torch.enable_grad():
+        out = kv.call(m.model, cache=fresh, input_ids=ids, position_ids=(start + torch.arange(len(head)))[None],
+                      use_cache=True)
+        out.logits.float().pow(2).mean().backward()
+    assert not fresh.layers[0]._scratch and torch.allclose(out.logits[:, -1], outs[0][:1], atol=1e-5)
+    assert m.model.get_input_embeddings().weight.grad is not None
+    m.model.get_input_embeddings().weight.requires_grad_(False)
+    m.model.zero_grad(set_to_none=True)
     # trimming the answer and picking batch rows keep the packed layout consistent
     lay = packed.layers[0]
     lay.crop(-2)

@@ -270,8 +270,10 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-            k = self._layout(self._pk, self._tk, key_states, "k")
-            v = self._layout(self._pv, self._tv, value_states, "v")
+            # the shared scratch only where no autograd graph may keep this layer's layout for a backward pass
+            shared = not torch.is_grad_enabled()
+            k = self._layout(self._pk, self._tk, key_states, "k" if shared else None)
+            v = self._layout(self._pv, self._tv, value_states, "v" if shared else None)
             self._append(key_states, value_states)
             return k, v
 
