@@ -459,18 +459,8 @@ if _DynamicLayer is not None:
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-            end = self.n + key_states.shape[-2]
-            if end > self._k.shape[2]:  # out of room: grow by half again (amortised, rare)
-                cap = end + max(64, end // 2)
-                k = self._k.new_empty((*self._k.shape[:2], cap, self._k.shape[3]))
-                v = self._v.new_empty((*self._v.shape[:2], cap, self._v.shape[3]))
-                k[:, :, :self.n] = self._k[:, :, :self.n]
-                v[:, :, :self.n] = self._v[:, :, :self.n]
-                self._k, self._v = k, v
-            self._k[:, :, self.n:end] = key_states
-            self._v[:, :, self.n:end] = value_states
-            self.n = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            self._k, self._v, self.n = kv.append_rows(self._k, self._v, self.n, key_states, value_states, 64)
+            self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
             return self.keys, self.values
 
         def get_seq_length(self) -> int:

@@ -155,6 +155,24 @@ def cache_bytes(cache) -> int:  # noqa: ANN001 - a DynamicCache
     return int(total)
 
 
+def append_rows(k_buf: torch.Tensor, v_buf: torch.Tensor, n: int, keys: torch.Tensor, values: torch.Tensor,
+                room: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Write `keys` / `values` (B, H, t, D) at slot `n` of buffers (B, H, capacity, D), growing them by half again
+    (at least `room` slots more) when they are full (amortised, rare); returns (keys buffer, values buffer, n + t).
+    How cache layers with spare room take new rows without copying the whole cache every step."""
+    end = n + int(keys.shape[-2])
+    if end > k_buf.shape[2]:
+        cap = end + max(room, end // 2)
+        k = k_buf.new_empty((*k_buf.shape[:2], cap, k_buf.shape[3]))
+        v = v_buf.new_empty((*v_buf.shape[:2], cap, v_buf.shape[3]))
+        k[:, :, :n] = k_buf[:, :, :n]
+        v[:, :, :n] = v_buf[:, :, :n]
+        k_buf, v_buf = k, v
+    k_buf[:, :, n:end] = keys
+    v_buf[:, :, n:end] = values
+    return k_buf, v_buf, end
+
+
 _PACKED_LAYER: list = []
 
 
@@ -230,10 +248,17 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
             keep[self._lin.long()] = True
             return keep.view(self._shape)
 
+        def _slots(self, W: int) -> torch.Tensor:
+            """Where the kept rows go in a (B, H, W, D) layout viewed as (B * H * W, D)."""
+            lin = self._lin.long()
+            M = self._shape[2]
+            return lin // M * W + lin % M
+
         def _layout(self, rows: torch.Tensor, tail: torch.Tensor, new: Optional[torch.Tensor] = None,
-                    name: Optional[str] = None) -> torch.Tensor:
+                    name: Optional[str] = None, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
             """The padded layout; `name` ("k" / "v"): written into the cache's shared scratch (valid until the
-            next layer's update: for the attention that follows), else a new tensor."""
+            next layer's update: for the attention that follows), else a new tensor. `slots`: `_slots` of its
+            width, if the caller has them."""
             B, H, M = self._shape
             extra = 0 if new is None else int(new.shape[2])
             W = M + self._n + extra
@@ -248,32 +273,23 @@ def packed_layer_class():  # noqa: ANN201 - a DynamicLayer subclass, or None whe
                     self._scratch[name] = buf
                 out = buf[:need].view(shape)
             if M:
-                lin = self._lin.long()
-                out.view(B * H * W, -1).index_copy_(0, lin // M * W + lin % M, rows)
+                out.view(B * H * W, -1).index_copy_(0, self._slots(W) if slots is None else slots, rows)
             out[:, :, M:M + self._n] = tail[:, :, :self._n]
             if new is not None:
                 out[:, :, M + self._n:] = new
             return out
 
         def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            end = self._n + int(key_states.shape[2])
-            if end > self._tk.shape[2]:  # out of room: grow by half again (amortised, rare)
-                cap = end + max(self._spare, end // 2)
-                k = self._tk.new_empty((*self._tk.shape[:2], cap, self._tk.shape[3]))
-                v = self._tv.new_empty((*self._tv.shape[:2], cap, self._tv.shape[3]))
-                k[:, :, :self._n] = self._tk[:, :, :self._n]
-                v[:, :, :self._n] = self._tv[:, :, :self._n]
-                self._tk, self._tv = k, v
-            self._tk[:, :, self._n:end] = key_states
-            self._tv[:, :, self._n:end] = value_states
-            self._n = end
+            self._tk, self._tv, self._n = append_rows(self._tk, self._tv, self._n, key_states, value_states,
+                                                      self._spare)
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
                    ) -> tuple[torch.Tensor, torch.Tensor]:
             # the shared scratch only where no autograd graph may keep this layer's layout for a backward pass
             shared = not torch.is_grad_enabled()
-            k = self._layout(self._pk, self._tk, key_states, "k" if shared else None)
-            v = self._layout(self._pv, self._tv, value_states, "v" if shared else None)
+            slots = self._slots(self.prefix_width + self._n + int(key_states.shape[2])) if self._shape[2] else None
+            k = self._layout(self._pk, self._tk, key_states, "k" if shared else None, slots)
+            v = self._layout(self._pv, self._tv, value_states, "v" if shared else None, slots)
             self._append(key_states, value_states)
             return k, v
 
